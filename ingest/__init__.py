@@ -1,0 +1,1 @@
+"""Winnow ingest: read a corpus, split it into passages, embed them and upsert into Milvus."""
