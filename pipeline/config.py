@@ -146,6 +146,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser, only: list[str] | No
         if only is not None and name not in only:
             continue
         flag = "--" + name.replace("_", "-")
+        if flag in parser._option_string_actions:  # the command defines its own flag
+            continue
         kwargs: dict[str, Any] = {"dest": f"setting_{name}", "default": None}
         if field.annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction

@@ -45,3 +45,55 @@ class RerankEngine(Protocol):
     def load(self) -> None: ...
 
     def score_requests(self, requests: Sequence[RerankRequest]) -> list[list[float]]: ...
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def pick_backend(settings: Settings) -> str:
+    """``auto`` = vLLM on CUDA when installed, else transformers."""
+    if settings.rerank_backend != "auto":
+        return settings.rerank_backend
+    on_cuda = settings.rerank_device.startswith("cuda") or (
+        settings.rerank_device == "auto" and cuda_available()
+    )
+    return "vllm" if on_cuda and vllm_installed() else "hf"
+
+
+def build_reranker(settings: Settings, model_path: str | None = None) -> Reranker:
+    """The configured backend, not yet loaded (call ``load()`` off the event loop)."""
+    model = model_path if model_path is not None else settings.rerank_model
+    if pick_backend(settings) == "vllm":
+        from pipeline.rerank.vllm import VLLMReranker
+
+        return VLLMReranker(
+            model,
+            max_length=settings.rerank_max_length,
+            gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+            dtype=settings.rerank_dtype,
+        )
+    from pipeline.rerank.batcher import BatchedReranker, MicroBatcher
+    from pipeline.rerank.hf import HFEngine
+
+    engine = HFEngine(
+        model,
+        device=settings.rerank_device,
+        dtype=settings.rerank_dtype,
+        max_length=settings.rerank_max_length,
+        max_batch_tokens=settings.rerank_max_batch_tokens,
+    )
+    batcher = MicroBatcher(
+        engine, max_wait_ms=settings.rerank_max_wait_ms, queue_size=settings.rerank_queue_size
+    )
+    return BatchedReranker(engine, settings.rerank_model, batcher)

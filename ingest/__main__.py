@@ -1,0 +1,79 @@
+"""``python -m ingest PATH…``: put a corpus into Milvus (Lite file by default)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline.config import add_settings_arguments, settings_from_args
+from pipeline.logs import setup_logging
+
+from .job import IngestJob, summary_table
+from .sources import SUPPORTED, FieldMap
+
+INGEST_SETTINGS = [
+    "milvus_uri",
+    "milvus_token",
+    "milvus_timeout",
+    "collection",
+    "analyzer",
+    "hnsw_m",
+    "hnsw_ef_construction",
+    "embed_model",
+    "embed_device",
+    "embed_batch_size",
+    "ingest_batch_size",
+    "chunk_tokens",
+    "chunk_overlap",
+    "log_level",
+]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m ingest",
+        description="Read documents, split them into passages, embed and upsert them into Milvus. "
+        f"Reads folders (recursively) and files of types {', '.join(sorted(SUPPORTED))}. "
+        "Idempotent and resumable: rerun it at will.",
+    )
+    p.add_argument("paths", nargs="+", help="files or folders")
+    p.add_argument("--batch-size", type=int, help="passages per embed+upsert step")
+    p.add_argument("--id-field", help="record field holding the document id (default: _id/id/…)")
+    p.add_argument("--text-field", help="record field holding the text (default: text/content/…)")
+    p.add_argument("--title-field", help="record field holding the title (default: title/…)")
+    p.add_argument("--drop", action="store_true", help="drop the collection first")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
+    add_settings_arguments(p, only=INGEST_SETTINGS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    settings = settings_from_args(args, ingest_batch_size=args.batch_size)
+    setup_logging(settings.log_level if not args.quiet else "WARNING")
+    settings.log_non_default()
+    job = IngestJob(settings)
+    if args.drop and job.store.exists():
+        job.store.drop()
+    stats = job.run(
+        args.paths,
+        fields=FieldMap(id=args.id_field, text=args.text_field, title=args.title_field),
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    if not args.quiet:
+        print(summary_table(stats, job.store.count()), end="")
+    for problem in stats.problems[:20]:
+        print(f"skipped: {problem}", file=sys.stderr)
+    if len(stats.problems) > 20:
+        print(f"… and {len(stats.problems) - 20} more problems", file=sys.stderr)
+    job.store.close()
+    if not stats.ok:
+        print("error: nothing could be ingested", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    logging.captureWarnings(True)
+    sys.exit(main())

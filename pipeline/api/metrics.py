@@ -1,0 +1,76 @@
+"""Prometheus metrics: per-route counts/latency, per-stage latency, and reranker/batcher counters."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class _StatsCollector(Collector):
+    """Reads the batcher's and engine's plain counters at scrape time (no locking on the hot path)."""
+
+    def __init__(self, source: Callable[[], dict[str, Any]]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Any]:
+        s = self.source()
+        counters = {
+            "rerank_requests": "rerank requests submitted to the batcher",
+            "rerank_dispatches": "engine calls made by the batcher",
+            "rerank_merged_dispatches": "engine calls that merged several requests",
+            "rerank_pairs": "query-document pairs scored",
+            "rerank_tokens": "tokens run through the reranker (padding excluded)",
+            "rerank_forward_passes": "reranker forward passes",
+            "rerank_dropped": "requests dropped because their client went away",
+            "rerank_rejected": "requests rejected with 429 (queue full)",
+        }
+        for name, doc in counters.items():
+            if name in s:
+                yield CounterMetricFamily(f"winnow_{name}", doc, value=s[name])
+        if "queue_depth" in s:
+            yield GaugeMetricFamily(
+                "winnow_rerank_queue_depth",
+                "requests waiting for the reranker",
+                value=s["queue_depth"],
+            )
+        if "last_dispatch_pairs" in s:
+            yield GaugeMetricFamily(
+                "winnow_rerank_last_batch_pairs",
+                "pairs in the last dispatch",
+                value=s["last_dispatch_pairs"],
+            )
+
+
+class Metrics:
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "winnow_http_requests", "HTTP requests", ["route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "winnow_http_request_seconds",
+            "HTTP request latency",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.stage = Histogram(
+            "winnow_stage_seconds",
+            "search stage latency",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_pairs = Histogram(
+            "winnow_rerank_request_pairs",
+            "documents per rerank request",
+            buckets=(1, 5, 10, 20, 50, 100, 200, 500, 1000),
+            registry=self.registry,
+        )
+        self.registry.register(_StatsCollector(stats))

@@ -1,0 +1,99 @@
+"""Embedder over sentence-transformers: L2-normalised float32, query vs document prompts."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.models import resolve_model
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+class Embedder:
+    """Wraps a SentenceTransformer; models that define ``query``/``document`` prompts get them."""
+
+    def __init__(self, model: str, *, device: str = "auto", batch_size: int = 32) -> None:
+        self.model_name = model
+        self.device = device
+        self.batch_size = batch_size
+        self._model: SentenceTransformer | None = None
+        self._lock = threading.Lock()
+
+    def load(self) -> Embedder:
+        if self._model is None:
+            from sentence_transformers import SentenceTransformer
+
+            path = resolve_model(
+                self.model_name, what="embedding model", setting="WINNOW_EMBED_MODEL"
+            )
+            self.device = pick_device(self.device)
+            self._model = SentenceTransformer(path, device=self.device)
+            log.info(
+                "embedder %s on %s (dim %d, max %d tokens)",
+                self.model_name,
+                self.device,
+                self.dim,
+                self.max_seq_length,
+            )
+        return self
+
+    @property
+    def model(self) -> SentenceTransformer:
+        if self._model is None:
+            raise RuntimeError("Embedder.load() has not been called")
+        return self._model
+
+    @property
+    def dim(self) -> int:
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or (
+            self.model.get_sentence_embedding_dimension
+        )
+        return int(get_dim())
+
+    @property
+    def max_seq_length(self) -> int:
+        return int(self.model.max_seq_length)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.model.tokenizer
+
+    def _prompt_name(self, query: bool) -> str | None:
+        prompts = getattr(self.model, "prompts", None) or {}
+        name = "query" if query else "document"
+        return name if prompts.get(name) else None
+
+    def embed(self, texts: Sequence[str], *, query: bool) -> np.ndarray:
+        """L2-normalised float32 vectors, one row per text."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        with self._lock:  # one forward at a time: torch CPU threads are shared anyway
+            out = self.model.encode(
+                list(texts),
+                prompt_name=self._prompt_name(query),
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+        return np.asarray(out, dtype=np.float32)

@@ -1,0 +1,138 @@
+"""Shared fixtures: real MiniLM (loaded once), a tiny random Qwen3 reranker, a milvus-lite server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for a hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pipeline.config import DEFAULT_EMBED_MODEL
+from pipeline.embedding import Embedder
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+CORPUS = {
+    "photosynthesis": (
+        "Photosynthesis",
+        "Plants use chlorophyll in their leaves to turn sunlight, water and carbon dioxide into "
+        "glucose and oxygen. This process is called photosynthesis.",
+    ),
+    "volcano": (
+        "Volcanoes",
+        "A volcano is a rupture in the crust of a planet where molten lava, ash and gases escape "
+        "from a magma chamber below the surface.",
+    ),
+    "python": (
+        "Python language",
+        "Python is a high-level programming language known for readable syntax; it is used for "
+        "web development, data science and scripting.",
+    ),
+    "marathon": (
+        "Marathon running",
+        "The marathon is a long-distance foot race of 42.195 kilometres, commemorating the run "
+        "of the Greek messenger from Marathon to Athens.",
+    ),
+    "coffee": (
+        "Coffee",
+        "Coffee is brewed from roasted coffee beans, the seeds of berries from Coffea plants; "
+        "caffeine makes it a stimulant.",
+    ),
+    "tides": (
+        "Ocean tides",
+        "Tides are the rise and fall of sea levels caused by the gravitational pull of the moon "
+        "and the sun on the Earth's oceans.",
+    ),
+}
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return path
+
+
+def corpus_records() -> list[dict]:
+    return [{"_id": k, "title": t, "text": x, "metadata": {}} for k, (t, x) in CORPUS.items()]
+
+
+@pytest.fixture(scope="session")
+def embedder() -> Embedder:
+    return Embedder(DEFAULT_EMBED_MODEL, device="cpu").load()
+
+
+@pytest.fixture(scope="session")
+def tiny_reranker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_qwen import build_tiny_reranker
+
+    return build_tiny_reranker(tmp_path_factory.mktemp("tiny-qwen3"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+class MilvusServer:
+    """A ``milvus-lite server`` process: the same gRPC path a Milvus standalone/cluster uses."""
+
+    def __init__(self, data_dir: Path, port: int) -> None:
+        self.data_dir, self.port = data_dir, port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        exe = shutil.which("milvus-lite") or str(Path(sys.executable).parent / "milvus-lite")
+        self.proc = subprocess.Popen(
+            [
+                exe,
+                "server",
+                "--data-dir",
+                str(self.data_dir),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.port)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusServer]:
+    server = MilvusServer(tmp_path_factory.mktemp("milvus-server"), free_port())
+    server.start()
+    yield server
+    server.kill()

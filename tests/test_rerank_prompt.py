@@ -1,0 +1,93 @@
+"""The Qwen3-Reranker template (DESIGN.md §4) and token-id lookups."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.rerank import prompt
+from tiny_qwen import build_bpe_tokenizer, load_real_tokenizer, real_tokenizer_available
+
+CARD_PREFIX = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
+    'Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n'
+)
+CARD_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+needs_real = pytest.mark.skipif(
+    not real_tokenizer_available(), reason="shared Qwen tokenizer files absent"
+)
+
+
+def test_template_strings_match_card() -> None:
+    assert prompt.PREFIX == CARD_PREFIX
+    assert prompt.SUFFIX == CARD_SUFFIX
+    assert prompt.DEFAULT_INSTRUCTION == (
+        "Given a web search query, retrieve relevant passages that answer the query"
+    )
+
+
+def test_format_pair_is_card_string() -> None:
+    got = prompt.format_pair("what is x?", "x is y.", "Find it")
+    assert got == CARD_PREFIX + "<Instruct>: Find it\n<Query>: what is x?\n<Document>: x is y." + CARD_SUFFIX
+
+
+def test_default_instruction_used_for_none_and_empty() -> None:
+    for instr in (None, ""):
+        assert prompt.format_body("q", "d", instr).startswith(
+            f"<Instruct>: {prompt.DEFAULT_INSTRUCTION}\n"
+        )
+
+
+def test_query_and_document_sides_concatenate_to_pair() -> None:
+    for q, d, i in [("q", "d", None), ("小鼠?", "", "custom"), ("{x}", "{doc}", "{y}")]:
+        assert prompt.format_query(q, i) + prompt.format_document(d) == prompt.format_pair(q, d, i)
+
+
+def test_braces_in_user_text_are_not_format_fields() -> None:
+    assert "{query}" in prompt.format_pair("{query}", "{doc}")
+
+
+def test_head_is_prefix_of_body() -> None:
+    body = prompt.format_body("q", "doc", "i")
+    head = prompt.format_head("q", "i")
+    assert body.startswith(head)
+    assert body[len(head) :] == " doc"
+
+
+def test_body_budget_rejects_too_small_max_length() -> None:
+    assert prompt.body_budget(100, [1] * 40, [2] * 9) == 51
+    with pytest.raises(ValueError):
+        prompt.body_budget(49, [1] * 40, [2] * 9)
+
+
+def test_bpe_tokenizer_ids() -> None:
+    tok = build_bpe_tokenizer()
+    yes, no = prompt.yes_no_token_ids(tok)
+    assert yes != no
+    assert tok.decode([yes]) == "yes"
+    assert tok.decode([no]) == "no"
+    pre, suf = prompt.encode_fixed(tok)
+    assert tok.decode(pre) == prompt.PREFIX
+    assert tok.decode(suf) == prompt.SUFFIX
+
+
+def test_lookup_rejects_tokenizer_without_single_yes() -> None:
+    class Fake:
+        unk_token_id = 0
+
+        def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+            return [5, 6]
+
+        def convert_tokens_to_ids(self, token: str) -> int:
+            return 0
+
+    with pytest.raises(ValueError):
+        prompt.yes_no_token_ids(Fake())
+
+
+@needs_real
+def test_real_tokenizer_ids() -> None:
+    tok = load_real_tokenizer()
+    assert prompt.yes_no_token_ids(tok) == (9693, 2152)
+    _, suf = prompt.encode_fixed(tok)
+    assert suf == [151645, 198, 151644, 77091, 198, 151667, 271, 151668, 271]
