@@ -136,3 +136,66 @@ def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusSe
     server.start()
     yield server
     server.kill()
+
+
+class LiveServer:
+    """A real uvicorn server on a free loopback port, in a background thread."""
+
+    def __init__(self, app: object) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self.thread: object = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> LiveServer:
+        import threading
+
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_reranker_dir: Path):
+    """One loaded fp32 HFEngine over the tiny Qwen3; apps wrap it in their own batcher."""
+    from pipeline.rerank.hf import HFEngine
+
+    engine = HFEngine(str(tiny_reranker_dir), device="cpu", dtype="float32")
+    engine.load()
+    return engine
+
+
+def batched(engine, **kw):
+    from pipeline.rerank.batcher import BatchedReranker, MicroBatcher
+
+    return BatchedReranker(engine, "tiny-qwen3-reranker", MicroBatcher(engine, **kw))
+
+
+@pytest.fixture(scope="session")
+def sample_db(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder) -> Path:
+    """A Milvus Lite file holding the CORPUS (ingested once per session; copy before writing)."""
+    from ingest.job import IngestJob
+    from pipeline.config import Settings
+
+    root = tmp_path_factory.mktemp("sample-db")
+    path = write_jsonl(root / "corpus.jsonl", corpus_records())
+    job = IngestJob(Settings(milvus_uri=str(root / "w.db"), embed_device="cpu"), embedder=embedder)
+    job.run([path], progress=False)
+    job.store.close()
+    return root / "w.db"

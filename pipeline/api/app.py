@@ -1,7 +1,5 @@
 """FastAPI app factory: lifespan (load models, open Milvus), routes, auth, limits, metrics."""
 
-from __future__ import annotations
-
 import asyncio
 import logging
 import secrets
