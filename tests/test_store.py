@@ -72,6 +72,13 @@ def test_server_process(milvus_server: MilvusServer) -> None:
 def test_server_down_then_back(tmp_path: Path) -> None:
     server = MilvusServer(tmp_path / "srv", free_port())
     server.start()
+    try:
+        check_down_then_back(server)
+    finally:
+        server.kill()
+
+
+def check_down_then_back(server: MilvusServer) -> None:
     store = MilvusStore(server.uri, "t", timeout=3)
     store.ensure_collection(DIM, "m")
     store.upsert(PASSAGES[:1], vec(0)[None, :])
@@ -85,7 +92,6 @@ def test_server_down_then_back(tmp_path: Path) -> None:
         time.sleep(0.5)
     assert store.ping(), "the store reconnects by itself once Milvus is back"
     assert store.search(vec(0), 1)[0].doc_id == "a"
-    server.kill()
 
 
 def test_passage_id_is_stable_and_content_addressed() -> None:

@@ -56,11 +56,13 @@ class MicroBatcher:
         max_wait_ms: float = 2.0,
         queue_size: int = 64,
         max_pairs_per_dispatch: int = 512,
+        max_requests_per_dispatch: int | None = None,
     ) -> None:
         self.engine = engine
         self.max_wait = max_wait_ms / 1000.0
         self.queue_size = queue_size
         self.max_pairs = max_pairs_per_dispatch
+        self.max_requests = max_requests_per_dispatch  # None = no limit; 1 = no merging
         self.stats = BatcherStats()
         self._queue: asyncio.Queue[_Job] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -95,7 +97,9 @@ class MicroBatcher:
         jobs = [await queue.get()]
         pairs = len(jobs[0].request.docs)
         deadline = time.monotonic() + self.max_wait
-        while pairs < self.max_pairs:
+        while pairs < self.max_pairs and (
+            self.max_requests is None or len(jobs) < self.max_requests
+        ):
             try:
                 job = queue.get_nowait()
             except asyncio.QueueEmpty:
