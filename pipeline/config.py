@@ -22,7 +22,12 @@ class Settings(BaseSettings):
     """Winnow settings. Env names are part of the public interface: keep the spellings."""
 
     model_config = SettingsConfigDict(
-        env_prefix="WINNOW_", frozen=True, extra="ignore", env_file=None, validate_default=True
+        env_prefix="WINNOW_",
+        frozen=True,
+        extra="ignore",
+        env_file=None,
+        env_ignore_empty=True,  # a blank line in .env means "default", not an invalid value
+        validate_default=True,
     )
 
     # --- Milvus -----------------------------------------------------------------------------
