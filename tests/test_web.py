@@ -1,0 +1,271 @@
+"""The search page (GET /) in headless Chromium against the real app: real MiniLM, Milvus Lite.
+
+Needs Debian's Chromium (``apt-get install chromium``, see .ci/install-browser.sh) and the
+``playwright`` package; ``playwright install`` is never needed (the system browser is used).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import LiveServer, corpus_records, write_jsonl
+
+from pipeline.config import Settings
+
+
+def find_chromium() -> str | None:
+    env = os.environ.get("WINNOW_CHROMIUM")
+    if env:
+        return env if Path(env).is_file() else None
+    if Path("/usr/bin/chromium").is_file():
+        return "/usr/bin/chromium"
+    return shutil.which("chromium")
+
+
+CHROMIUM = find_chromium()
+HAVE_PLAYWRIGHT = importlib.util.find_spec("playwright") is not None
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not HAVE_PLAYWRIGHT, reason="playwright is not installed (pip install -e '.[dev]')"
+    ),
+    pytest.mark.skipif(
+        CHROMIUM is None,
+        reason="no Chromium at /usr/bin/chromium or on PATH (apt-get install chromium, "
+        "or .ci/install-browser.sh; WINNOW_CHROMIUM=/path overrides)",
+    ),
+]
+
+API_KEY = "web-test-key"
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+# a document whose title and text are markup: the page must show it as text, never run it
+HOSTILE_TITLE = '<img src=x onerror="window.__xss=1">Tags & <b>markup</b>'
+HOSTILE_TEXT = (
+    "A page about HTML tags <script>window.__xss=2</script> and angle brackets like <i> and "
+    "&amp; entities."
+)
+SCORE = r"\d\.\d{4}"
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory, embedder) -> Iterator[LiveServer]:
+    from ingest.job import IngestJob
+    from pipeline.api import create_app
+
+    tmp = tmp_path_factory.mktemp("web")
+    records = [
+        *corpus_records(),
+        {"_id": "markup", "title": HOSTILE_TITLE, "text": HOSTILE_TEXT, "metadata": {}},
+    ]
+    path = write_jsonl(tmp / "corpus.jsonl", records)
+    settings = Settings(
+        milvus_uri=str(tmp / "w.db"), embed_device="cpu", rerank=False, api_key=API_KEY
+    )
+    job = IngestJob(settings, embedder=embedder)
+    job.run([path], progress=False)
+    job.store.close()
+    with LiveServer(create_app(settings, embedder=embedder)) as server:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("/health did not answer")
+            time.sleep(0.1)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+class Page:
+    """One browser context + page; records page errors and every URL the page requests."""
+
+    def __init__(self, browser, live: LiveServer, key: str | None = API_KEY) -> None:
+        self.ctx = browser.new_context(viewport={"width": 1100, "height": 900})
+        if key is not None:  # what a previous visit leaves in localStorage
+            self.ctx.add_init_script(f"localStorage.setItem('winnow.apiKey', {key!r})")
+        self.page = self.ctx.new_page()
+        self.page.set_default_timeout(30_000)
+        self.errors: list[str] = []
+        self.requests: list[str] = []
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("request", lambda r: self.requests.append(r.url))
+        self.page.goto(live.url + "/")
+        # /ready has answered once the status pill leaves "checking"
+        self.page.wait_for_function(
+            "!document.querySelector('[data-testid=server-status]')"
+            ".textContent.startsWith('checking')"
+        )
+
+    def tid(self, name: str):
+        return self.page.get_by_test_id(name)
+
+    def search(self, query: str | None = None, *, enter: bool = False) -> None:
+        if query is not None:
+            self.tid("query").fill(query)
+        done = int(self.page.evaluate("document.body.dataset.searches"))
+        if enter:
+            self.tid("query").press("Enter")
+        else:
+            self.tid("search").click()
+        self.page.wait_for_function(f"Number(document.body.dataset.searches) > {done}")
+
+    def close(self, live: LiveServer) -> None:
+        offsite = [u for u in self.requests if not u.startswith(live.url + "/")]
+        self.ctx.close()
+        assert not offsite, f"page requested other origins (must work offline): {offsite}"
+        assert not self.errors, f"JavaScript errors: {self.errors}"
+
+
+@pytest.fixture
+def page(browser, live: LiveServer) -> Iterator[Page]:
+    pg = Page(browser, live)
+    yield pg
+    pg.close(live)
+
+
+def test_search_shows_ranked_results_scores_and_timings(
+    page: Page, live: LiveServer, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    expect(page.page).to_have_title(re.compile("Winnow"))
+    expect(page.tid("server-status")).to_have_text("ready · recall only")
+    # this server has no reranker: the toggle is off and disabled, with a note
+    expect(page.tid("rerank")).to_be_disabled()
+    expect(page.tid("rerank")).not_to_be_checked()
+    expect(page.tid("rerank-note")).to_be_visible()
+    expect(page.tid("hybrid")).to_be_checked()
+    expect(page.tid("top-n")).to_have_value("10")
+    expect(page.tid("instruction")).to_be_hidden()  # inside the collapsed "Advanced"
+
+    page.search("why does the sea level rise and fall")
+    expect(page.tid("error")).to_be_hidden()
+    results = page.tid("result")
+    expect(results).to_have_count(7)  # every document of the corpus, best first
+    first = results.first
+    expect(first.get_by_test_id("rank")).to_have_text("1")
+    expect(first.get_by_test_id("title")).to_have_text("Ocean tides")
+    expect(first.get_by_test_id("doc-id")).to_have_text("tides")
+    expect(first.get_by_test_id("snippet")).to_contain_text("gravitational pull of the moon")
+    expect(first.get_by_test_id("rerank-score")).to_have_text("rerank —")
+    expect(first.get_by_test_id("recall-score")).to_have_text(
+        re.compile(rf"^recall \(RRF\) {SCORE}$")
+    )
+    expect(results.nth(1).get_by_test_id("rank")).to_have_text("2")
+    expect(page.tid("timings")).to_have_text(
+        re.compile(
+            r"embed [\d.]+ ms · recall [\d.]+ ms · rerank off · total [\d.]+ ms"
+            r".*7 of \d+ candidates, hybrid, not reranked"
+        )
+    )
+    page.page.screenshot(path=str(tmp_path / "web-results.png"), full_page=True)
+
+    # Enter submits; dense recall and top_n reach the API
+    page.tid("hybrid").uncheck()
+    page.tid("top-n").fill("2")
+    page.search("a drink made from roasted beans", enter=True)
+    expect(results).to_have_count(2)
+    expect(first.get_by_test_id("title")).to_have_text("Coffee")
+    recall = first.get_by_test_id("recall-score").text_content() or ""
+    assert re.fullmatch(rf"recall {SCORE}", recall), recall
+    assert 0.0 < float(recall.split()[-1]) <= 1.0  # a cosine, not an RRF score
+    expect(page.tid("timings")).to_contain_text("dense, not reranked")
+    assert "q=a+drink" in page.page.url  # the query is in the address bar (shareable)
+
+
+def test_errors_show_the_server_message(page: Page, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    page.search("   ")  # nothing to search: said on the page, no request made
+    expect(page.tid("error")).to_have_text(re.compile("Type something"))
+    assert not any(u.endswith("/v1/search") for u in page.requests)
+
+    page.tid("top-n").fill("0")
+    page.search("volcano eruption")
+    error = page.tid("error")
+    expect(error).to_be_visible()
+    expect(error).to_contain_text("422")
+    expect(error).to_contain_text("top_n")
+    expect(error).to_contain_text("greater than or equal to 1")
+    expect(page.tid("result")).to_have_count(0)
+    expect(page.tid("timings")).to_be_hidden()
+
+    page.tid("top-n").fill("3")
+    page.tid("advanced").locator("summary").click()
+    page.tid("filter").fill("doc_id ===")
+    page.search()
+    expect(error).to_contain_text("invalid_filter")
+    expect(error).to_contain_text("invalid filter expression")
+    page.page.screenshot(path=str(tmp_path / "web-error.png"), full_page=True)
+
+    page.tid("filter").fill('doc_id == "volcano"')
+    page.search()
+    expect(error).to_be_hidden()
+    expect(page.tid("result")).to_have_count(1)
+    expect(page.tid("result").first.get_by_test_id("doc-id")).to_have_text("volcano")
+
+
+def test_api_key_prompt_and_document_text_is_not_html(
+    browser, live: LiveServer, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    pg = Page(browser, live, key=None)  # first visit: no key stored
+    try:
+        pg.search("how do plants make oxygen")
+        error = pg.tid("error")
+        expect(error).to_contain_text("401")
+        expect(error).to_contain_text("missing or wrong API key")
+        expect(pg.tid("api-key")).to_be_visible()  # "Advanced" opened to ask for it
+        expect(pg.tid("api-key")).to_be_focused()
+
+        pg.tid("api-key").fill(API_KEY)
+        pg.search(enter=True)
+        expect(error).to_be_hidden()
+        expect(pg.tid("result").first.get_by_test_id("title")).to_have_text("Photosynthesis")
+        assert pg.page.evaluate("localStorage.getItem('winnow.apiKey')") == API_KEY
+
+        # markup in documents shows as text: no element is created and no script runs
+        pg.search("HTML tags and angle brackets")
+        first = pg.tid("result").first
+        expect(first.get_by_test_id("title")).to_have_text(HOSTILE_TITLE)
+        expect(first.get_by_test_id("snippet")).to_have_text(HOSTILE_TEXT)
+        assert first.locator("[data-testid=title] *, [data-testid=snippet] *").count() == 0
+        assert pg.page.evaluate("window.__xss") is None
+        pg.page.screenshot(path=str(tmp_path / "web-markup.png"), full_page=True)
+
+        pg.tid("forget-key").click()
+        assert pg.page.evaluate("localStorage.getItem('winnow.apiKey')") is None
+    finally:
+        pg.close(live)
