@@ -19,13 +19,12 @@ from pipeline.rerank import RerankRequest
 from pipeline.rerank.hf import HFEngine, resolve_dtype
 
 TOL = 1e-4
-LONG = "Gravity is a force that attracts two bodies towards each other. " * 400  # > 8192 tokens
+LONG = "Gravity is a force that attracts two bodies towards each other. " * 800  # > 8192 tokens
 DOCS = [
     "The capital of China is Beijing.",
     "",
     "北京是中华人民共和国的首都，也是全国的政治和文化中心。",
     "Gravity is a force that attracts two bodies towards each other. It gives weight to objects.",
-    LONG,
     "  leading spaces and\ttabs",
     "\nstarts with a newline",
     "1998: a year; ümlauts, emoji 🙂 and ‘quotes’",
@@ -55,7 +54,9 @@ class CardReference:
     @staticmethod
     def format_instruction(instruction: str | None, query: str, doc: str) -> str:
         if instruction is None:
-            instruction = "Given a web search query, retrieve relevant passages that answer the query"
+            instruction = (
+                "Given a web search query, retrieve relevant passages that answer the query"
+            )
         return f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}"
 
     def process_inputs(self, pairs: list[str], max_length: int) -> Any:
@@ -72,7 +73,9 @@ class CardReference:
 
     @torch.no_grad()
     def compute_logits(self, inputs: Any) -> list[float]:
-        batch_scores = self.model(**inputs).logits[:, -1, :]
+        # logits_to_keep=1: the card projects every position onto the vocabulary and then keeps the
+        # last one; projecting only the last is the same number and avoids 8192 x 151669 floats.
+        batch_scores = self.model(**inputs, logits_to_keep=1).logits[:, -1, :]
         true_vector = batch_scores[:, self.token_true_id]
         false_vector = batch_scores[:, self.token_false_id]
         batch_scores = torch.stack([false_vector, true_vector], dim=1)
@@ -136,6 +139,12 @@ def test_matches_card_mixed_docs(setup: Any) -> None:
     assert all(0.0 <= s <= 1.0 for s in got)
 
 
+def test_very_long_doc_truncated_like_card(setup: Any) -> None:
+    _, engine, ref = setup
+    docs = ["short one", LONG]
+    _assert_close(engine.score("gravity", docs), ref.score("gravity", docs))
+
+
 def test_custom_instruction_and_cjk_query(setup: Any) -> None:
     _, engine, ref = setup
     query, instr = "中国的首都是哪里？", "Judge whether the passage names a capital city"
@@ -153,7 +162,7 @@ def test_input_order_preserved(setup: Any) -> None:
 def test_tiny_budget_many_batches(setup: Any) -> None:
     _, engine, ref = setup
     query = "Explain gravity"
-    docs = [d for d in DOCS if d is not LONG]
+    docs = DOCS
     saved = engine.max_batch_tokens
     engine.max_batch_tokens = 64  # smaller than any row: one row per forward
     try:
@@ -227,9 +236,14 @@ def test_truncation_keeps_suffix(setup: Any, max_length: int) -> None:
 
 
 def test_max_length_too_small_rejected(setup: Any) -> None:
-    path, _, _ = setup
-    with pytest.raises(ValueError):
-        HFEngine(str(path), device="cpu", max_length=20).load()
+    _, engine, _ = setup
+    saved = engine.max_length
+    engine.max_length = 20  # prefix + suffix alone are longer
+    try:
+        with pytest.raises(ValueError):
+            engine.score("q", ["d"])
+    finally:
+        engine.max_length = saved
 
 
 def test_stats_counters(setup: Any) -> None:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from tiny_qwen import build_bpe_tokenizer, load_real_tokenizer, real_tokenizer_available
 
 from pipeline.rerank import prompt
-from tiny_qwen import build_bpe_tokenizer, load_real_tokenizer, real_tokenizer_available
 
 CARD_PREFIX = (
     "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
@@ -28,7 +28,12 @@ def test_template_strings_match_card() -> None:
 
 def test_format_pair_is_card_string() -> None:
     got = prompt.format_pair("what is x?", "x is y.", "Find it")
-    assert got == CARD_PREFIX + "<Instruct>: Find it\n<Query>: what is x?\n<Document>: x is y." + CARD_SUFFIX
+    assert (
+        got
+        == CARD_PREFIX
+        + "<Instruct>: Find it\n<Query>: what is x?\n<Document>: x is y."
+        + CARD_SUFFIX
+    )
 
 
 def test_default_instruction_used_for_none_and_empty() -> None:

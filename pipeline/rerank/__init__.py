@@ -79,7 +79,7 @@ def build_reranker(settings: Settings, model_path: str | None = None) -> Reranke
 
         return VLLMReranker(
             model,
-            max_length=settings.rerank_max_length,
+            max_model_len=settings.rerank_max_length,
             gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
             dtype=settings.rerank_dtype,
         )

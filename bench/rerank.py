@@ -1,0 +1,383 @@
+"""Benchmark: the Qwen3-Reranker model-card code vs Winnow's HFEngine, same model, dtype and machine.
+
+The model has the real Qwen3-Reranker-0.6B architecture (config values from the model card) with random
+weights, since no weights can be downloaded here; speed and exactness do not depend on the values.
+Queries and documents come from SciFact: for each train query, its qrel documents plus the documents
+with the most query-word overlap, up to --docs-per-query.
+
+The reference is timed as the card uses it (all pairs of a query in one batch) and at a small fixed batch
+(less padding). Reported: pairs/s, tokens/s (reference tokens, no padding), peak memory, max |Δscore|.
+
+    .venv/bin/python bench/rerank.py --queries 5 --docs-per-query 20 --dtype float32 --json out.json
+
+Never run as a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.rerank import RerankRequest  # noqa: E402
+from pipeline.rerank.hf import HFEngine  # noqa: E402
+from pipeline.rerank.prompt import DEFAULT_INSTRUCTION, PREFIX, SUFFIX  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+SCIFACT = SHARED / "data" / "scifact"
+TOKENIZER_DIR = SHARED / "models" / "qwen3-tokenizer"
+# Qwen3-Reranker-0.6B config.json values (model card).
+QWEN3_RERANKER_06B = dict(
+    vocab_size=151669,
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=40960,
+    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    bos_token_id=151643,
+    eos_token_id=151645,
+)
+
+
+# --- data -----------------------------------------------------------------------------------------
+def _words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z0-9]+", text.lower()) if len(w) > 2}
+
+
+def load_scifact(n_queries: int, docs_per_query: int, seed: int = 0) -> list[RerankRequest]:
+    """SciFact train queries with realistic candidate lists (qrels + lexical neighbours), seeded."""
+    corpus = {}
+    with open(SCIFACT / "corpus.jsonl", encoding="utf-8") as f:
+        for line in f:
+            d = json.loads(line)
+            corpus[d["_id"]] = (d.get("title", "") + " " + d.get("text", "")).strip()
+    queries = {}
+    with open(SCIFACT / "queries.jsonl", encoding="utf-8") as f:
+        for line in f:
+            d = json.loads(line)
+            queries[d["_id"]] = d["text"]
+    qrels: dict[str, list[str]] = {}
+    with open(SCIFACT / "qrels" / "train.tsv", encoding="utf-8") as f:
+        next(f)
+        for line in f:
+            qid, did, _ = line.rstrip("\n").split("\t")
+            qrels.setdefault(qid, []).append(did)
+    rng = random.Random(seed)
+    qids = sorted(q for q in qrels if q in queries)
+    rng.shuffle(qids)
+    doc_ids = list(corpus)
+    doc_words = {d: _words(corpus[d]) for d in doc_ids}
+    out = []
+    for qid in qids[:n_queries]:
+        qw = _words(queries[qid])
+        chosen = [d for d in qrels[qid] if d in corpus][:docs_per_query]
+        ranked = sorted(doc_ids, key=lambda d: -len(qw & doc_words[d]))
+        for d in ranked:
+            if len(chosen) >= docs_per_query:
+                break
+            if d not in chosen:
+                chosen.append(d)
+        rng.shuffle(chosen)
+        out.append(RerankRequest(queries[qid], [corpus[d] for d in chosen]))
+    return out
+
+
+# --- model ----------------------------------------------------------------------------------------
+def build_model_dir(out: Path) -> Path:
+    """Random-weight Qwen3-Reranker-0.6B-shaped checkpoint + real tokenizer, cached on disk."""
+    import torch
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    if TOKENIZER_DIR.is_dir():
+        tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    else:  # no shared tokenizer: fall back to the tests' byte-level BPE (vocab padded to the card's)
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tiny_qwen import build_bpe_tokenizer
+
+        tok = build_bpe_tokenizer()
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(**QWEN3_RERANKER_06B)).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+# --- the model card's code (reference) ------------------------------------------------------------
+class CardReference:
+    """QwenLM/Qwen3-Embedding README, transformers usage, kept verbatim in logic."""
+
+    def __init__(self, path: str, dtype: Any, device: str, max_length: int = 8192) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+        self.model = (
+            AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+            .to(device)
+            .eval()
+        )
+        self.device = device
+        self.max_length = max_length
+        self.token_false_id = self.tokenizer.convert_tokens_to_ids("no")
+        self.token_true_id = self.tokenizer.convert_tokens_to_ids("yes")
+        self.prefix_tokens = self.tokenizer.encode(PREFIX, add_special_tokens=False)
+        self.suffix_tokens = self.tokenizer.encode(SUFFIX, add_special_tokens=False)
+
+    def format_instruction(self, instruction: str | None, query: str, doc: str) -> str:
+        if instruction is None:
+            instruction = DEFAULT_INSTRUCTION
+        return f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}"
+
+    def process_inputs(self, pairs: list[str]) -> Any:
+        inputs = self.tokenizer(
+            pairs,
+            padding=False,
+            truncation="longest_first",
+            return_attention_mask=False,
+            max_length=self.max_length - len(self.prefix_tokens) - len(self.suffix_tokens),
+        )
+        for i, ele in enumerate(inputs["input_ids"]):
+            inputs["input_ids"][i] = self.prefix_tokens + ele + self.suffix_tokens
+        inputs = self.tokenizer.pad(inputs, padding=True, return_tensors="pt")
+        for key in inputs:
+            inputs[key] = inputs[key].to(self.device)
+        return inputs
+
+    def compute_logits(self, inputs: Any) -> list[float]:
+        import torch
+
+        with torch.no_grad():
+            batch_scores = self.model(**inputs).logits[:, -1, :]
+            true_vector = batch_scores[:, self.token_true_id]
+            false_vector = batch_scores[:, self.token_false_id]
+            batch_scores = torch.stack([false_vector, true_vector], dim=1)
+            batch_scores = torch.nn.functional.log_softmax(batch_scores, dim=1)
+            return batch_scores[:, 1].exp().tolist()
+
+    def score(self, req: RerankRequest, batch_size: int | None = None) -> list[float]:
+        pairs = [self.format_instruction(req.instruction, req.query, d) for d in req.docs]
+        step = batch_size or len(pairs)
+        out: list[float] = []
+        for i in range(0, len(pairs), step):
+            out += self.compute_logits(self.process_inputs(pairs[i : i + step]))
+        return out
+
+
+# --- measurement ----------------------------------------------------------------------------------
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak RSS (sampled) or CUDA max-allocated during a block, relative to its start."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> PeakMemory:
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            self._base = _rss_bytes()
+            self.peak = self._base
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, _rss_bytes())
+
+    @property
+    def extra_mib(self) -> float:
+        return (self.peak - self._base) / 2**20
+
+
+def timed(
+    name: str,
+    device: str,
+    reqs: Sequence[RerankRequest],
+    fn: Callable[[RerankRequest], list[float]],
+) -> dict[str, Any]:
+    import torch
+
+    fn(RerankRequest(reqs[0].query, reqs[0].docs[:2]))  # warm-up (oneDNN primitives), not timed
+    scores: list[list[float]] = []
+    with PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        for r in reqs:
+            scores.append(fn(r))
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    print(f"  {name}: {seconds:.1f}s", file=sys.stderr, flush=True)
+    return {"name": name, "seconds": seconds, "peak_extra_mib": mem.extra_mib, "scores": scores}
+
+
+def _per_request(engine: HFEngine) -> Callable[[RerankRequest], list[float]]:
+    return lambda r: engine.score(r.query, r.docs, r.instruction)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--queries", type=int, default=5)
+    ap.add_argument("--docs-per-query", type=int, default=20)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--max-batch-tokens", type=int, default=None)
+    ap.add_argument(
+        "--small-batch", type=int, default=4, help="fixed batch for the 2nd reference run"
+    )
+    ap.add_argument("--max-length", type=int, default=8192)
+    ap.add_argument("--model-dir", type=Path, default=Path("/tmp/winnow-bench-qwen3-reranker-0.6b"))
+    ap.add_argument("--skip-small-batch", action="store_true")
+    ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from pipeline.rerank.hf import resolve_device
+
+    device = resolve_device(args.device)
+    dtype = getattr(torch, args.dtype)
+    reqs = load_scifact(args.queries, args.docs_per_query)
+    path = str(build_model_dir(args.model_dir))
+    n_pairs = sum(len(r.docs) for r in reqs)
+
+    engine = HFEngine(
+        path,
+        device=device,
+        dtype=args.dtype,
+        max_length=args.max_length,
+        max_batch_tokens=args.max_batch_tokens,
+    )
+    engine.load()
+    # Tokens the reference runs (no padding): the throughput unit for every row.
+    ref_tokens = engine._tokenize(reqs)[2]
+    runs = [
+        timed(
+            "winnow HFEngine (per request)",
+            device,
+            reqs,
+            _per_request(engine),
+        )
+    ]
+    merged = {"name": "winnow HFEngine (all requests merged)"}
+    t0 = time.perf_counter()
+    merged_scores = engine.score_requests(reqs)
+    merged["seconds"] = time.perf_counter() - t0
+    merged["scores"] = merged_scores
+    merged["peak_extra_mib"] = float("nan")
+    print(f"  {merged['name']}: {merged['seconds']:.1f}s", file=sys.stderr, flush=True)
+    del engine
+    import gc
+
+    gc.collect()
+
+    ref = CardReference(path, dtype, device, args.max_length)
+    runs.append(timed("card reference, 1 batch/query", device, reqs, ref.score))
+    if not args.skip_small_batch:
+        runs.append(
+            timed(
+                f"card reference, batch {args.small_batch}",
+                device,
+                reqs,
+                lambda r: ref.score(r, args.small_batch),
+            )
+        )
+    runs.append(merged)
+
+    base = runs[1]["scores"]
+    flat_base = [s for q in base for s in q]
+    rows = []
+    for run in runs:
+        flat = [s for q in run["scores"] for s in q]
+        rows.append(
+            {
+                "name": run["name"],
+                "seconds": round(run["seconds"], 3),
+                "pairs_per_s": round(n_pairs / run["seconds"], 3),
+                "tokens_per_s": round(ref_tokens / run["seconds"], 1),
+                "peak_extra_mib": round(run["peak_extra_mib"], 1),
+                "max_abs_diff_vs_card": max(
+                    abs(a - b) for a, b in zip(flat, flat_base, strict=True)
+                ),
+            }
+        )
+    winnow = rows[0]["pairs_per_s"]
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": _cpu_name(),
+        "cores": os.cpu_count(),
+        "device": device,
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "command": " ".join(["bench/rerank.py", *(argv if argv is not None else sys.argv[1:])]),
+        "queries": len(reqs),
+        "pairs": n_pairs,
+        "reference_tokens": ref_tokens,
+        "mean_pair_tokens": round(ref_tokens / n_pairs, 1),
+        "max_batch_tokens": args.max_batch_tokens,
+        "runs": rows,
+        "speedup_vs_card_1batch": round(winnow / rows[1]["pairs_per_s"], 2),
+    }
+    if not args.skip_small_batch:
+        result["speedup_vs_card_small_batch"] = round(winnow / rows[2]["pairs_per_s"], 2)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

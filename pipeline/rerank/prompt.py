@@ -1,0 +1,96 @@
+"""The Qwen3-Reranker prompt: the one place the template lives (DESIGN.md §4).
+
+Every backend builds its inputs from these strings so that scores match the model card's reference code.
+The body is split at ``<Document>:`` so the HF engine can share the system + instruction + query tokens
+of a request (``head``) across all of its documents; :func:`format_pair` gives the whole string (vLLM).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+PREFIX = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and "
+    'the Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n'
+    "<|im_start|>user\n"
+)
+SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+
+BODY_TEMPLATE = "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}"
+# The body up to (excluding) the space before the document. ":" then " " is always a pre-token boundary
+# in Qwen's byte-level BPE, but the HF engine still verifies token by token (longest common prefix).
+HEAD_TEMPLATE = "<Instruct>: {instruction}\n<Query>: {query}\n<Document>:"
+# vLLM score() templates (model card): the query side carries the prefix, the document side the suffix.
+QUERY_TEMPLATE = PREFIX + "<Instruct>: {instruction}\n<Query>: {query}\n"
+DOCUMENT_TEMPLATE = "<Document>: {doc}" + SUFFIX
+
+YES_TOKEN = "yes"
+NO_TOKEN = "no"
+
+
+def resolve_instruction(instruction: str | None) -> str:
+    """``None`` (or empty) means the default instruction, as in the card's ``format_instruction``."""
+    return instruction if instruction else DEFAULT_INSTRUCTION
+
+
+def format_body(query: str, doc: str, instruction: str | None = None) -> str:
+    """The user turn between PREFIX and SUFFIX; the reference tokenizes (and truncates) only this."""
+    return BODY_TEMPLATE.format(instruction=resolve_instruction(instruction), query=query, doc=doc)
+
+
+def format_head(query: str, instruction: str | None = None) -> str:
+    """The document-independent start of the body, shared by every pair of a request."""
+    return HEAD_TEMPLATE.format(instruction=resolve_instruction(instruction), query=query)
+
+
+def format_pair(query: str, doc: str, instruction: str | None = None) -> str:
+    """The full prompt string for one (query, document) pair; score = P(yes) at its last token."""
+    return PREFIX + format_body(query, doc, instruction) + SUFFIX
+
+
+def format_query(query: str, instruction: str | None = None) -> str:
+    """Query side of the card's vLLM example: PREFIX + instruction + query (ends with a newline)."""
+    return QUERY_TEMPLATE.format(instruction=resolve_instruction(instruction), query=query)
+
+
+def format_document(doc: str) -> str:
+    """Document side of the card's vLLM example; ``format_query(q) + format_document(d) == format_pair(q, d)``."""
+    return DOCUMENT_TEMPLATE.format(doc=doc)
+
+
+def _single_token_id(tokenizer: Any, token: str) -> int:
+    ids = tokenizer.encode(token, add_special_tokens=False)
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if len(ids) != 1 or ids[0] != tid or tid is None or tid == tokenizer.unk_token_id:
+        raise ValueError(
+            f"tokenizer has no single token for {token!r} (got {ids}); not a Qwen3 reranker?"
+        )
+    return int(tid)
+
+
+def yes_no_token_ids(tokenizer: Any) -> tuple[int, int]:
+    """``(yes_id, no_id)`` looked up from the tokenizer (9693 / 2152 for Qwen3; never hard-coded)."""
+    return _single_token_id(tokenizer, YES_TOKEN), _single_token_id(tokenizer, NO_TOKEN)
+
+
+def encode_fixed(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """Token ids of PREFIX and SUFFIX, encoded without special-token insertion as the card does."""
+    return (
+        list(tokenizer.encode(PREFIX, add_special_tokens=False)),
+        list(tokenizer.encode(SUFFIX, add_special_tokens=False)),
+    )
+
+
+def body_budget(max_length: int, prefix_ids: Sequence[int], suffix_ids: Sequence[int]) -> int:
+    """Tokens left for the body (instruction + query + document) so the suffix is never cut."""
+    budget = max_length - len(prefix_ids) - len(suffix_ids)
+    if budget < 1:
+        raise ValueError(
+            f"max_length={max_length} leaves no room for the body "
+            f"(prefix {len(prefix_ids)} + suffix {len(suffix_ids)} tokens)"
+        )
+    return budget
