@@ -70,15 +70,7 @@ class IngestJob:
         collection: str | None = None,
     ) -> None:
         self.settings = settings
-        self.embedder = (
-            embedder
-            if embedder is not None
-            else Embedder(
-                settings.embed_model,
-                device=settings.embed_device,
-                batch_size=settings.embed_batch_size,
-            )
-        )
+        self.embedder = embedder if embedder is not None else Embedder.from_settings(settings)
         self.store = store if store is not None else MilvusStore.from_settings(settings, collection)
 
     def _process(

@@ -87,7 +87,7 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
                 "[bold red]!! showing recall-only results[/] (set WINNOW_RERANK_MODEL to a local "
                 "Qwen3-Reranker directory, or WINNOW_RERANK=off to silence this)"
             )
-    embedder = Embedder(settings.embed_model, device=settings.embed_device).load()
+    embedder = Embedder.from_settings(settings).load()
     store = MilvusStore.from_settings(settings)
     model, _ = store.open()
     if model is None:

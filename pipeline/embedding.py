@@ -14,6 +14,8 @@ from pipeline.models import resolve_model
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
+    from pipeline.config import Settings
+
 log = logging.getLogger(__name__)
 
 
@@ -38,6 +40,12 @@ class Embedder:
         self.batch_size = batch_size
         self._model: SentenceTransformer | None = None
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Embedder:
+        return cls(
+            settings.embed_model, device=settings.embed_device, batch_size=settings.embed_batch_size
+        )
 
     def load(self) -> Embedder:
         if self._model is None:

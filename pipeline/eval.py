@@ -382,13 +382,7 @@ def evaluate(
         reranker = _load_reranker(settings)
         own_reranker = True
 
-    emb = (
-        embedder
-        if embedder is not None
-        else Embedder(
-            settings.embed_model, device=settings.embed_device, batch_size=settings.embed_batch_size
-        )
-    )
+    emb = embedder if embedder is not None else Embedder.from_settings(settings)
     store = MilvusStore.from_settings(settings, name)
     ingest_seconds, embedded, skipped = 0.0, 0, 0
     try:

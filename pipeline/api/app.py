@@ -143,13 +143,7 @@ def load_reranker(settings: Settings) -> Reranker | None:
 def build_runtime(
     settings: Settings, *, embedder: Embedder | None = None, reranker: Reranker | None = None
 ) -> Runtime:
-    emb = (
-        embedder
-        if embedder is not None
-        else Embedder(
-            settings.embed_model, device=settings.embed_device, batch_size=settings.embed_batch_size
-        )
-    )
+    emb = embedder if embedder is not None else Embedder.from_settings(settings)
     store = MilvusStore.from_settings(settings)
     runtime: Runtime
     metrics = Metrics(lambda: runtime.stats())
