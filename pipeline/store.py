@@ -281,14 +281,10 @@ class MilvusStore:
         def run(c: MilvusClient) -> None:
             if c.has_collection(self.collection):
                 props = c.describe_collection(self.collection).get("properties", {}) or {}
-                have_model, have_dim = props.get(PROP_MODEL), props.get(PROP_DIM)
-                if have_model is not None and (have_model != model or int(have_dim) != dim):
-                    raise SchemaMismatch(
-                        f"collection {self.collection!r} was built with embedding model "
-                        f"{have_model!r} (dim {have_dim}); this run uses {model!r} (dim {dim}). "
-                        "Use the same WINNOW_EMBED_MODEL, or another WINNOW_COLLECTION "
-                        "(or drop the collection and re-ingest)."
-                    )
+                have_dim = props.get(PROP_DIM)
+                self.check_model(
+                    props.get(PROP_MODEL), int(have_dim) if have_dim else None, model, dim
+                )
             else:
                 idx = c.prepare_index_params()
                 idx.add_index(
@@ -312,6 +308,18 @@ class MilvusStore:
             self.model, self.dim = model, dim
 
         self._call(run)
+
+    def check_model(
+        self, have_model: str | None, have_dim: int | None, model: str, dim: int
+    ) -> None:
+        """The one mismatch rule: a collection is only used with the embedder that built it."""
+        if have_model is not None and (have_model != model or have_dim != dim):
+            raise SchemaMismatch(
+                f"collection {self.collection!r} was built with embedding model "
+                f"{have_model!r} (dim {have_dim}); this run uses {model!r} (dim {dim}). "
+                "Use the same WINNOW_EMBED_MODEL, or another WINNOW_COLLECTION "
+                "(or drop the collection and re-ingest)."
+            )
 
     def open(self) -> tuple[str | None, int | None]:
         """Open an existing collection for search; returns the (model, dim) it was built with."""

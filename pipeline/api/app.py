@@ -98,12 +98,7 @@ class Runtime:
                 f"collection {self.settings.collection!r} does not exist yet: ingest documents "
                 "first (python -m ingest PATH)",
             )
-        if model != self.settings.embed_model or dim != self.embedder.dim:
-            raise SchemaMismatch(
-                f"collection {self.settings.collection!r} was built with {model!r} (dim {dim}) "
-                f"but the service embeds with {self.settings.embed_model!r} "
-                f"(dim {self.embedder.dim}); set WINNOW_EMBED_MODEL to match"
-            )
+        self.store.check_model(model, dim, self.settings.embed_model, self.embedder.dim)
         self.collection_checked = True
 
     def stats(self) -> dict[str, Any]:
