@@ -81,6 +81,11 @@ class Settings(BaseSettings):
     rerank_max_batch_tokens: int | None = Field(
         None, ge=256, description="Token budget per forward pass, padding counted (unset = tuned)."
     )
+    rerank_max_padding: float = Field(
+        0.1,
+        ge=0,
+        description="Padding a batch may carry, as a fraction of its real tokens (past a minimum size).",
+    )
     rerank_instruction: str = Field(
         "Given a web search query, retrieve relevant passages that answer the query",
         description="Default Qwen3-Reranker instruction.",

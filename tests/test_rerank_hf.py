@@ -16,7 +16,13 @@ from tiny_qwen import build_tiny_reranker, real_tokenizer_available
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.rerank import RerankRequest
-from pipeline.rerank.hf import HFEngine, resolve_dtype
+from pipeline.rerank.hf import (
+    ATTENTION_CHUNK_CPU,
+    ATTENTION_NAME,
+    HFEngine,
+    _chunked_sdpa,
+    resolve_dtype,
+)
 
 TOL = 1e-4
 LONG = "Gravity is a force that attracts two bodies towards each other. " * 800  # > 8192 tokens
@@ -183,12 +189,12 @@ def test_merged_requests_share_forward_passes(setup: Any) -> None:
         RerankRequest("q", []),
         RerankRequest("a much longer query " * 12, DOCS[6:]),
     ]
-    saved = engine.max_batch_tokens
-    engine.max_batch_tokens = 1 << 20  # everything in one tail forward
+    saved = engine.max_batch_tokens, engine.max_padding
+    engine.max_batch_tokens, engine.max_padding = 1 << 20, None  # everything in one tail forward
     try:
         got = engine.score_requests(reqs)
     finally:
-        engine.max_batch_tokens = saved
+        engine.max_batch_tokens, engine.max_padding = saved
     assert engine.last_batch_requests == len(reqs)
     assert engine.last_batch_pairs == sum(len(r.docs) for r in reqs)
     assert engine.last_batch_forwards == 2  # one for the 3 unique heads, one for all 19 tails
@@ -212,6 +218,57 @@ def test_merged_with_small_budget(setup: Any) -> None:
         engine.max_batch_tokens = saved
     for r, g in zip(reqs, got, strict=True):
         _assert_close(g, ref.score(r.query, list(r.docs), r.instruction))
+
+
+def test_padding_limit_cuts_batches(setup: Any) -> None:
+    """Past min_fill, no batch pads beyond max_padding; a long doc does not pad the short ones."""
+    _, engine, ref = setup
+    docs = [d * k for d in DOCS[:4] for k in (1, 3, 9)] + [DOCS[9]]
+    saved = engine.max_batch_tokens, engine.min_fill
+    engine.max_batch_tokens, engine.min_fill = 1 << 20, 32
+    try:
+        pairs, heads, _ = engine._tokenize([RerankRequest("gravity", docs)])
+        batches = engine._cut_batches(pairs, heads)
+        assert len(batches) > 1
+        assert sorted(id(p) for b in batches for p in b) == sorted(id(p) for p in pairs)
+        for b in batches:
+            padded = len(b) * max(len(p.tail) for p in b)
+            real = sum(len(p.tail) for p in b)
+            assert len(b) == 1 or padded <= max(32, 1.1 * real), (padded, real)
+        got = engine.score("gravity", docs)
+    finally:
+        engine.max_batch_tokens, engine.min_fill = saved
+    _assert_close(got, ref.score("gravity", docs))
+
+
+def test_chunked_attention_is_installed(setup: Any) -> None:
+    _, engine, _ = setup
+    assert engine.chunked_attention
+    assert engine._decoder.config._attn_implementation == ATTENTION_NAME
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_chunked_sdpa_equals_masked_sdpa(groups: int) -> None:
+    """Chunked attention = one masked SDPA call, for a left-padded head + causal, right-padded tail."""
+    torch.manual_seed(0)
+    rows, heads, dim, head_len, q_len = 3, 4, 16, 37, ATTENTION_CHUNK_CPU * 2 + 45
+    query = torch.randn(rows, heads, q_len, dim)
+    key = torch.randn(rows, heads // groups, head_len + q_len, dim)
+    value = torch.randn_like(key)
+    head_valid = torch.arange(head_len)[None, :] >= torch.tensor([0, 5, 20])[:, None]
+    causal = torch.ones(q_len, q_len, dtype=torch.bool).tril()
+    mask = torch.cat(
+        [head_valid[:, None, :].expand(rows, q_len, -1), causal[None].expand(rows, -1, -1)], -1
+    )[:, None]
+    module = torch.nn.Module()
+    module.num_key_value_groups = groups
+    got, _ = _chunked_sdpa(module, query, key, value, mask, scaling=0.25)
+    rep = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query, *rep, attn_mask=mask, scale=0.25
+    ).transpose(1, 2)
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("max_length", [64, 100])

@@ -9,7 +9,12 @@ the same numbers (fp32 |Δ| ≤ 1e-4, checked in tests/test_rerank_hf.py against
   different requests share one forward pass (explicit position ids keep RoPE positions exact);
 - running only the decoder (``model.model``) and dotting the last hidden state with the two LM-head rows
   (no, yes) instead of projecting every position onto the 151,669-token vocabulary;
-- sorting pairs by length and cutting batches by a token budget that counts padding.
+- sorting pairs by length and cutting batches by a token budget that counts padding, closing a batch
+  early when padding would exceed ``max_padding`` of its real tokens (padding is pure waste once a
+  forward holds enough tokens to keep the matrix units busy);
+- attending in query chunks (``_chunked_sdpa``): chunk ``[a, b)`` of a tail only looks at keys
+  ``< head + b``, so the masked upper triangle of the tail-to-tail scores is mostly never computed
+  (SDPA with an explicit mask computes every block).
 """
 
 from __future__ import annotations
@@ -40,6 +45,15 @@ log = logging.getLogger(__name__)
 # are large (measured with bench/rerank.py); GPU: limited by activation memory, not by efficiency.
 DEFAULT_BATCH_TOKENS_CPU = 8192
 DEFAULT_BATCH_TOKENS_GPU = 65536
+# Padded tail tokens a forward may hold before the padding limit applies: below this, a bigger batch
+# buys more GEMM efficiency than its padding costs (CPU fp32 GEMMs reach ~90% of peak at 256-512 rows).
+MIN_FILL_CPU = 512
+MIN_FILL_GPU = 8192
+DEFAULT_MAX_PADDING = 0.1  # padded tail tokens ≤ (1 + this) × real tail tokens, once past the fill
+# Queries per attention call in the tail forwards (keys are cut at the chunk's causal horizon).
+ATTENTION_CHUNK_CPU = 128
+ATTENTION_CHUNK_GPU = 1024
+ATTENTION_NAME = "winnow_chunked_sdpa"
 
 
 def resolve_device(device: str) -> str:
@@ -121,6 +135,70 @@ def _cache_layers(cache: Any) -> list[tuple[Any, Any]]:
     return list(zip(cache.key_cache, cache.value_cache, strict=True))
 
 
+def _chunked_sdpa(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """SDPA over query chunks, each against the keys up to its causal horizon (same numbers).
+
+    Only installed on HFEngine's own model, whose masks are always ``[rows, 1, q, head + q]`` with the
+    last ``q`` keys causal (head KV, then this forward's tokens), so chunk ``[a, b)`` never sees a key
+    at or beyond ``head + b``. Anything else goes to transformers' SDPA unchanged.
+    """
+    import torch
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    q_len, kv_len = query.shape[2], key.shape[2]
+    chunk = ATTENTION_CHUNK_CPU if query.device.type == "cpu" else ATTENTION_CHUNK_GPU
+    if attention_mask is None or attention_mask.dim() != 4 or q_len <= chunk or kv_len < q_len:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    groups = getattr(module, "num_key_value_groups", 1)
+    gqa_kw: dict[str, Any] = {}
+    if groups > 1:
+        if query.device.type == "cpu":
+            gqa_kw["enable_gqa"] = True  # CPU flash kernel: GQA with a mask, no K/V copies
+        else:  # CUDA kernels fall back to math for masked GQA: expand K/V instead
+            key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    offset = kv_len - q_len
+    outs = []
+    for a in range(0, q_len, chunk):
+        b = min(a + chunk, q_len)
+        outs.append(
+            torch.nn.functional.scaled_dot_product_attention(
+                query[:, :, a:b],
+                key[:, :, : offset + b],
+                value[:, :, : offset + b],
+                attn_mask=attention_mask[:, :, a:b, : offset + b],
+                scale=scaling,
+                **gqa_kw,
+            )
+        )
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _install_chunked_attention(lm: Any) -> bool:
+    """Switch ``lm`` to :func:`_chunked_sdpa`; False (plain SDPA kept) on transformers without the API."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(ATTENTION_NAME, _chunked_sdpa)
+        AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+        lm.set_attn_implementation(ATTENTION_NAME)
+    except (ImportError, AttributeError, ValueError, KeyError) as exc:
+        log.info("chunked attention unavailable (%s); using plain SDPA", exc)
+        return False
+    return True
+
+
 class HFEngine:
     """Synchronous Qwen3-Reranker scorer (RerankEngine); merges pairs of several requests per forward."""
 
@@ -134,13 +212,20 @@ class HFEngine:
         dtype: str = "auto",
         max_length: int = 8192,
         max_batch_tokens: int | None = None,
+        max_padding: float | None = DEFAULT_MAX_PADDING,
     ) -> None:
-        """Cheap: nothing is imported or loaded until :meth:`load`."""
+        """Cheap: nothing is imported or loaded until :meth:`load`.
+
+        ``max_padding=None`` turns the padding limit off (batches cut by the token budget only).
+        """
         self.model = str(model)
         self.device = device
         self.dtype = dtype  # replaced by the resolved torch dtype name after load()
         self.max_length = max_length
         self.max_batch_tokens = max_batch_tokens
+        self.max_padding = max_padding
+        self.min_fill = MIN_FILL_CPU
+        self.chunked_attention = False
         self._requested_device = device
         self._requested_dtype = dtype
         self._lock = threading.Lock()
@@ -213,6 +298,7 @@ class HFEngine:
                 self.model, attn_implementation="sdpa", **{dtype_kw: dtype}
             )
             lm.to(device).eval()
+            self.chunked_attention = _install_chunked_attention(lm)
             yes, no = yes_no_token_ids(tok)
             out_emb = lm.get_output_embeddings()
             if getattr(out_emb, "bias", None) is not None:
@@ -231,10 +317,12 @@ class HFEngine:
             self.yes_id, self.no_id = yes, no
             self.device = device
             self.dtype = str(dtype).removeprefix("torch.")
+            on_cpu = device == "cpu"
             if self.max_batch_tokens is None:
                 self.max_batch_tokens = (
-                    DEFAULT_BATCH_TOKENS_CPU if device == "cpu" else DEFAULT_BATCH_TOKENS_GPU
+                    DEFAULT_BATCH_TOKENS_CPU if on_cpu else DEFAULT_BATCH_TOKENS_GPU
                 )
+            self.min_fill = MIN_FILL_CPU if on_cpu else MIN_FILL_GPU
             self._loaded = True
             log.info(
                 "reranker %s loaded on %s (%s), max_length=%d, max_batch_tokens=%d",
@@ -318,19 +406,29 @@ class HFEngine:
         return pairs, heads, ref_tokens
 
     def _cut_batches(self, pairs: list[_Pair], heads: list[_Head]) -> list[list[_Pair]]:
-        """Sort by length, then cut so rows × (longest head + longest tail) stays within budget."""
+        """Sort by length, then cut so rows × (longest head + longest tail) stays within budget.
+
+        Past ``min_fill`` padded tail tokens, a batch also closes when the next pair would push its
+        padding beyond ``max_padding`` × its real tail tokens: sorted neighbours batch together, and a
+        long document no longer pads a batch of short ones to its length.
+        """
         budget = int(self.max_batch_tokens or DEFAULT_BATCH_TOKENS_CPU)
+        fill = min(self.min_fill, budget)
+        slack = None if self.max_padding is None else 1.0 + self.max_padding
         order = sorted(pairs, key=lambda p: (len(heads[p.head].ids) + len(p.tail), p.head))
         batches: list[list[_Pair]] = []
         cur: list[_Pair] = []
-        max_head = max_tail = 0
+        max_head = max_tail = real = 0
         for p in order:
             h, t = max(max_head, len(heads[p.head].ids)), max(max_tail, len(p.tail))
-            if cur and (len(cur) + 1) * (h + t) > budget:
+            rows, tail_real = len(cur) + 1, real + len(p.tail)
+            over_budget = rows * (h + t) > budget
+            too_padded = slack is not None and rows * t > max(fill, slack * tail_real)
+            if cur and (over_budget or too_padded):
                 batches.append(cur)
-                cur, h, t = [], len(heads[p.head].ids), len(p.tail)
+                cur, h, t, tail_real = [], len(heads[p.head].ids), len(p.tail), len(p.tail)
             cur.append(p)
-            max_head, max_tail = h, t
+            max_head, max_tail, real = h, t, tail_real
         if cur:
             batches.append(cur)
         return batches
