@@ -9,6 +9,8 @@ The reference is timed as the card uses it (all pairs of a query in one batch) a
 (less padding). Reported: pairs/s, tokens/s (reference tokens, no padding), peak memory, max |Δscore|.
 
     .venv/bin/python bench/rerank.py --queries 5 --docs-per-query 20 --dtype float32 --json out.json
+    .venv/bin/python bench/rerank.py --queries 1 --docs-per-query 6 --engine-only --no-chunked-attention
+    python bench/rerank.py --device cuda --dtype bfloat16 --queries 20 --vllm   # GPU, winnow[gpu]
 
 Never run as a test.
 """
@@ -262,12 +264,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--max-batch-tokens", type=int, default=None)
+    ap.add_argument("--max-padding", type=float, default=0.1, help="negative = no padding limit")
     ap.add_argument(
         "--small-batch", type=int, default=4, help="fixed batch for the 2nd reference run"
     )
     ap.add_argument("--max-length", type=int, default=8192)
     ap.add_argument("--model-dir", type=Path, default=Path("/tmp/winnow-bench-qwen3-reranker-0.6b"))
     ap.add_argument("--skip-small-batch", action="store_true")
+    ap.add_argument(
+        "--no-chunked-attention", action="store_true", help="plain SDPA in the engine (ablation)"
+    )
+    ap.add_argument(
+        "--vllm", action="store_true", help="also time the vLLM backend (GPU, needs winnow[gpu])"
+    )
+    ap.add_argument(
+        "--engine-only", action="store_true", help="time the engine per request only (ablations)"
+    )
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args(argv)
 
@@ -287,10 +299,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         dtype=args.dtype,
         max_length=args.max_length,
         max_batch_tokens=args.max_batch_tokens,
+        max_padding=None if args.max_padding < 0 else args.max_padding,
+        chunked_attention=not args.no_chunked_attention,
     )
     engine.load()
     # Tokens the reference runs (no padding): the throughput unit for every row.
     ref_tokens = engine._tokenize(reqs)[2]
+    engine_config = {
+        "max_batch_tokens": engine.max_batch_tokens,
+        "max_padding": engine.max_padding,
+        "min_fill": engine.min_fill,
+        "chunked_attention": engine.chunked_attention,
+    }
     runs = [
         timed(
             "winnow HFEngine (per request)",
@@ -299,6 +319,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             _per_request(engine),
         )
     ]
+    if args.engine_only:
+        return _report(
+            args,
+            argv,
+            {
+                "device": device,
+                "queries": len(reqs),
+                "pairs": n_pairs,
+                "reference_tokens": ref_tokens,
+                "engine": engine_config,
+                "seconds": round(runs[0]["seconds"], 3),
+                "pairs_per_s": round(n_pairs / runs[0]["seconds"], 3),
+                "tokens_per_s": round(ref_tokens / runs[0]["seconds"], 1),
+                **_tail_tokens(engine, reqs),
+            },
+        )
     merged = {"name": "winnow HFEngine (all requests merged)"}
     t0 = time.perf_counter()
     merged_scores = engine.score_requests(reqs)
@@ -323,6 +359,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
     runs.append(merged)
+    if args.vllm:
+        del ref
+        gc.collect()
+        runs.append(_time_vllm(args, path, device, reqs))
 
     base = runs[1]["scores"]
     flat_base = [s for q in base for s in q]
@@ -343,24 +383,65 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     winnow = rows[0]["pairs_per_s"]
     result = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": _cpu_name(),
-        "cores": os.cpu_count(),
         "device": device,
-        "dtype": args.dtype,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "command": " ".join(["bench/rerank.py", *(argv if argv is not None else sys.argv[1:])]),
         "queries": len(reqs),
         "pairs": n_pairs,
         "reference_tokens": ref_tokens,
         "mean_pair_tokens": round(ref_tokens / n_pairs, 1),
-        "max_batch_tokens": args.max_batch_tokens,
+        "engine": engine_config,
         "runs": rows,
         "speedup_vs_card_1batch": round(winnow / rows[1]["pairs_per_s"], 2),
     }
     if not args.skip_small_batch:
         result["speedup_vs_card_small_batch"] = round(winnow / rows[2]["pairs_per_s"], 2)
+    return _report(args, argv, result)
+
+
+def _time_vllm(
+    args: argparse.Namespace, path: str, device: str, reqs: Sequence[RerankRequest]
+) -> dict[str, Any]:
+    """The vLLM backend as the service calls it: one ``score`` per request."""
+    from pipeline.rerank.vllm import VLLMReranker
+
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+    rr = VLLMReranker(path, max_model_len=args.max_length, dtype=args.dtype)
+    rr.load()
+    return timed(
+        "winnow vLLM backend (per request)",
+        device,
+        reqs,
+        lambda r: rr.score_sync(r.query, r.docs, r.instruction),
+    )
+
+
+def _tail_tokens(engine: HFEngine, reqs: Sequence[RerankRequest]) -> dict[str, int]:
+    """Document-side tokens the per-request forwards run, with and without padding."""
+    padded = real = 0
+    for r in reqs:
+        pairs, heads, _ = engine._tokenize([r])
+        for batch in engine._cut_batches(pairs, heads):
+            padded += len(batch) * max(len(p.tail) for p in batch)
+            real += sum(len(p.tail) for p in batch)
+    return {"tail_tokens_padded": padded, "tail_tokens_real": real}
+
+
+def _report(args: argparse.Namespace, argv: Sequence[str] | None, body: dict[str, Any]) -> int:
+    """Print (and with --json write) the result with the machine and command that produced it."""
+    import torch
+
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": _cpu_name(),
+        "cores": os.cpu_count(),
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "command": " ".join(["bench/rerank.py", *(argv if argv is not None else sys.argv[1:])]),
+        **body,
+    }
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

@@ -213,10 +213,12 @@ class HFEngine:
         max_length: int = 8192,
         max_batch_tokens: int | None = None,
         max_padding: float | None = DEFAULT_MAX_PADDING,
+        chunked_attention: bool = True,
     ) -> None:
         """Cheap: nothing is imported or loaded until :meth:`load`.
 
-        ``max_padding=None`` turns the padding limit off (batches cut by the token budget only).
+        ``max_padding=None`` turns the padding limit off (batches cut by the token budget only);
+        ``chunked_attention=False`` keeps transformers' plain SDPA (for comparisons).
         """
         self.model = str(model)
         self.device = device
@@ -225,7 +227,8 @@ class HFEngine:
         self.max_batch_tokens = max_batch_tokens
         self.max_padding = max_padding
         self.min_fill = MIN_FILL_CPU
-        self.chunked_attention = False
+        self.chunked_attention = False  # True once installed by load()
+        self._want_chunked_attention = chunked_attention
         self._requested_device = device
         self._requested_dtype = dtype
         self._lock = threading.Lock()
@@ -298,7 +301,8 @@ class HFEngine:
                 self.model, attn_implementation="sdpa", **{dtype_kw: dtype}
             )
             lm.to(device).eval()
-            self.chunked_attention = _install_chunked_attention(lm)
+            if self._want_chunked_attention:
+                self.chunked_attention = _install_chunked_attention(lm)
             yes, no = yes_no_token_ids(tok)
             out_emb = lm.get_output_embeddings()
             if getattr(out_emb, "bias", None) is not None:
