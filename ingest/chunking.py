@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.store import Passage
+from pipeline.domain import Passage
 
 from .sources import Document
 

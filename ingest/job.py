@@ -18,7 +18,8 @@ from pathlib import Path
 
 from pipeline.config import Settings
 from pipeline.embedding import Embedder
-from pipeline.store import MilvusStore, Passage
+from pipeline.domain import Passage
+from pipeline.store import MilvusStore
 
 from .chunking import Chunker
 from .sources import Document, FieldMap, Problem, read_corpus

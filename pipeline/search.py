@@ -13,7 +13,8 @@ from typing import Any, Literal
 from pipeline.config import Settings
 from pipeline.embedding import Embedder
 from pipeline.rerank import Reranker
-from pipeline.store import Hit, MilvusStore, join_title
+from pipeline.domain import Hit, join_title
+from pipeline.store import MilvusStore
 
 RecallMode = Literal["dense", "hybrid", "bm25"]
 

@@ -7,16 +7,16 @@ Differences between the two (Lite's negative BM25 distances) are normalised here
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
+
+from pipeline.domain import Hit, Passage
 
 if TYPE_CHECKING:
     from pymilvus import MilvusClient
@@ -61,16 +61,6 @@ class InvalidFilter(StoreError, ValueError):
     """The caller's filter expression was rejected by Milvus."""
 
 
-def passage_id(doc_id: str, chunk: int, text: str, title: str = "", metadata: Any = None) -> str:
-    """Stable id of a passage: re-ingesting the same content upserts instead of duplicating."""
-    meta = json.dumps(metadata, sort_keys=True, ensure_ascii=False) if metadata else ""
-    h = hashlib.sha1(usedforsecurity=False)
-    for part in (doc_id, str(chunk), title, meta, text):
-        h.update(part.encode("utf-8"))
-        h.update(b"\x00")
-    return h.hexdigest()
-
-
 def quote(value: str) -> str:
     """A Milvus string literal (Milvus Lite has no filter templating)."""
     return json.dumps(value, ensure_ascii=False)
@@ -83,43 +73,6 @@ def in_list(field_name: str, values: Iterable[str]) -> str:
 def clip_utf8(text: str, max_bytes: int) -> str:
     raw = text.encode("utf-8")
     return text if len(raw) <= max_bytes else raw[:max_bytes].decode("utf-8", "ignore")
-
-
-@dataclass(frozen=True, slots=True)
-class Passage:
-    """One chunk of a document, as stored."""
-
-    doc_id: str
-    chunk: int
-    text: str
-    title: str = ""
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def id(self) -> str:
-        return passage_id(self.doc_id, self.chunk, self.text, self.title, self.metadata)
-
-    @property
-    def search_text(self) -> str:
-        """What is embedded and BM25-indexed: the title travels with every passage."""
-        return join_title(self.title, self.text)
-
-
-def join_title(title: str, text: str) -> str:
-    return f"{title}\n{text}" if title else text
-
-
-@dataclass(slots=True)
-class Hit:
-    """A recalled passage; ``score`` is cosine (dense), BM25 (sparse) or RRF (hybrid), larger = better."""
-
-    id: str
-    doc_id: str
-    chunk: int
-    title: str
-    text: str
-    metadata: dict[str, Any]
-    score: float
 
 
 def _is_unavailable(exc: BaseException) -> bool:

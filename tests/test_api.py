@@ -14,7 +14,7 @@ from conftest import LiveServer, MilvusServer, batched, corpus_records, free_por
 
 from pipeline.api import create_app
 from pipeline.config import Settings
-from pipeline.store import join_title
+from pipeline.domain import join_title
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from conftest import MilvusServer, free_port
 
-from pipeline.store import MilvusStore, Passage, SchemaMismatch, StoreUnavailable, passage_id
+from pipeline.domain import Passage, passage_id
+from pipeline.store import MilvusStore, SchemaMismatch, StoreUnavailable
 
 DIM = 8
 
