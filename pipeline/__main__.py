@@ -47,10 +47,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             )
             return 2
     if settings.workers > 1:
-        # workers are fresh processes: hand them the CLI overrides through the environment
-        for name, value in settings.non_default().items():
-            if value != "***":
-                os.environ[f"WINNOW_{name.upper()}"] = str(value)
+        # workers are fresh processes: hand them every override, secrets included, by environment
+        os.environ.update(settings.to_env())
         uvicorn.run(
             "pipeline.api.app:create_app",
             factory=True,

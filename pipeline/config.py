@@ -131,6 +131,24 @@ class Settings(BaseSettings):
                 out[name] = "***" if isinstance(value, SecretStr) else value
         return out
 
+    def to_env(self) -> dict[str, str]:
+        """``WINNOW_*`` variables that rebuild this object in another process, secrets included.
+
+        ``--workers N`` starts fresh processes that read only the environment: a setting given as a
+        CLI flag (the API key above all) must reach every one of them.
+        """
+        env: dict[str, str] = {}
+        for name, field in type(self).model_fields.items():
+            value = getattr(self, name)
+            if value == field.default:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            env[f"WINNOW_{name.upper()}"] = str(value)
+        return env
+
     def log_non_default(self) -> None:
         items = self.non_default()
         log.info(
