@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import Settings
-from pipeline.embedding import Embedder
 from pipeline.domain import Passage
+from pipeline.embedding import Embedder
 from pipeline.store import MilvusStore
 
 from .chunking import Chunker

@@ -21,7 +21,6 @@ def passage_id(doc_id: str, chunk: int, text: str, title: str = "", metadata: An
     return h.hexdigest()
 
 
-
 @dataclass(frozen=True, slots=True)
 class Passage:
     """One chunk of a document, as stored."""

@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from pipeline.config import Settings
+from pipeline.domain import Hit, join_title
 from pipeline.embedding import Embedder
 from pipeline.rerank import Reranker
-from pipeline.domain import Hit, join_title
 from pipeline.store import MilvusStore
 
 RecallMode = Literal["dense", "hybrid", "bm25"]

@@ -33,9 +33,11 @@ def test_api_key_given_as_flag_guards_every_worker(milvus_server: MilvusServer, 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("WINNOW_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "serve", "--workers", "2", "--port", str(port)]
-        + ["--api-key", "sekrit", "--milvus-uri", milvus_server.uri, "--no-rerank"]
-        + ["--embed-device", "cpu", "--collection", "workers_auth"],
+        [
+            *(sys.executable, "-m", "pipeline", "serve", "--workers", "2", "--port", str(port)),
+            *("--api-key", "sekrit", "--milvus-uri", milvus_server.uri, "--no-rerank"),
+            *("--embed-device", "cpu", "--collection", "workers_auth"),
+        ],
         env=env,
         cwd=tmp_path,
         start_new_session=True,

@@ -85,6 +85,39 @@ def encode_fixed(tokenizer: Any) -> tuple[list[int], list[int]]:
     )
 
 
+class PromptTooLong(ValueError):
+    """Instruction + query leave no room for the document within ``max_length`` (answered 422).
+
+    The card truncates the whole body from its end; with an oversized head that would cut the query and
+    every document away and score the instruction alone. Winnow refuses instead: only documents are cut.
+    """
+
+
+def encode_bodies(tokenizer: Any, bodies: Sequence[str], budget: int) -> list[list[int]]:
+    """The card's body tokenization (the same call), shared by every backend: cut to ``budget``.
+
+    The body ends with the document, so cutting from the end cuts the document and never the suffix
+    (which is added after). Callers check that the head fits first (:func:`check_head_fits`).
+    """
+    return tokenizer(
+        list(bodies),
+        padding=False,
+        truncation="longest_first",
+        max_length=budget,
+        return_attention_mask=False,
+    )["input_ids"]
+
+
+def check_head_fits(head_tokens: int, budget: int, min_doc_tokens: int = 16) -> None:
+    """Raise :class:`PromptTooLong` unless ``min_doc_tokens`` of document fit after the head."""
+    if head_tokens + min_doc_tokens > budget:
+        raise PromptTooLong(
+            f"instruction + query take {head_tokens} tokens; with the prompt template that leaves "
+            f"less than {min_doc_tokens} tokens for the document (limit {budget}, "
+            "WINNOW_RERANK_MAX_LENGTH): shorten the instruction or the query"
+        )
+
+
 def body_budget(max_length: int, prefix_ids: Sequence[int], suffix_ids: Sequence[int]) -> int:
     """Tokens left for the body (instruction + query + document) so the suffix is never cut."""
     budget = max_length - len(prefix_ids) - len(suffix_ids)
