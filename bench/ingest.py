@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in chunker.split(item)
     ]
     t0 = time.perf_counter()
-    embedder.model.encode(
+    embedder.encoder.encode(
         texts,
         batch_size=settings.embed_batch_size,
         normalize_embeddings=True,

@@ -19,6 +19,7 @@ from pathlib import Path
 from pipeline.config import Settings
 from pipeline.domain import Passage
 from pipeline.embedding import Embedder
+from pipeline.runtime import build_embedder, open_store
 from pipeline.store import MilvusStore
 
 from .chunking import Chunker
@@ -51,7 +52,7 @@ class IngestStats:
 
 def chunker_for(embedder: Embedder, settings: Settings) -> Chunker:
     prompt_tokens = 0
-    prompts = getattr(embedder.model, "prompts", None) or {}
+    prompts = getattr(embedder.encoder, "prompts", None) or {}
     if prompts.get("document"):
         prompt_tokens = len(
             embedder.tokenizer(prompts["document"], add_special_tokens=False)["input_ids"]
@@ -71,8 +72,8 @@ class IngestJob:
         collection: str | None = None,
     ) -> None:
         self.settings = settings
-        self.embedder = embedder if embedder is not None else Embedder.from_settings(settings)
-        self.store = store if store is not None else MilvusStore.from_settings(settings, collection)
+        self.embedder = embedder if embedder is not None else build_embedder(settings)
+        self.store = store if store is not None else open_store(settings, collection)
 
     def _process(
         self, batch: Sequence[tuple[Document, list[Passage]]], stats: IngestStats

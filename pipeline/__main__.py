@@ -11,7 +11,7 @@ from typing import Any
 
 from pipeline.config import Settings, add_settings_arguments, settings_from_args
 from pipeline.logs import setup_logging
-from pipeline.models import ModelUnavailable
+from pipeline.model_files import ModelUnavailable
 
 log = logging.getLogger("winnow")
 
@@ -25,9 +25,8 @@ def _device_summary(settings: Settings) -> str:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    import uvicorn
-
-    from pipeline.api.app import load_reranker
+    from pipeline.api.server import serve
+    from pipeline.runtime import Runtime
 
     settings.log_non_default()
     log.info("%s", _device_summary(settings))
@@ -37,79 +36,71 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             settings.milvus_uri,
         )
         return 2
-    reranker = None
-    if settings.rerank:
-        try:
-            reranker = load_reranker(settings) if settings.workers == 1 else None
-        except ModelUnavailable as exc:
-            log.error(
-                "cannot serve with reranking: %s. Set WINNOW_RERANK=off to serve recall-only.", exc
-            )
-            return 2
     if settings.workers > 1:
         # workers are fresh processes: hand them every override, secrets included, by environment
         os.environ.update(settings.to_env())
-        uvicorn.run(
-            "pipeline.api.app:create_app",
-            factory=True,
-            host=settings.host,
-            port=settings.port,
-            workers=settings.workers,
-            log_level=settings.log_level.lower(),
-        )
+        serve(settings)
         return 0
+    runtime = Runtime(settings)
+    try:
+        runtime.load()  # fail here, in one line, rather than inside the server's lifespan
+    except ModelUnavailable as exc:
+        log.error(
+            "cannot serve with reranking: %s. Set WINNOW_RERANK=off to serve recall-only.", exc
+        )
+        return 2
     from pipeline.api import create_app
 
-    app = create_app(settings, reranker=reranker)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    serve(settings, create_app(settings, runtime=runtime))
     return 0
 
 
 def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
     from rich.console import Console
-    from rich.table import Table
+    from rich.markup import escape
 
-    from pipeline.api.app import load_reranker
-    from pipeline.embedding import Embedder
-    from pipeline.search import SearchService
-    from pipeline.store import MilvusStore
+    from pipeline.runtime import CollectionMissing, Runtime
+    from pipeline.store import StoreError
 
     console = Console(stderr=True)
-    reranker: Any = None
-    if settings.rerank:
-        try:
-            reranker = load_reranker(settings)
-        except ModelUnavailable as exc:
-            console.print(
-                f"[bold red]!! reranker unavailable:[/] {exc}\n"
-                "[bold red]!! showing recall-only results[/] (set WINNOW_RERANK_MODEL to a local "
-                "Qwen3-Reranker directory, or WINNOW_RERANK=off to silence this)"
-            )
-    embedder = Embedder.from_settings(settings).load()
-    store = MilvusStore.from_settings(settings)
-    model, _ = store.open()
-    if model is None:
+    runtime = Runtime(settings)
+    try:
+        runtime.load()
+    except ModelUnavailable as exc:
+        if not settings.rerank:
+            raise
         console.print(
-            f"[red]collection {settings.collection!r} is empty or missing at "
-            f"{settings.milvus_uri}: run python -m ingest PATH first[/]"
+            f"[bold red]!! reranker unavailable:[/] {escape(str(exc))}\n"
+            "[bold red]!! showing recall-only results[/] (set WINNOW_RERANK_MODEL to a local "
+            "Qwen3-Reranker directory, or WINNOW_RERANK=off to silence this)"
         )
-        return 1
-    service = SearchService(settings, embedder, store, reranker)
+        runtime.load(reranker=False)
 
     async def run() -> Any:
         try:
-            return await service.search(
-                args.query,
-                instruction=args.instruction,
-                filter=args.filter,
-                rerank=reranker is not None,
+            return await runtime.service.search(
+                args.query, instruction=args.instruction, filter=args.filter
             )
         finally:
-            if reranker is not None:
-                await reranker.aclose()
+            await runtime.aclose()
 
-    res = asyncio.run(run())
-    table = Table(title=f"{args.query!r} — {res.mode} recall{' + rerank' if res.reranked else ''}")
+    try:
+        runtime.check_collection()
+        res = asyncio.run(run())
+    except (CollectionMissing, StoreError) as exc:
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        asyncio.run(runtime.aclose())
+        return 1
+    print_results(args.query, res)
+    return 0
+
+
+def print_results(query: str, res: Any) -> None:
+    """The ranked table and the stage timings, on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{query!r} — {res.mode} recall{' + rerank' if res.reranked else ''}")
     table.add_column("#", justify="right")
     table.add_column("score", justify="right")
     table.add_column("recall", justify="right")
@@ -126,8 +117,13 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
         f"embed {t['embed']:.1f} ms · recall {t['recall']:.1f} ms · "
         f"rerank {t['rerank']:.1f} ms · total {t['total']:.1f} ms"
     )
-    store.close()
-    return 0
+
+
+def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
+    # the evaluator lives outside the query package (it ingests the corpus through ``ingest``)
+    from evaluation.cli import run_eval_cli
+
+    return run_eval_cli(args, settings)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -145,15 +141,12 @@ def parser() -> argparse.ArgumentParser:
     add_settings_arguments(search)
     search.set_defaults(func=cmd_search)
 
-    try:
-        from pipeline.eval import add_eval_arguments, run_eval_cli
-    except ImportError:  # pragma: no cover
-        pass
-    else:
-        ev = sub.add_parser("eval", help="BEIR-format evaluation: nDCG, Recall, MRR per mode")
-        add_eval_arguments(ev)
-        add_settings_arguments(ev)
-        ev.set_defaults(func=run_eval_cli)
+    from evaluation.cli import add_eval_arguments  # light: the evaluator's flags only
+
+    ev = sub.add_parser("eval", help="BEIR-format evaluation: nDCG, Recall, MRR per mode")
+    add_eval_arguments(ev)
+    add_settings_arguments(ev)
+    ev.set_defaults(func=cmd_eval)
     return p
 
 

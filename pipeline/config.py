@@ -110,6 +110,26 @@ class Settings(BaseSettings):
     max_document_chars: int = Field(
         100_000, ge=1, description="Longer documents are truncated (or 422 with truncate=false)."
     )
+    max_instruction_chars: int = Field(
+        2048, ge=1, description="Longest reranker instruction accepted (chars, else 422)."
+    )
+    max_filter_chars: int = Field(4096, ge=1, description="Longest filter expression (chars).")
+    max_body_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body (413 before it is read or parsed).",
+    )
+
+    http_header_timeout: float = Field(
+        10.0, gt=0, description="Seconds a new connection may take to send its request headers."
+    )
+    http_body_timeout: float = Field(
+        30.0, gt=0, description="Seconds a request body may stall between chunks (408)."
+    )
+    http_keep_alive: float = Field(5.0, gt=0, description="Idle keep-alive seconds per connection.")
+    http_max_concurrency: int = Field(
+        1024, ge=1, description="Open connections + running requests before uvicorn answers 503."
+    )
 
     log_level: str = Field("INFO", description="Python logging level.")
 

@@ -9,12 +9,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.models import resolve_model
+from pipeline.model_files import resolve_model
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
-    from pipeline.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +40,6 @@ class Embedder:
         self._model: SentenceTransformer | None = None
         self._lock = threading.Lock()
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Embedder:
-        return cls(
-            settings.embed_model, device=settings.embed_device, batch_size=settings.embed_batch_size
-        )
-
     def load(self) -> Embedder:
         if self._model is None:
             from sentence_transformers import SentenceTransformer
@@ -66,28 +59,29 @@ class Embedder:
         return self
 
     @property
-    def model(self) -> SentenceTransformer:
+    def encoder(self) -> SentenceTransformer:
+        """The loaded SentenceTransformer (``model_name`` is the id it was loaded from)."""
         if self._model is None:
             raise RuntimeError("Embedder.load() has not been called")
         return self._model
 
     @property
     def dim(self) -> int:
-        get_dim = getattr(self.model, "get_embedding_dimension", None) or (
-            self.model.get_sentence_embedding_dimension
+        get_dim = getattr(self.encoder, "get_embedding_dimension", None) or (
+            self.encoder.get_sentence_embedding_dimension
         )
         return int(get_dim())
 
     @property
     def max_seq_length(self) -> int:
-        return int(self.model.max_seq_length)
+        return int(self.encoder.max_seq_length)
 
     @property
     def tokenizer(self) -> Any:
-        return self.model.tokenizer
+        return self.encoder.tokenizer
 
     def _prompt_name(self, query: bool) -> str | None:
-        prompts = getattr(self.model, "prompts", None) or {}
+        prompts = getattr(self.encoder, "prompts", None) or {}
         name = "query" if query else "document"
         return name if prompts.get(name) else None
 
@@ -96,7 +90,7 @@ class Embedder:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         with self._lock:  # one forward at a time: torch CPU threads are shared anyway
-            out = self.model.encode(
+            out = self.encoder.encode(
                 list(texts),
                 prompt_name=self._prompt_name(query),
                 batch_size=self.batch_size,

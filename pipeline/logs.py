@@ -23,4 +23,7 @@ def setup_logging(level: str = "INFO") -> None:
         "faiss",
     ):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # pymilvus logs every failed RPC at ERROR with its whole request and a traceback: a client's 10 MB
+    # filter would be copied into the log, whole, per request. The store reports failures itself.
+    logging.getLogger("pymilvus.decorators").setLevel(logging.CRITICAL)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,26 +1,29 @@
-"""SearchService: embed → recall (dense | hybrid) → rerank → fold passages into documents → top_n.
+"""SearchService: the two use cases of Winnow, with their limits and defaults resolved once.
 
-No FastAPI here: the API, the CLI and the evaluator all call the same code.
+- ``search``: embed → recall (dense | hybrid | bm25) → rerank → fold passages into documents → top_n;
+- ``rerank``: score caller-supplied documents against a query (the Cohere-style /v1/rerank).
+
+No FastAPI here: the API, the CLI and the evaluator all call the same code, and request problems are
+raised as :mod:`pipeline.errors` exceptions that the API maps to status codes in one place.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from pipeline.config import Settings
 from pipeline.domain import Hit, join_title
 from pipeline.embedding import Embedder
+from pipeline.errors import RequestError, RerankDisabled, TooLarge
 from pipeline.rerank import Reranker
 from pipeline.store import MilvusStore
 
 RecallMode = Literal["dense", "hybrid", "bm25"]
-
-
-class RerankUnavailable(RuntimeError):
-    """Reranking was asked for but the service runs without a reranker."""
+CHARS_PER_TOKEN = 4  # for max_tokens_per_doc: a character cap first, the model then cuts exactly
 
 
 @dataclass(slots=True)
@@ -34,6 +37,22 @@ class Result:
     metadata: dict[str, Any]
     chunk: int
     rerank_score: float | None = None
+
+
+@dataclass(slots=True)
+class Ranked:
+    """One reranked document: its position in the request and P(yes)."""
+
+    index: int
+    score: float
+
+
+@dataclass(slots=True)
+class RerankResponse:
+    results: list[Ranked]
+    documents: int
+    model: str
+    rerank_ms: float
 
 
 @dataclass(slots=True)
@@ -106,14 +125,20 @@ class SearchService:
         t_start = time.perf_counter()
         top_k = top_k if top_k is not None else s.top_k
         top_n = top_n if top_n is not None else s.top_n
+        self._check_text(query, instruction)
+        _at_most("top_k", top_k, s.max_top_k, "WINNOW_MAX_TOP_K")
+        _at_most("top_n", top_n, s.max_top_n, "WINNOW_MAX_TOP_N")
+        if len(filter) > s.max_filter_chars:
+            raise RequestError(
+                f"filter is {len(filter)} characters; the limit is {s.max_filter_chars} "
+                "(WINNOW_MAX_FILTER_CHARS)",
+                kind="filter_too_long",
+            )
         if mode is None:
             mode = "hybrid" if (hybrid if hybrid is not None else s.hybrid) else "dense"
         do_rerank = rerank if rerank is not None else self.reranker is not None
         if do_rerank and self.reranker is None:
-            raise RerankUnavailable(
-                "reranking is off on this server (WINNOW_RERANK=off or no reranker model); "
-                "send rerank=false"
-            )
+            raise RerankDisabled()
         hits, embed_ms, recall_ms = await self.recall(query, top_k, mode=mode, filter=filter)
         rerank_ms = 0.0
         if do_rerank and hits:
@@ -156,3 +181,74 @@ class SearchService:
             reranked=bool(do_rerank and hits),
             mode=mode,
         )
+
+    async def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        top_n: int | None = None,
+        instruction: str | None = None,
+        truncate: bool = True,
+        max_tokens_per_doc: int | None = None,
+    ) -> RerankResponse:
+        """Score caller-supplied documents; best first, ``top_n`` kept (all when None)."""
+        s = self.settings
+        if self.reranker is None:
+            raise RerankDisabled()
+        self._check_text(query, instruction)
+        if len(documents) > s.max_documents:
+            raise TooLarge(
+                f"{len(documents)} documents; the limit is {s.max_documents} per request "
+                "(WINNOW_MAX_DOCUMENTS): split the request",
+                kind="too_many_documents",
+            )
+        if not truncate:  # refuse what the server would cut; an explicit max_tokens_per_doc cuts
+            too_long = [i for i, d in enumerate(documents) if len(d) > s.max_document_chars]
+            if too_long:
+                raise RequestError(
+                    f"documents {too_long[:10]} exceed {s.max_document_chars} characters "
+                    "(WINNOW_MAX_DOCUMENT_CHARS); shorten them or send truncate=true",
+                    kind="document_too_long",
+                )
+        limit = s.max_document_chars
+        if max_tokens_per_doc is not None:
+            limit = min(limit, max_tokens_per_doc * CHARS_PER_TOKEN)
+        t0 = time.perf_counter()
+        scores = await self.reranker.score(
+            query,
+            [d[:limit] for d in documents],
+            instruction if instruction is not None else s.rerank_instruction,
+        )
+        order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
+        if top_n is not None:
+            order = order[:top_n]
+        return RerankResponse(
+            results=[Ranked(i, float(scores[i])) for i in order],
+            documents=len(documents),
+            model=self.reranker.model,
+            rerank_ms=(time.perf_counter() - t0) * 1000,
+        )
+
+    def _check_text(self, query: str, instruction: str | None) -> None:
+        """Query and instruction have their own caps: only documents are ever cut."""
+        s = self.settings
+        if not query.strip():
+            raise RequestError("query is empty: send the text to search for", kind="empty_query")
+        if len(query) > s.max_query_chars:
+            raise RequestError(
+                f"query is {len(query)} characters; the limit is {s.max_query_chars} "
+                "(WINNOW_MAX_QUERY_CHARS)",
+                kind="query_too_long",
+            )
+        if instruction is not None and len(instruction) > s.max_instruction_chars:
+            raise RequestError(
+                f"instruction is {len(instruction)} characters; the limit is "
+                f"{s.max_instruction_chars} (WINNOW_MAX_INSTRUCTION_CHARS)",
+                kind="instruction_too_long",
+            )
+
+
+def _at_most(name: str, value: int, limit: int, setting: str) -> None:
+    if value > limit:
+        raise RequestError(f"{name} is {value}; the limit is {limit} ({setting})")

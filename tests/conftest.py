@@ -148,15 +148,21 @@ def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusSe
 
 
 class LiveServer:
-    """A real uvicorn server on a free loopback port, in a background thread."""
+    """A real uvicorn server on a free loopback port, in a background thread.
+
+    It runs with the app's own HTTP settings (header deadline, keep-alive, concurrency), as ``serve`` does.
+    """
 
     def __init__(self, app: object) -> None:
         import uvicorn
 
+        from pipeline.api.server import uvicorn_options
+
         self.port = free_port()
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        )
+        state = getattr(getattr(app, "state", None), "winnow", None)
+        options = uvicorn_options(state.settings) if state is not None else {}
+        options.update(host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(uvicorn.Config(app, **options))
         self.thread: object = None
 
     @property

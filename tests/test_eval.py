@@ -10,17 +10,16 @@ from pathlib import Path
 import pytest
 from conftest import corpus_records, write_jsonl
 
-from pipeline.config import Settings
-from pipeline.eval import (
+from evaluation import (
     DatasetError,
     EvalError,
-    add_eval_arguments,
     default_collection,
     evaluate,
     load_dataset,
     measure,
-    run_eval_cli,
 )
+from evaluation.cli import add_eval_arguments, run_eval_cli
+from pipeline.config import Settings
 
 EXTRA_DOCS = [
     {

@@ -226,7 +226,7 @@ def test_errors_show_the_server_message(page: Page, tmp_path: Path) -> None:
     page.tid("filter").fill("doc_id ===")
     page.search()
     expect(error).to_contain_text("invalid_filter")
-    expect(error).to_contain_text("invalid filter expression")
+    expect(error).to_contain_text("is not a valid expression")
     page.page.screenshot(path=str(tmp_path / "web-error.png"), full_page=True)
 
     page.tid("filter").fill('doc_id == "volcano"')
@@ -269,3 +269,20 @@ def test_api_key_prompt_and_document_text_is_not_html(
         assert pg.page.evaluate("localStorage.getItem('winnow.apiKey')") is None
     finally:
         pg.close(live)
+
+
+def test_search_from_the_url_waits_for_ready_on_a_recall_only_server(
+    browser, live: LiveServer
+) -> None:
+    """``/?q=…`` is the first thing a new user opens: it must not ask a recall-only server to rerank."""
+    from playwright.sync_api import expect
+
+    ctx = browser.new_context()
+    ctx.add_init_script(f"localStorage.setItem('winnow.apiKey', {API_KEY!r})")
+    page = ctx.new_page()
+    page.goto(live.url + "/?q=why+does+the+sea+level+rise+and+fall")
+    page.wait_for_function("Number(document.body.dataset.searches || 0) > 0")
+    expect(page.get_by_test_id("error")).to_be_hidden()
+    expect(page.get_by_test_id("result").first.get_by_test_id("doc-id")).to_have_text("tides")
+    expect(page.get_by_test_id("rerank")).to_be_disabled()
+    ctx.close()

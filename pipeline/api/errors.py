@@ -1,25 +1,32 @@
-"""The one place that maps exceptions to HTTP status codes and client-safe messages."""
+"""The one place that maps exceptions to HTTP status codes and client-safe messages.
+
+Services raise domain exceptions (:mod:`pipeline.errors`, the store's, the reranker's); routes never pick
+a status code. Internal errors are logged with a reference id and never echoed to the client.
+"""
 
 from __future__ import annotations
 
 import logging
 import uuid
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.models import ModelUnavailable
+from pipeline.errors import RequestError, RerankDisabled, TooLarge, excerpt
+from pipeline.model_files import ModelUnavailable
 from pipeline.rerank.batcher import Overloaded
-from pipeline.search import RerankUnavailable
+from pipeline.rerank.prompt import PromptTooLong
+from pipeline.runtime import CollectionMissing
 from pipeline.store import InvalidFilter, SchemaMismatch, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    """An error whose message is written for the client."""
+    """An HTTP-level condition (auth, readiness, body size) with a message written for the client."""
 
     def __init__(
         self, status: int, type_: str, message: str, headers: dict[str, str] | None = None
@@ -33,22 +40,41 @@ class NotReady(ApiError):
         super().__init__(503, "not_ready", message, {"Retry-After": "5"})
 
 
+def error_body(type_: str, message: str) -> dict[str, Any]:
+    return {"error": {"type": type_, "message": message}}
+
+
 def _json(status: int, type_: str, message: str, headers: dict[str, str] | None = None):
-    return JSONResponse(
-        {"error": {"type": type_, "message": message}}, status_code=status, headers=headers
-    )
+    return JSONResponse(error_body(type_, message), status_code=status, headers=headers)
 
 
-def to_response(exc: Exception) -> JSONResponse:
+FILTER_HELP = (
+    "filter on doc_id, chunk, title, text or metadata[...], e.g. "
+    'doc_id == "a" or metadata["lang"] == "en"'
+)
+
+
+def to_response(exc: BaseException) -> JSONResponse:
+    """Status, type and message for every exception a route can see."""
     if isinstance(exc, ApiError):
         return _json(exc.status, exc.type, exc.message, exc.headers)
+    if isinstance(exc, TooLarge):
+        return _json(413, exc.kind, exc.message)
+    if isinstance(exc, RequestError):
+        return _json(422, exc.kind, exc.message)
+    if isinstance(exc, PromptTooLong):
+        return _json(422, "prompt_too_long", str(exc))
     if isinstance(exc, Overloaded):
         retry = str(max(1, round(exc.retry_after)))
         return _json(
             429, "overloaded", "the reranker queue is full; retry later", {"Retry-After": retry}
         )
+    if isinstance(exc, RerankDisabled):
+        return _json(503, exc.kind, exc.message)
     if isinstance(exc, InvalidFilter):
-        return _json(422, "invalid_filter", str(exc))
+        expr = getattr(exc, "expression", None)  # the client's own text, quoted short
+        what = f"the filter {excerpt(expr)!r}" if expr else "the filter"
+        return _json(422, "invalid_filter", f"{what} is not a valid expression: {FILTER_HELP}")
     if isinstance(exc, StoreUnavailable):
         return _json(
             503,
@@ -56,10 +82,10 @@ def to_response(exc: Exception) -> JSONResponse:
             "the vector store (Milvus) is not reachable; retry shortly",
             {"Retry-After": "5"},
         )
+    if isinstance(exc, CollectionMissing):
+        return _json(503, "no_collection", str(exc), {"Retry-After": "30"})
     if isinstance(exc, SchemaMismatch):
         return _json(503, "collection_mismatch", str(exc))
-    if isinstance(exc, RerankUnavailable):
-        return _json(400, "rerank_unavailable", str(exc))
     if isinstance(exc, StoreError):
         return _json(502, "milvus_error", "the vector store rejected the operation; see the log")
     if isinstance(exc, ModelUnavailable):
@@ -70,10 +96,14 @@ def to_response(exc: Exception) -> JSONResponse:
 
 
 def validation_message(exc: RequestValidationError) -> str:
+    """Where and what, for at most five problems; the offending input is never echoed."""
     parts = []
-    for err in exc.errors():
+    errors = exc.errors()
+    for err in errors[:5]:
         loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-        parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
+        parts.append(f"{loc or 'body'}: {excerpt(str(err.get('msg', 'invalid')), 120)}")
+    if len(errors) > 5:
+        parts.append(f"and {len(errors) - 5} more")
     return "; ".join(parts) or "invalid request"
 
 
@@ -84,11 +114,26 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _json(exc.status_code, "http_error", str(exc.detail), getattr(exc, "headers", None))
+        return _json(
+            exc.status_code,
+            "http_error",
+            excerpt(str(exc.detail), 200),
+            getattr(exc, "headers", None),
+        )
 
     async def _mapped(_: Request, exc: Exception) -> JSONResponse:
         return to_response(exc)
 
     # specific classes are handled inside the app (no re-raise); Exception is the last resort
-    for cls in (ApiError, Overloaded, StoreError, RerankUnavailable, ModelUnavailable, Exception):
+    for cls in (
+        ApiError,
+        RequestError,
+        PromptTooLong,
+        Overloaded,
+        RerankDisabled,
+        StoreError,
+        CollectionMissing,
+        ModelUnavailable,
+        Exception,
+    ):
         app.add_exception_handler(cls, _mapped)

@@ -1,18 +1,35 @@
-"""Request/response models of the HTTP API (static shape; limits from Settings are checked in routes)."""
+"""Request/response models of the HTTP API.
+
+Types are strict (``"top_n": "5"`` or ``"rerank": 0`` are refused, not coerced). Limits that come from
+Settings (top_k, lengths, documents) are checked by SearchService and written into the OpenAPI schema by
+``pipeline/api/openapi.py``, so the schema tells the truth for the server it describes.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+
+def _json_integer(value: Any) -> Any:
+    """JSON Schema counts 2.0 as an integer; strict pydantic would not. Strings stay refused."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+PositiveInt = Annotated[int, Field(ge=1), BeforeValidator(_json_integer)]
+
+STRICT = ConfigDict(extra="forbid", strict=True)
 
 
 class SearchBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
-    query: str = Field(min_length=1, description="What to search for.")
-    top_k: int | None = Field(None, ge=1, description="Candidates recalled from Milvus.")
-    top_n: int | None = Field(None, ge=1, description="Results returned (documents).")
+    query: str = Field(min_length=1, pattern=r"\S", description="What to search for.")
+    top_k: PositiveInt | None = Field(None, description="Candidates recalled from Milvus.")
+    top_n: PositiveInt | None = Field(None, description="Results returned (documents).")
     instruction: str | None = Field(None, description="Qwen3-Reranker instruction for this query.")
     filter: str = Field("", description='Milvus filter expression, e.g. doc_id like "docs/%".')
     hybrid: bool | None = Field(None, description="Dense + BM25 (RRF) recall; default from server.")
@@ -40,22 +57,29 @@ class SearchOut(BaseModel):
 
 
 class RerankDocument(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     text: str
 
 
 class RerankBody(BaseModel):
     """Cohere v2 / Jina rerank request; documents may be strings or {"text": …} objects."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # clients send extra Cohere fields
 
-    model: str | None = None
-    query: str = Field(min_length=1)
+    model: str | None = Field(None, max_length=256, description="Ignored: this server's model.")
+    query: str = Field(
+        min_length=1, pattern=r"\S", description="What the documents are ranked for."
+    )
     documents: list[str | RerankDocument] = Field(min_length=1)
-    top_n: int | None = Field(None, ge=1)
+    top_n: PositiveInt | None = None
     return_documents: bool = False
     instruction: str | None = None
-    max_tokens_per_doc: int | None = Field(None, ge=1)
+    max_tokens_per_doc: PositiveInt | None = None
     truncate: bool = Field(True, description="Cut over-long documents (false: answer 422).")
+
+    def texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
 
 
 class RerankResult(BaseModel):
@@ -79,3 +103,29 @@ class ErrorDetail(BaseModel):
 
 class ErrorOut(BaseModel):
     error: ErrorDetail
+
+
+class ReadyOut(BaseModel):
+    ready: bool
+    models_loaded: bool
+    milvus: bool
+    collection: str | None
+    rerank: bool
+    rerank_ready: bool | None = None
+    rerank_backend: str | None
+    rerank_model: str | None
+    embed_model: str
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorOut, "description": why}
+    for code, why in {
+        400: "the body is not valid JSON / UTF-8",
+        401: "missing or wrong API key",
+        408: "the request body stalled",
+        413: "body, documents or work over the limit",
+        422: "a field is invalid or over its limit; the message says which",
+        429: "the reranker queue is full (see Retry-After)",
+        503: "Milvus, the collection, the models or the reranker are not available",
+    }.items()
+}

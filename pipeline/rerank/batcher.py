@@ -179,5 +179,20 @@ class BatchedReranker:
     ) -> list[float]:
         return await self.batcher.submit(RerankRequest(query, list(docs), instruction))
 
+    def stats(self) -> dict[str, int | float]:
+        st, engine = self.batcher.stats, self.engine
+        return {
+            "rerank_requests": st.requests,
+            "rerank_dispatches": st.dispatches,
+            "rerank_merged_dispatches": st.merged_dispatches,
+            "rerank_dropped": st.dropped,
+            "rerank_rejected": st.rejected,
+            "queue_depth": self.batcher.depth,
+            "last_dispatch_pairs": st.dispatch_sizes[-1] if st.dispatch_sizes else 0,
+            "rerank_pairs": getattr(engine, "pairs_scored", 0),
+            "rerank_tokens": getattr(engine, "tokens_scored", 0),
+            "rerank_forward_passes": getattr(engine, "forward_passes", 0),
+        }
+
     async def aclose(self) -> None:
         await self.batcher.aclose()

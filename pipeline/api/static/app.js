@@ -266,10 +266,12 @@
     search().finally(finished);
   });
 
-  checkReady();
+  // a search from the URL waits for /ready: until then the page does not know whether this server
+  // reranks, and asking a recall-only server to rerank is an error
+  const readyChecked = checkReady();
   const q = new URLSearchParams(location.search).get("q");
   if (q) {
     queryEl.value = q;
-    search().finally(finished);
+    readyChecked.finally(() => search().finally(finished));
   }
 })();

@@ -1,0 +1,11 @@
+"""The httptools protocol with the header deadline (imported only where httptools is installed)."""
+
+from __future__ import annotations
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from pipeline.api.server import _HeaderDeadline
+
+
+class GuardedHttpToolsProtocol(_HeaderDeadline, HttpToolsProtocol):
+    pass

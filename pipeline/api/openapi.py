@@ -1,0 +1,63 @@
+"""The OpenAPI document of *this* server: its limits, and bearer auth only when a key is set."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from pipeline.config import Settings
+
+
+def _limits(settings: Settings) -> dict[str, dict[str, dict[str, int]]]:
+    """schema name → property → JSON-schema keywords taken from Settings."""
+    text = {
+        "query": {"maxLength": settings.max_query_chars},
+        "instruction": {"maxLength": settings.max_instruction_chars},
+    }
+    return {
+        "SearchBody": {
+            **text,
+            "top_k": {"maximum": settings.max_top_k},
+            "top_n": {"maximum": settings.max_top_n},
+            "filter": {"maxLength": settings.max_filter_chars},
+        },
+        "RerankBody": {**text, "documents": {"maxItems": settings.max_documents}},
+    }
+
+
+def _apply(prop: dict[str, Any], extra: dict[str, int]) -> None:
+    """Put the keywords on the property, or on each non-null branch of an ``anyOf``."""
+    branches = [b for b in prop.get("anyOf", [prop]) if b.get("type") != "null"]
+    for b in branches:
+        b.update(extra)
+
+
+def install(app: FastAPI, settings: Settings) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        doc = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        schemas = doc.get("components", {}).get("schemas", {})
+        for name, props in _limits(settings).items():
+            for prop, extra in props.items():
+                if name in schemas and prop in schemas[name].get("properties", {}):
+                    _apply(schemas[name]["properties"][prop], extra)
+        for path, ops in doc.get("paths", {}).items():
+            for op in ops.values():
+                if settings.api_key is None or not path.startswith(("/v1/", "/v2/")):
+                    op.get("responses", {}).pop("401", None)
+                else:
+                    op["security"] = [{"bearer": []}]
+        if settings.api_key is not None:
+            doc["components"].setdefault("securitySchemes", {})["bearer"] = {
+                "type": "http",
+                "scheme": "bearer",
+            }
+        app.openapi_schema = doc
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,100 @@
+"""What the routes share: the runtime (services), metrics, readiness. Built once per app."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.api.errors import NotReady
+from pipeline.api.metrics import Metrics
+from pipeline.config import Settings
+from pipeline.runtime import CollectionMissing, Runtime
+from pipeline.search import SearchService
+from pipeline.store import StoreError
+
+READY_TIMEOUT_S = 1.0  # /ready answers within about this, whatever Milvus or a remote reranker does
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    runtime: Runtime
+    metrics: Metrics = field(init=False)
+    started: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(self.stats)
+
+    @property
+    def service(self) -> SearchService:
+        """The service, once models are loaded (503 before: the lifespan is still loading them)."""
+        if not self.runtime.loaded:
+            raise NotReady("models are still loading")
+        return self.runtime.service
+
+    async def checked_service(self) -> SearchService:
+        """The service for a recall: the collection exists and was built by this embedding model."""
+        service = self.service
+        await asyncio.to_thread(self.runtime.check_collection)
+        return service
+
+    def stats(self) -> dict[str, Any]:
+        """Reranker counters for /metrics, from whichever backend runs (empty when off)."""
+        reranker = self.runtime.reranker
+        out: dict[str, Any] = dict(reranker.stats()) if reranker is not None else {}
+        out.update(gpu_stats(self.settings))
+        return out
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Models loaded, Milvus answering, collection usable, remote reranker healthy; ≤ ~1 s."""
+        rt = self.runtime
+        milvus = collection = None
+        if rt.loaded:
+            milvus = await _bounded(asyncio.to_thread(rt.store.ping), False)
+            if milvus:
+                collection = await _bounded(asyncio.to_thread(_collection_state, rt), "timeout")
+        reranker = rt.reranker
+        rerank_ok = True
+        health = getattr(reranker, "health", None)
+        if health is not None:
+            rerank_ok = bool(await _bounded(health(), False))
+        ok = bool(rt.loaded and milvus and rerank_ok)
+        body = {
+            "ready": ok,
+            "models_loaded": rt.loaded,
+            "milvus": bool(milvus),
+            "collection": collection,
+            "rerank": reranker is not None,
+            "rerank_ready": rerank_ok if reranker is not None else None,
+            "rerank_backend": reranker.backend if reranker is not None else None,
+            "rerank_model": reranker.model if reranker is not None else None,
+            "embed_model": self.settings.embed_model,
+            **gpu_stats(self.settings),
+        }
+        return ok, body
+
+
+def _collection_state(rt: Runtime) -> str:
+    try:
+        rt.check_collection()
+    except (CollectionMissing, StoreError) as exc:
+        return str(exc)
+    return "ok"
+
+
+async def _bounded(work: Any, default: Any) -> Any:
+    try:
+        return await asyncio.wait_for(work, READY_TIMEOUT_S)
+    except (TimeoutError, asyncio.TimeoutError):
+        return default
+
+
+def gpu_stats(settings: Settings) -> dict[str, Any]:
+    """GPU memory and utilisation when the reranker runs on CUDA (empty elsewhere)."""
+    try:
+        from pipeline.rerank.gpu import gpu_stats as read
+    except ImportError:
+        return {}
+    return read(settings.rerank_device)

@@ -1,0 +1,127 @@
+"""The composition root: the one place that builds Winnow's services from ``Settings``.
+
+The API lifespan, every CLI command, the evaluator and the ingest job get their embedder, store and
+reranker from here, so they load the same way, apply the same collection/model rule, and close in the same
+order. Nothing else constructs these objects (tests and benchmarks aside).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pipeline.config import Settings
+
+if TYPE_CHECKING:
+    from pipeline.embedding import Embedder
+    from pipeline.rerank import Reranker
+    from pipeline.search import SearchService
+    from pipeline.store import MilvusStore
+
+log = logging.getLogger(__name__)
+
+
+class CollectionMissing(RuntimeError):
+    """The collection does not exist (or is empty): nothing has been ingested yet."""
+
+
+def build_embedder(settings: Settings) -> Embedder:
+    """The configured embedder, not yet loaded (``load()`` reads the weights)."""
+    from pipeline.embedding import Embedder
+
+    return Embedder(
+        settings.embed_model, device=settings.embed_device, batch_size=settings.embed_batch_size
+    )
+
+
+def open_store(settings: Settings, collection: str | None = None) -> MilvusStore:
+    """A store handle on ``collection`` (default ``WINNOW_COLLECTION``); connects lazily."""
+    from pipeline.store import MilvusStore
+
+    return MilvusStore.from_settings(settings, collection)
+
+
+def load_reranker(settings: Settings) -> Reranker | None:
+    """The loaded reranker, or None when ``WINNOW_RERANK=off``; missing weights fail fast."""
+    if not settings.rerank:
+        return None
+    from pipeline.model_files import resolve_model
+    from pipeline.rerank import build_reranker, pick_backend
+
+    path = None
+    if pick_backend(settings) != "remote":  # a remote reranker has no local weights
+        path = resolve_model(settings.rerank_model, what="reranker", setting="WINNOW_RERANK_MODEL")
+    reranker = build_reranker(settings, model_path=path)
+    reranker.load()
+    return reranker
+
+
+@dataclass
+class Runtime:
+    """Embedder + store + reranker + the SearchService over them, with one close order.
+
+    Construction is cheap; :meth:`load` loads the models (call it off the event loop). Objects passed in
+    are used as they are and are not closed here (tests share one model across many runtimes).
+    """
+
+    settings: Settings
+    collection: str | None = None
+    embedder: Embedder = None  # type: ignore[assignment]
+    store: MilvusStore = None  # type: ignore[assignment]
+    reranker: Reranker | None = None
+    loaded: bool = False
+    _owns_reranker: bool = field(default=True, repr=False)
+    _collection_checked: bool = field(default=False, repr=False)
+    _service: SearchService | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.embedder is None:
+            self.embedder = build_embedder(self.settings)
+        if self.store is None:
+            self.store = open_store(self.settings, self.collection)
+        if self.reranker is not None:
+            self._owns_reranker = False
+
+    @property
+    def service(self) -> SearchService:
+        if self._service is None:
+            from pipeline.search import SearchService
+
+            self._service = SearchService(self.settings, self.embedder, self.store, self.reranker)
+        return self._service
+
+    def load(self, *, reranker: bool = True) -> Runtime:
+        """Load the embedder and (when on and not given) the reranker; idempotent."""
+        self.embedder.load()
+        if reranker and self.reranker is None and self.settings.rerank:
+            self.reranker = load_reranker(self.settings)
+            self._owns_reranker = True
+            self.service.reranker = self.reranker
+        self.loaded = True
+        return self
+
+    def check_collection(self) -> None:
+        """Refuse a missing collection or one built by another embedding model; cached once it passes.
+
+        The same rule, with the same message, for the API, ``python -m pipeline search`` and the
+        evaluator (the ingest job applies it when it creates or extends a collection).
+        """
+        if self._collection_checked:
+            return
+        model, dim = self.store.open()
+        if model is None:
+            raise CollectionMissing(
+                f"collection {self.store.collection!r} does not exist yet at "
+                f"{self.settings.milvus_uri}: ingest documents first (python -m ingest PATH)"
+            )
+        self.store.check_model(model, dim, self.settings.embed_model, self.embedder.dim)
+        self._collection_checked = True
+
+    async def aclose(self) -> None:
+        """Close in reverse order of use: reranker (drains its queue), then the store."""
+        import asyncio
+
+        if self.reranker is not None and self._owns_reranker:
+            await self.reranker.aclose()
+        await asyncio.to_thread(self.store.close)
