@@ -31,7 +31,8 @@ def test_schemathesis_all_checks(tmp_path: Path, sample_db, embedder, tiny_engin
     with LiveServer(app) as server:
         proc = subprocess.run(
             [
-                *(exe, "run", f"{server.url}/openapi.json", "--checks", "all"),
+                *(exe, "--config-file", f"{HERE}/schemathesis.toml", "run"),
+                *(f"{server.url}/openapi.json", "--checks", "all"),
                 *("--max-examples", str(EXAMPLES), "--seed", "7", "--request-timeout", "60"),
                 *("-H", "Authorization: Bearer st-key", "--no-color"),
             ],
