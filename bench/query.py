@@ -12,6 +12,14 @@ forward call (the baseline for the cross-request batching ratio).
 
     python bench/query.py --db data/scifact.db --reranker qwen3-0.6b-random --top-k 10 \
         --queries 24 --concurrency 1,8
+
+``--remote-hop`` measures instead what the remote backend adds: the same query and 20 SciFact
+documents scored by the local backend (in process) and by the remote backend pointed at a local
+Winnow (another process) serving that same backend on loopback, interleaved; it reports both
+latencies and the paired difference (p50/p95), once with an engine that answers instantly (the hop
+alone) and once with the model (use the tiny one so model time does not drown the hop):
+
+    python bench/query.py --remote-hop --reranker tiny --hop-docs 20 --hop-iters 300
 """
 
 from __future__ import annotations
@@ -95,9 +103,140 @@ def summarize(records: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     return out
 
 
+def load_docs(n: int) -> list[str]:
+    out = []
+    with (SCIFACT / "corpus.jsonl").open() as fh:
+        for line in fh:
+            rec = json.loads(line)
+            out.append(f"{rec.get('title', '')}\n{rec['text']}".strip())
+            if len(out) >= n:
+                break
+    return out
+
+
+class NullEngine:
+    """Answers instantly: what is left of a remote call is the hop itself (HTTP, JSON, the route)."""
+
+    pairs_scored = tokens_scored = forward_passes = 0
+    dtype = device = "none"
+
+    def load(self) -> None:
+        pass
+
+    def score_requests(self, requests: Any) -> list[list[float]]:
+        return [[0.5] * len(r.docs) for r in requests]
+
+
+def make_engine(kind: str, model: str, dtype: str) -> Any:
+    if kind == "null":
+        return NullEngine()
+    from pipeline.rerank.hf import HFEngine
+
+    engine = HFEngine(model, dtype=dtype)
+    engine.load()
+    return engine
+
+
+def serve_remote(port: int, kind: str, model: str, dtype: str, max_wait_ms: float, db: str) -> None:
+    """The remote Winnow, in its own process (as a remote is): /v1/rerank over ``kind``."""
+    import uvicorn
+
+    from pipeline.api import create_app
+    from pipeline.config import Settings
+    from pipeline.logs import setup_logging
+    from pipeline.rerank.batcher import BatchedReranker, MicroBatcher
+
+    setup_logging("WARNING")
+    engine = make_engine(kind, model, dtype)
+    batcher = MicroBatcher(engine, max_wait_ms=max_wait_ms, queue_size=1024)
+    settings = Settings(milvus_uri=db, rerank_model=model, embed_device="cpu")
+    app = create_app(settings, reranker=BatchedReranker(engine, "bench", batcher))
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+async def measure_hop(
+    local: Any, remote: Any, queries: list[str], docs: list[str], iters: int, warmup: int
+) -> tuple[list[float], list[float]]:
+    """Milliseconds per call, local then remote on the same inputs, interleaved."""
+    loc: list[float] = []
+    rem: list[float] = []
+    try:
+        for i in range(warmup + iters):
+            q = queries[i % len(queries)]
+            t0 = time.perf_counter()
+            a = await local.score(q, docs)
+            t1 = time.perf_counter()
+            b = await remote.score(q, docs)
+            t2 = time.perf_counter()
+            assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4
+            if i >= warmup:
+                loc.append((t1 - t0) * 1000)
+                rem.append((t2 - t1) * 1000)
+    finally:
+        await remote.aclose()
+        await local.aclose()
+    return loc, rem
+
+
+def remote_hop(args: argparse.Namespace) -> dict[str, Any]:
+    """Local backend vs remote backend → a local Winnow in another process (loopback), same
+    inputs, interleaved; once with an instant engine (the hop alone) and once with the model."""
+    import multiprocessing
+    import tempfile
+
+    from conftest import free_port, wait_port
+
+    from pipeline.rerank.batcher import BatchedReranker, MicroBatcher
+    from pipeline.rerank.remote import RemoteReranker
+
+    model = reranker_dir(args.reranker)
+    docs = load_docs(args.hop_docs)
+    queries = load_queries(max(args.queries, 8))
+    out: dict[str, Any] = {"reranker": args.reranker, "documents": len(docs), "runs": {}}
+    for kind, iters in (("null", args.hop_iters), ("model", args.hop_model_iters)):
+        if iters <= 0:
+            continue
+        port = free_port()
+        db = str(Path(tempfile.mkdtemp()) / "hop.db")
+        ctx = multiprocessing.get_context("spawn")
+        proc = ctx.Process(
+            target=serve_remote, args=(port, kind, model, args.dtype, args.max_wait_ms, db)
+        )
+        proc.start()
+        try:
+            wait_port(port, timeout=300)
+            engine = make_engine(kind, model, args.dtype)
+            batcher = MicroBatcher(engine, max_wait_ms=args.max_wait_ms, queue_size=1024)
+            local = BatchedReranker(engine, "bench", batcher)
+            remote = RemoteReranker(f"http://127.0.0.1:{port}/v1/rerank", model="bench")
+
+            loc, rem = asyncio.run(
+                measure_hop(local, remote, queries, docs, iters, args.hop_warmup)
+            )
+        finally:
+            proc.terminate()
+            proc.join(30)
+        added = [r - lo for r, lo in zip(rem, loc, strict=True)]
+        run = {
+            "engine": kind if kind == "null" else f"{args.reranker} ({engine.dtype})",
+            "iterations": len(loc),
+            "local_p50_ms": round(pct(loc, 0.5), 3),
+            "local_p95_ms": round(pct(loc, 0.95), 3),
+            "remote_p50_ms": round(pct(rem, 0.5), 3),
+            "remote_p95_ms": round(pct(rem, 0.95), 3),
+            "added_p50_ms": round(pct(added, 0.5), 3),
+            "added_p95_ms": round(pct(added, 0.95), 3),
+            "remote_calls": remote.stats()["remote_calls"],
+            "remote_retries": remote.stats()["remote_retries"],
+        }
+        out["runs"][kind] = run
+        print(kind, json.dumps(run), flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--db", required=True, help="Milvus Lite file (or server URI) holding SciFact")
+    ap.add_argument("--db", help="Milvus Lite file (or server URI) holding SciFact")
     ap.add_argument("--collection", default="winnow")
     ap.add_argument("--reranker", default="qwen3-0.6b-random")
     ap.add_argument("--dtype", default="auto")
@@ -109,7 +248,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-wait-ms", type=float, default=2.0)
     ap.add_argument("--no-batching", action="store_true", help="one request per engine call")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--remote-hop", action="store_true", help="measure the remote backend's hop")
+    ap.add_argument("--hop-docs", type=int, default=20)
+    ap.add_argument("--hop-iters", type=int, default=300, help="with the instant engine")
+    ap.add_argument("--hop-model-iters", type=int, default=60, help="with the model")
+    ap.add_argument("--hop-warmup", type=int, default=20)
     args = ap.parse_args(argv)
+    if args.remote_hop:
+        out = remote_hop(args)
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=1))
+        return 0
+    if args.db is None:
+        ap.error("--db is required (except with --remote-hop)")
 
     from conftest import LiveServer
 

@@ -70,7 +70,9 @@ class Settings(BaseSettings):
     # --- Reranker -------------------------------------------------------------------------------
     rerank: bool = Field(True, description="on / off: rerank recalled candidates.")
     rerank_model: str = Field(DEFAULT_RERANK_MODEL, description="Hub id or local directory.")
-    rerank_backend: Literal["auto", "hf", "vllm"] = Field("auto", description="auto, hf, vllm.")
+    rerank_backend: Literal["auto", "hf", "vllm", "remote"] = Field(
+        "auto", description="auto, hf, vllm, remote (a /rerank server at WINNOW_RERANK_URL)."
+    )
     rerank_device: str = Field("auto", description="auto, cpu, cuda, cuda:1 …")
     rerank_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto = bf16 on GPU / CPUs with bf16 support, else fp32."
@@ -95,6 +97,34 @@ class Settings(BaseSettings):
     )
     rerank_queue_size: int = Field(
         64, ge=1, description="Requests waiting for the reranker before 429."
+    )
+    rerank_url: str | None = Field(
+        None,
+        description="remote backend: the rerank endpoint, e.g. http://reranker:8000/rerank or "
+        "another Winnow's http://host:8000/v1/rerank; a comma-separated list = several "
+        "rerankers (least busy first).",
+    )
+    rerank_api_key: SecretStr | None = Field(
+        None, description="remote backend: Bearer key sent to the rerank server."
+    )
+    rerank_remote_model: str | None = Field(
+        None, description="remote backend: the `model` field sent (unset = not sent)."
+    )
+    rerank_remote_format: Literal["winnow", "cohere", "qwen3-formatted"] = Field(
+        "winnow",
+        description="remote backend: how the instruction travels. winnow = `instruction` field "
+        "(Winnow's /v1/rerank); qwen3-formatted = query/documents pre-formatted with the Qwen3 "
+        "template (vllm serve without --chat-template); cohere = plain query/documents "
+        "(default instruction only).",
+    )
+    rerank_remote_timeout: float = Field(
+        10.0, gt=0, description="remote backend: seconds per rerank call, retries included."
+    )
+    rerank_remote_max_documents: int = Field(
+        128, ge=1, description="remote backend: documents per HTTP call (longer lists are split)."
+    )
+    rerank_remote_retries: int = Field(
+        3, ge=0, description="remote backend: retries on connection errors, 429, 502-504."
     )
     vllm_gpu_memory_utilization: float = Field(
         0.5, gt=0, le=1, description="Fraction of GPU memory vLLM may take."
@@ -133,7 +163,7 @@ class Settings(BaseSettings):
 
     log_level: str = Field("INFO", description="Python logging level.")
 
-    @field_validator("milvus_token", "api_key", mode="before")
+    @field_validator("milvus_token", "api_key", "rerank_api_key", mode="before")
     @classmethod
     def _empty_is_unset(cls, v: Any) -> Any:
         return None if v == "" else v

@@ -1,7 +1,8 @@
 """Reranking: the Reranker protocol and ``build_reranker(settings)``.
 
-Backends: ``hf`` (transformers, CPU or GPU, behind the cross-request micro-batcher) and ``vllm`` (GPU; it
-batches itself). Heavy imports (torch, transformers, vllm) happen inside the backends, never here.
+Backends: ``hf`` (transformers, CPU or GPU, behind the cross-request micro-batcher), ``vllm`` (GPU; it
+batches itself) and ``remote`` (any /rerank HTTP server). Heavy imports (torch, transformers, vllm,
+httpx) happen inside the backends, never here.
 """
 
 from __future__ import annotations
@@ -21,6 +22,34 @@ class RerankRequest:
     query: str
     docs: Sequence[str]
     instruction: str | None = None
+
+
+class RerankerUnavailable(RuntimeError):
+    """The reranker could not answer within the call's deadline (answered 503, with Retry-After).
+
+    Raised by the remote backend when the server is unreachable or overloaded past its retries;
+    the next call tries again, so service recovers by itself once the reranker is back.
+    """
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RerankerError(RuntimeError):
+    """The remote reranker refused a request (4xx other than 429) or sent an invalid answer (502).
+
+    Not retried: the same request would fail the same way. ``status`` is the remote's HTTP status
+    (None for an invalid answer).
+    """
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class InstructionNotSupported(ValueError):
+    """A custom instruction was asked of a remote that cannot carry one (answered 422)."""
 
 
 @runtime_checkable
@@ -74,6 +103,10 @@ def pick_backend(settings: Settings) -> str:
 def build_reranker(settings: Settings, model_path: str | None = None) -> Reranker:
     """The configured backend, not yet loaded (call ``load()`` off the event loop)."""
     model = model_path if model_path is not None else settings.rerank_model
+    if settings.rerank_backend == "remote":
+        from pipeline.rerank.remote import RemoteReranker
+
+        return RemoteReranker.from_settings(settings)
     if pick_backend(settings) == "vllm":
         from pipeline.rerank.vllm import VLLMReranker
 

@@ -1,0 +1,488 @@
+"""Remote reranking: any ``/rerank`` HTTP server as the reranking stage (backend ``remote``).
+
+Speaks the Cohere v2 / Jina request shape that ``vllm serve``, Cohere, Jina and Winnow's own
+``/v1/rerank`` share: ``{model?, query, documents, top_n}`` → ``{results: [{index, relevance_score}]}``.
+How the Qwen3 instruction travels is the ``format`` (``WINNOW_RERANK_REMOTE_FORMAT``):
+
+- ``winnow``: raw query and documents plus an ``instruction`` field (Winnow's ``/v1/rerank``), so the
+  remote builds the card's prompt itself — exact for every instruction.
+- ``qwen3-formatted``: the query side is ``format_query`` (prefix + instruction + query) and each
+  document ``format_document`` (document + suffix), as in the model card's vLLM example. ``vllm serve``
+  started *without* ``--chat-template`` scores the concatenation of the two sides, which is exactly
+  ``format_pair`` — exact for every instruction (documents must fit the server's ``--max-model-len``:
+  the server does not cut them the way the card does).
+- ``cohere``: raw query and documents only. The remote applies its own template (``vllm serve
+  --chat-template qwen3_reranker.jinja``), which knows only the default instruction, so a custom
+  instruction is refused (:class:`InstructionNotSupported`) rather than silently dropped.
+
+One pooled ``httpx.AsyncClient`` per event loop; every ``score()`` call has one deadline
+(``WINNOW_RERANK_REMOTE_TIMEOUT``) that bounds its retries too. Connection errors, 429 and 502-504
+are retried with exponential backoff and jitter (429/503 honour ``Retry-After``); past the deadline
+or the retries the call raises :class:`RerankerUnavailable`. Other 4xx raise :class:`RerankerError`
+at once. Long candidate lists go out as concurrent calls of at most ``max_documents`` documents,
+and answers are mapped back by ``index`` and validated (each index exactly once, finite scores).
+Several URLs (comma-separated) are used least-busy first; one that fails is avoided until its
+backoff or ``Retry-After`` has passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import math
+import random
+import time
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+from pipeline.rerank import InstructionNotSupported, RerankerError, RerankerUnavailable
+from pipeline.rerank.prompt import (
+    DEFAULT_INSTRUCTION,
+    format_document,
+    format_query,
+    resolve_instruction,
+)
+
+if TYPE_CHECKING:
+    from pipeline.config import Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RemoteFormat = Literal["winnow", "cohere", "qwen3-formatted"]
+FORMATS: tuple[str, ...] = get_args(RemoteFormat)
+RETRY_STATUS = frozenset({429, 502, 503, 504})
+BACKOFF_BASE_S = 0.05
+BACKOFF_CAP_S = 2.0
+HEALTH_TIMEOUT_S = 2.0
+
+
+def split_urls(urls: str | Sequence[str]) -> list[str]:
+    """``"a, b"`` or ``["a", "b"]`` → validated http(s) URLs (at least one)."""
+    items = urls.split(",") if isinstance(urls, str) else list(urls)
+    out = [u.strip() for u in items if u.strip()]
+    if not out:
+        raise ValueError(
+            "the remote reranker needs WINNOW_RERANK_URL (e.g. http://host:8000/rerank)"
+        )
+    for url in out:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"WINNOW_RERANK_URL: {url!r} is not an http(s) URL")
+    return out
+
+
+def health_url(url: str) -> str:
+    """``http://h:p/any/path`` → ``http://h:p/health`` (vllm serve and Winnow both answer there)."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/health", "", ""))
+
+
+def build_payload(
+    fmt: str,
+    query: str,
+    docs: Sequence[str],
+    instruction: str | None = None,
+    model: str | None = None,
+) -> dict[str, Any]:
+    """The request body for one call; the prompt strings come from :mod:`pipeline.rerank.prompt`."""
+    body: dict[str, Any]
+    if fmt == "winnow":
+        body = {
+            "query": query,
+            "documents": list(docs),
+            "instruction": resolve_instruction(instruction),
+        }
+    elif fmt == "qwen3-formatted":
+        body = {
+            "query": format_query(query, instruction),
+            "documents": [format_document(d) for d in docs],
+        }
+    elif fmt == "cohere":
+        if resolve_instruction(instruction) != DEFAULT_INSTRUCTION:
+            raise InstructionNotSupported(
+                "this reranker (WINNOW_RERANK_REMOTE_FORMAT=cohere) takes no instruction: only the "
+                "default one can be scored; use the format winnow or qwen3-formatted for custom "
+                "instructions"
+            )
+        body = {"query": query, "documents": list(docs)}
+    else:
+        raise ValueError(f"unknown remote format {fmt!r}; expected one of {FORMATS}")
+    body["top_n"] = len(docs)  # every score back (Cohere and vLLM default to all, Jina may not)
+    if model is not None:
+        body["model"] = model
+    return body
+
+
+def parse_results(payload: Any, n_docs: int) -> list[float]:
+    """Scores in input order from ``{results: [{index, relevance_score, …}]}``, in any order.
+
+    Every index must appear exactly once and every score be a finite number; anything else is a
+    :class:`RerankerError` (a server answering for other documents must never reorder ours).
+    """
+    results = payload.get("results") if isinstance(payload, dict) else None
+    if not isinstance(results, list):
+        raise RerankerError("the rerank server's answer has no `results` list")
+    scores: list[float | None] = [None] * n_docs
+    for item in results:
+        idx = item.get("index") if isinstance(item, dict) else None
+        score = item.get("relevance_score") if isinstance(item, dict) else None
+        if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < n_docs:
+            raise RerankerError(f"the rerank server answered index {idx!r} for {n_docs} documents")
+        if scores[idx] is not None:
+            raise RerankerError(f"the rerank server answered index {idx} twice")
+        if (
+            not isinstance(score, (int, float))
+            or isinstance(score, bool)
+            or not math.isfinite(score)
+        ):
+            raise RerankerError(f"the rerank server answered score {score!r} for index {idx}")
+        scores[idx] = float(score)
+    missing = [i for i, s in enumerate(scores) if s is None]
+    if missing:
+        raise RerankerError(
+            f"the rerank server left out {len(missing)} of {n_docs} documents (e.g. {missing[:5]})"
+        )
+    return [s for s in scores if s is not None]
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """``Retry-After`` as seconds (delta-seconds or an HTTP date); None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def backoff(failures: int) -> float:
+    """Exponential backoff with jitter: half fixed, half random, capped."""
+    step = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** max(0, failures - 1))
+    return step / 2 + random.uniform(0, step / 2)
+
+
+def describe_refusal(resp: httpx.Response, url: str, model: str | None) -> str:
+    """An operator-facing message for a 4xx (it names the URL and settings to fix)."""
+    detail = ""
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        err = body.get("error")
+        msg = err.get("message") if isinstance(err, dict) else err
+        msg = msg if msg is not None else body.get("message", body.get("detail"))
+        detail = str(msg)[:300] if msg is not None else ""
+    hint = {
+        401: "the key was refused (WINNOW_RERANK_API_KEY)",
+        403: "the key was refused (WINNOW_RERANK_API_KEY)",
+        404: f"no rerank endpoint there, or unknown model {model!r} (WINNOW_RERANK_URL, "
+        "WINNOW_RERANK_REMOTE_MODEL)",
+        413: "too many documents per call (lower WINNOW_RERANK_REMOTE_MAX_DOCUMENTS)",
+    }.get(resp.status_code, "the request was refused")
+    return f"rerank server {url} answered {resp.status_code}: {hint}" + (
+        f" ({detail})" if detail else ""
+    )
+
+
+@dataclass
+class Endpoint:
+    """One rerank URL and what this process knows about it."""
+
+    url: str
+    inflight: int = 0
+    failures: int = 0  # consecutive
+    down_until: float = 0.0  # monotonic; skipped (or waited for) until then
+
+    @property
+    def health_url(self) -> str:
+        return health_url(self.url)
+
+    def failed(self, wait: float | None = None) -> None:
+        self.failures += 1
+        self.down_until = time.monotonic() + (wait if wait is not None else backoff(self.failures))
+
+    def succeeded(self) -> None:
+        self.failures, self.down_until = 0, 0.0
+
+
+async def _all_or_cancel(aws: Sequence[Awaitable[T]]) -> list[T]:
+    """Like ``gather``, but the first failure cancels the other calls instead of leaving them running."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in done:
+            if t.exception() is not None:
+                raise t.exception()  # type: ignore[misc]
+        return [t.result() for t in tasks]
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class RemoteReranker:
+    """The Reranker protocol over HTTP; see the module docstring for formats, retries and limits."""
+
+    backend = "remote"
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        *,
+        model: str,
+        remote_model: str | None = None,
+        api_key: str | None = None,
+        fmt: str = "winnow",
+        timeout: float = 10.0,
+        max_documents: int = 128,
+        retries: int = 3,
+        max_concurrency: int = 8,
+        health_timeout: float = HEALTH_TIMEOUT_S,
+    ) -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f"WINNOW_RERANK_REMOTE_FORMAT: {fmt!r} is not one of {FORMATS}")
+        self.endpoints = [Endpoint(u) for u in split_urls(urls)]
+        self.model = model
+        self.remote_model = remote_model
+        self.format = fmt
+        self.timeout = timeout
+        self.max_documents = max(1, max_documents)
+        self.retries = max(0, retries)
+        self.max_concurrency = max(1, max_concurrency)
+        self.health_timeout = min(health_timeout, timeout)
+        self._api_key = api_key
+        self._client: httpx.AsyncClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._rr = 0
+        self._counters = dict.fromkeys(
+            (
+                "rerank_requests",
+                "rerank_pairs",
+                "remote_calls",
+                "remote_retries",
+                "remote_errors",
+                "remote_unavailable",
+                "remote_latency_seconds_count",
+            ),
+            0,
+        )
+        self._latency_sum = 0.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RemoteReranker:
+        if settings.rerank_url is None:
+            raise ValueError(
+                "WINNOW_RERANK_BACKEND=remote needs WINNOW_RERANK_URL "
+                "(e.g. http://reranker:8000/v1/rerank or another Winnow's /v1/rerank)"
+            )
+        key = settings.rerank_api_key
+        remote_model = settings.rerank_remote_model
+        return cls(
+            settings.rerank_url,
+            model=remote_model if remote_model is not None else settings.rerank_model,
+            remote_model=remote_model,
+            api_key=key.get_secret_value() if key is not None else None,
+            fmt=settings.rerank_remote_format,
+            timeout=settings.rerank_remote_timeout,
+            max_documents=settings.rerank_remote_max_documents,
+            retries=settings.rerank_remote_retries,
+        )
+
+    @property
+    def urls(self) -> list[str]:
+        return [e.url for e in self.endpoints]
+
+    def load(self) -> None:
+        """Nothing to load: the client is created in the event loop that first uses it."""
+        log.info(
+            "remote reranker: %s (format %s, %.1fs deadline, %d documents per call)",
+            ", ".join(self.urls),
+            self.format,
+            self.timeout,
+            self.max_documents,
+        )
+
+    def _http(self) -> httpx.AsyncClient:
+        """The pooled client of the running loop (a new loop, e.g. a second ``asyncio.run``, gets
+        its own: a client cannot outlive the loop its connections belong to)."""
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop or self._client.is_closed:
+            headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+            self._client = httpx.AsyncClient(
+                headers=headers,
+                timeout=httpx.Timeout(self.timeout),
+                limits=httpx.Limits(max_connections=100, max_keepalive_connections=32),
+            )
+            self._loop = loop
+        return self._client
+
+    def _pick(self) -> tuple[Endpoint, float]:
+        """(endpoint, seconds to wait): the least busy one that is up, round-robin among equals;
+        when all are backing off, the one that comes back first."""
+        now = time.monotonic()
+        n = len(self.endpoints)
+        up = [i for i, e in enumerate(self.endpoints) if e.down_until <= now]
+        if up:
+            best = min(up, key=lambda i: (self.endpoints[i].inflight, (i - self._rr) % n))
+            self._rr = (best + 1) % n
+            return self.endpoints[best], 0.0
+        ep = min(self.endpoints, key=lambda e: e.down_until)
+        return ep, ep.down_until - now
+
+    async def score(
+        self, query: str, docs: Sequence[str], instruction: str | None = None
+    ) -> list[float]:
+        if not docs:
+            return []
+        m = self.max_documents
+        # built up front: an unsupported instruction is refused before any network call
+        payloads = [
+            (
+                build_payload(self.format, query, docs[i : i + m], instruction, self.remote_model),
+                len(docs[i : i + m]),
+            )
+            for i in range(0, len(docs), m)
+        ]
+        self._counters["rerank_requests"] += 1
+        self._counters["rerank_pairs"] += len(docs)
+        deadline = time.monotonic() + self.timeout
+        client = self._http()
+        gate = asyncio.Semaphore(self.max_concurrency)
+
+        async def one(payload: dict[str, Any], n: int) -> list[float]:
+            async with gate:
+                return await self._call(client, payload, n, deadline)
+
+        try:
+            parts = await asyncio.wait_for(
+                _all_or_cancel([one(p, n) for p, n in payloads]), self.timeout
+            )
+        except asyncio.TimeoutError:
+            self._counters["remote_unavailable"] += 1
+            raise RerankerUnavailable(
+                f"the rerank server did not answer within {self.timeout:g}s "
+                "(WINNOW_RERANK_REMOTE_TIMEOUT)",
+                retry_after=1.0,
+            ) from None
+        except RerankerUnavailable:
+            self._counters["remote_unavailable"] += 1
+            raise
+        return [s for part in parts for s in part]
+
+    async def _call(
+        self, client: httpx.AsyncClient, payload: dict[str, Any], n: int, deadline: float
+    ) -> list[float]:
+        """One chunk, with retries; raises RerankerUnavailable when out of retries or time."""
+        attempt = 0
+        last = "no attempt made"
+        while True:
+            ep, wait = self._pick()
+            remaining = deadline - time.monotonic()
+            if wait >= remaining:
+                raise RerankerUnavailable(
+                    f"rerank server unavailable ({last}); the next try would miss the "
+                    f"{self.timeout:g}s deadline",
+                    retry_after=max(1.0, wait),
+                )
+            if wait > 0:
+                await asyncio.sleep(wait)
+                remaining = deadline - time.monotonic()
+            ep.inflight += 1
+            self._counters["remote_calls"] += 1
+            t0 = time.perf_counter()
+            try:
+                resp = await client.post(ep.url, json=payload, timeout=httpx.Timeout(remaining))
+            except httpx.TransportError as exc:  # connect/read/write errors and timeouts
+                self._counters["remote_errors"] += 1
+                ep.failed()
+                last = f"{ep.url}: {type(exc).__name__}"
+            else:
+                self._counters["remote_latency_seconds_count"] += 1
+                self._latency_sum += time.perf_counter() - t0
+                if resp.status_code == 200:
+                    ep.succeeded()
+                    try:
+                        data = resp.json()
+                    except ValueError:
+                        self._counters["remote_errors"] += 1
+                        raise RerankerError(f"rerank server {ep.url} answered non-JSON") from None
+                    try:
+                        return parse_results(data, n)
+                    except RerankerError:
+                        self._counters["remote_errors"] += 1
+                        raise
+                self._counters["remote_errors"] += 1
+                if resp.status_code not in RETRY_STATUS:
+                    raise RerankerError(
+                        describe_refusal(resp, ep.url, self.remote_model), resp.status_code
+                    )
+                ep.failed(parse_retry_after(resp.headers.get("retry-after")))
+                last = f"{ep.url} answered {resp.status_code}"
+            finally:
+                ep.inflight -= 1
+            if attempt >= self.retries:
+                raise RerankerUnavailable(
+                    f"rerank server unavailable after {attempt + 1} attempts ({last})",
+                    retry_after=max(1.0, ep.down_until - time.monotonic()),
+                )
+            attempt += 1
+            self._counters["remote_retries"] += 1
+            log.debug("rerank retry %d: %s", attempt, last)
+
+    async def health(self) -> bool:
+        """True when at least one rerank server answers ``GET /health`` (404/405 count as up: a
+        hosted API without that route still answers HTTP). Bounded by a short timeout."""
+        client = self._http()
+
+        async def probe(ep: Endpoint) -> bool:
+            try:
+                resp = await client.get(ep.health_url, timeout=self.health_timeout)
+            except httpx.HTTPError:
+                return False
+            ok = resp.status_code < 300 or resp.status_code in (404, 405)
+            if ok and ep.failures:
+                ep.succeeded()  # back: stop avoiding it before its backoff ends
+            return ok
+
+        try:
+            results = await asyncio.wait_for(
+                asyncio.gather(*(probe(e) for e in self.endpoints)), self.health_timeout + 0.5
+            )
+        except asyncio.TimeoutError:
+            return False
+        return any(results)
+
+    def stats(self) -> dict[str, int | float]:
+        """Plain counters for /metrics (read at scrape time)."""
+        return {
+            **self._counters,
+            "remote_latency_seconds_sum": self._latency_sum,
+            "remote_inflight": sum(e.inflight for e in self.endpoints),
+        }
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        try:
+            same_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            same_loop = False
+        if same_loop:
+            await client.aclose()
