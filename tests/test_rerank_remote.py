@@ -561,10 +561,6 @@ def test_remote_down_then_back(tmp_path, sample_db, embedder, tiny_engine) -> No
 
 @pytest.mark.slow
 def test_app_answers_503_when_the_remote_is_down(tmp_path, sample_db, embedder) -> None:
-    from pipeline.api import errors
-
-    if errors.to_response(RerankerUnavailable("x")).status_code != 503:
-        pytest.skip("RerankerUnavailable is not mapped to 503 yet (the lead wires pipeline/api)")
     r = RemoteReranker(f"http://127.0.0.1:{free_port()}/v1/rerank", model="m", timeout=2.0)
     app = winnow_app(copy_db(sample_db, tmp_path / "b.db"), embedder, r)
     with LiveServer(app) as b:

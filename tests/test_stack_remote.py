@@ -8,65 +8,29 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-import yaml
+from stack_files import (
+    COMPOSE,
+    INTERPOLATION,
+    ROOT,
+    SETTINGS_ENV,
+    env_example,
+    env_of,
+    interpolate,
+    load_compose,
+    merge,
+)
 
 from pipeline.config import Settings
 from pipeline.rerank import build_reranker
 from pipeline.rerank.remote import RemoteReranker
 from pipeline.rerank.vllm import HF_OVERRIDES
 
-ROOT = Path(__file__).resolve().parents[1]
-BASE = ROOT / "docker-compose.yml"
 REMOTE = ROOT / "docker-compose.remote.yml"
 NGINX = ROOT / "deploy" / "nginx.conf"
-ENV_EXAMPLE = ROOT / ".env.example"
-SETTINGS_ENV = {f"WINNOW_{name.upper()}" for name in Settings.model_fields}
-INTERPOLATION = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
-RESET = object()
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with compose's ``!reset`` tag (the key is removed when files are merged)."""
-
-
-_Loader.add_constructor("!reset", lambda loader, node: RESET)
-
-
-def load(path: Path) -> dict[str, Any]:
-    with path.open(encoding="utf-8") as fh:
-        return yaml.load(fh, Loader=_Loader)
-
-
-def merge(base: Any, override: Any) -> Any:
-    if isinstance(base, dict) and isinstance(override, dict):
-        out = dict(base)
-        for key, value in override.items():
-            if value is RESET:
-                out.pop(key, None)
-            else:
-                out[key] = merge(out[key], value) if key in out else value
-        return out
-    return override
-
-
-def interpolate(value: Any) -> str:
-    """``${VAR:-default}`` with an empty environment (the stack's own defaults)."""
-
-    def repl(m: re.Match[str]) -> str:
-        return "$" if m.group(0) == "$$" else (m.group(3) or "")
-
-    return INTERPOLATION.sub(repl, str(value))
-
-
-def env_of(service: dict[str, Any]) -> dict[str, str]:
-    env = service.get("environment", {})
-    assert isinstance(env, dict), "mapping form, so override files merge key by key"
-    return {k: interpolate(v) for k, v in env.items()}
 
 
 def flag(command: list[str], name: str) -> str:
@@ -85,7 +49,7 @@ def gpu_reserved(service: dict[str, Any]) -> bool:
 
 @pytest.fixture(scope="module")
 def stack() -> dict[str, Any]:
-    return merge(load(BASE), load(REMOTE))
+    return merge(load_compose(COMPOSE), load_compose(REMOTE))
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +58,7 @@ def services(stack: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_single_container_topology_is_still_the_default() -> None:
-    base = load(BASE)["services"]
+    base = load_compose(COMPOSE)["services"]
     assert "reranker" not in base and "lb" not in base
     assert env_of(base["api"])["WINNOW_RERANK_BACKEND"] in ("vllm", "hf", "auto")
     assert gpu_reserved(base["api"])
@@ -183,19 +147,10 @@ def test_volumes_declared(stack: dict[str, Any]) -> None:
                 assert (ROOT / source).is_file(), f"{name}: {source} missing"
 
 
-def env_example() -> dict[str, bool]:
-    out: dict[str, bool] = {}
-    for line in ENV_EXAMPLE.read_text(encoding="utf-8").splitlines():
-        m = re.match(r"^(#\s?)?([A-Z][A-Z0-9_]*)=", line.strip())
-        if m:
-            out[m.group(2)] = m.group(1) is None
-    return out
-
-
 def test_variables_known_and_documented() -> None:
     text = REMOTE.read_text(encoding="utf-8")
     used = {m.group(1) for m in INTERPOLATION.finditer(text) if m.group(1)}
-    documented = env_example()
+    documented = {name: active for name, _, active in env_example()}
     assert not used - set(documented), f"not in .env.example: {sorted(used - set(documented))}"
     assert not {v for v in used if documented[v]}, "an active .env line would shadow a default"
     winnow = set(re.findall(r"\bWINNOW_[A-Z0-9_]+\b", text))

@@ -7,6 +7,7 @@ a status code. Internal errors are logged with a reference id and never echoed t
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from typing import Any
 
@@ -17,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.errors import RequestError, RerankDisabled, TooLarge, excerpt
 from pipeline.model_files import ModelUnavailable
+from pipeline.rerank import InstructionNotSupported, RerankerError, RerankerUnavailable
 from pipeline.rerank.batcher import Overloaded
 from pipeline.rerank.prompt import PromptTooLong
 from pipeline.runtime import CollectionMissing
@@ -71,6 +73,20 @@ def to_response(exc: BaseException) -> JSONResponse:
         )
     if isinstance(exc, RerankDisabled):
         return _json(503, exc.kind, exc.message)
+    if isinstance(exc, InstructionNotSupported):
+        return _json(422, "instruction_not_supported", str(exc))
+    if isinstance(exc, RerankerUnavailable):
+        retry = str(max(1, math.ceil(exc.retry_after)))
+        return _json(
+            503,
+            "reranker_unavailable",
+            "the reranker is not reachable; retry shortly",
+            {"Retry-After": retry},
+        )
+    if isinstance(exc, RerankerError):  # names URLs and settings: for the log, not the client
+        ref = uuid.uuid4().hex[:12]
+        log.error("remote reranker error (ref %s): %s", ref, exc)
+        return _json(502, "reranker_error", f"the reranker refused the request (ref {ref})")
     if isinstance(exc, InvalidFilter):
         expr = getattr(exc, "expression", None)  # the client's own text, quoted short
         what = f"the filter {excerpt(expr)!r}" if expr else "the filter"
@@ -130,6 +146,9 @@ def install(app: FastAPI) -> None:
         RequestError,
         PromptTooLong,
         Overloaded,
+        InstructionNotSupported,
+        RerankerUnavailable,
+        RerankerError,
         RerankDisabled,
         StoreError,
         CollectionMissing,

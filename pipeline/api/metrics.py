@@ -29,6 +29,12 @@ class _StatsCollector(Collector):
             "rerank_forward_passes": "reranker forward passes",
             "rerank_dropped": "requests dropped because their client went away",
             "rerank_rejected": "requests rejected with 429 (queue full)",
+            "remote_calls": "HTTP calls to the remote reranker",
+            "remote_retries": "remote reranker calls retried",
+            "remote_errors": "remote reranker calls that failed",
+            "remote_unavailable": "requests answered 503 because the remote reranker was down",
+            "remote_latency_seconds_sum": "seconds spent in remote reranker calls",
+            "remote_latency_seconds_count": "remote reranker calls timed",
         }
         for name, doc in counters.items():
             if name in s:
@@ -38,6 +44,12 @@ class _StatsCollector(Collector):
                 "winnow_rerank_queue_depth",
                 "requests waiting for the reranker",
                 value=s["queue_depth"],
+            )
+        if "remote_inflight" in s:
+            yield GaugeMetricFamily(
+                "winnow_rerank_remote_inflight",
+                "remote reranker calls in flight",
+                value=s["remote_inflight"],
             )
         if "last_dispatch_pairs" in s:
             yield GaugeMetricFamily(
