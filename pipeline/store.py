@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -39,6 +40,9 @@ MAX_TEXT_BYTES = 65535
 OUTPUT_FIELDS = ["doc_id", "chunk", "title", "text", "metadata"]
 PING_TIMEOUT = 1.0  # seconds: /ready must answer quickly whatever Milvus does
 PING_CACHE_S = 0.5  # a health answer is reused this long (many probes, one RPC)
+# creating a collection with its indexes, flushing, dropping: ingest-side work that a busy
+# Milvus may legitimately take longer than a query's deadline for; still bounded
+SLOW_OP_TIMEOUT = 120.0
 
 ANALYZERS: dict[str, dict[str, Any]] = {
     "standard": {
@@ -101,51 +105,60 @@ def _close_quietly(client: MilvusClient) -> None:
         client.close()
 
 
+def _grpc_code(exc: BaseException) -> Any:
+    """The gRPC status of a transport failure (raw, or wrapped by pymilvus' retry loop)."""
+    import grpc
+
+    if isinstance(exc, grpc.RpcError):
+        return exc.code()
+    code = getattr(exc, "code", None)
+    return code if isinstance(code, grpc.StatusCode) else None
+
+
+def _message(exc: BaseException) -> str:
+    """Matched only by prefix against pymilvus' own wording: Milvus' answers can quote user text
+    (a filter, a collection name) and must never turn a 422 into a 503."""
+    return str(getattr(exc, "message", "") or "")
+
+
 def _is_deadline(exc: BaseException) -> bool:
     """The call ran out of time: Milvus is hung or slow, but the connection itself may be fine."""
+    import grpc
     from pymilvus.exceptions import MilvusException
 
-    try:
-        import grpc
-
-        if isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(exc, TimeoutError):
+    if _grpc_code(exc) == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return True
+    if isinstance(exc, TimeoutError | grpc.FutureTimeoutError):
         return True
     if isinstance(exc, MilvusException):
-        msg = str(getattr(exc, "message", "") or exc).lower()
-        return any(s in msg for s in ("deadline", "timed out", "timeout"))
+        # messages pymilvus writes itself when its retry loop or load wait runs out of time
+        msg = _message(exc)
+        return bool(_RETRY_TIMEOUT.match(msg)) or msg.startswith(
+            "wait for loading collection timeout"
+        )
     return False
 
 
+_RETRY_TIMEOUT = re.compile(r"\[\w+\] Retry timeout:")
+
+
 def _is_unavailable(exc: BaseException) -> bool:
+    """Milvus could not be reached: no connection, a dropped or closed channel.
+
+    Decided by exception type, gRPC status and pymilvus' own connect messages only.
+    """
+    import grpc
     from pymilvus.exceptions import MilvusException, MilvusUnavailableException
 
-    if isinstance(exc, MilvusUnavailableException | TimeoutError | ConnectionError):
+    if isinstance(exc, MilvusUnavailableException | ConnectionError | grpc.RpcError):
         return True
-    try:
-        import grpc
-
-        if isinstance(exc, grpc.RpcError):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
+    if _grpc_code(exc) is not None:
+        return True
+    if isinstance(exc, ValueError) and "closed channel" in str(exc):  # closed under our feet
+        return True
     if isinstance(exc, MilvusException):
-        msg = str(getattr(exc, "message", "") or exc).lower()
-        return any(
-            s in msg
-            for s in (
-                "unavailable",
-                "deadline",
-                "connect",
-                "timed out",
-                "timeout",
-                "closed channel",
-                "cancelled",
-            )
-        )
+        msg = _message(exc)
+        return msg.startswith(("Fail connecting to server", "should create connection first"))
     return False
 
 
@@ -174,6 +187,20 @@ class _LiteLockWatch(logging.Filter):
 
 _LITE_LOCK_WATCH = _LiteLockWatch()
 logging.getLogger("milvus_lite.server_manager").addFilter(_LITE_LOCK_WATCH)
+
+
+def _one_line_rpc_errors(record: logging.LogRecord) -> bool:
+    """pymilvus logs every failed RPC with a ~40-line traceback in the message; keep line one.
+
+    With Milvus hung, every request fails: one line each is news, forty is a flood. The store
+    turns the error into StoreUnavailable, which says the rest.
+    """
+    if isinstance(record.msg, str) and "\nTraceback:" in record.msg:
+        record.msg = record.msg.split("\nTraceback:", 1)[0]
+    return True
+
+
+logging.getLogger("pymilvus.decorators").addFilter(_one_line_rpc_errors)
 
 
 class _Deadline:
@@ -233,6 +260,11 @@ class MilvusStore:
         self._loaded = False
         self.model: str | None = None
         self.dim: int | None = None
+
+    @property
+    def slow_timeout(self) -> float:
+        """Deadline of create/flush/drop (never shorter than a query's)."""
+        return max(self.timeout, SLOW_OP_TIMEOUT)
 
     @classmethod
     def from_settings(cls, s: Settings, collection: str | None = None) -> MilvusStore:
@@ -300,6 +332,8 @@ class MilvusStore:
         next call reconnects. Both become StoreUnavailable, and ``ping()`` answers False from
         then on until its cache expires: with Milvus hung, probes need no RPC of their own.
         """
+        import pymilvus  # noqa: F401  (a first import takes seconds: not Milvus' time)
+
         deadline = _Deadline(timeout if timeout is not None else self.timeout, self.uri)
         client: MilvusClient | None = None
         try:
@@ -457,7 +491,7 @@ class MilvusStore:
             self._loaded = True
             self.model, self.dim = model, dim
 
-        self._call(run)
+        self._call(run, timeout=self.slow_timeout)
 
     def check_model(
         self, have_model: str | None, have_dim: int | None, model: str, dim: int
@@ -492,7 +526,9 @@ class MilvusStore:
             self._loaded = True
 
     def drop(self) -> None:
-        self._call(lambda c, t: c.drop_collection(self.collection, timeout=t()))
+        self._call(
+            lambda c, t: c.drop_collection(self.collection, timeout=t()), timeout=self.slow_timeout
+        )
 
     # --- writes ----------------------------------------------------------------------------
     def upsert(self, passages: Sequence[Passage], vectors: np.ndarray) -> int:
@@ -549,7 +585,7 @@ class MilvusStore:
             self._call(lambda c, t: c.delete(self.collection, filter=flt, timeout=t()))
 
     def flush(self) -> None:
-        self._call(lambda c, t: c.flush(self.collection, timeout=t()))
+        self._call(lambda c, t: c.flush(self.collection, timeout=t()), timeout=self.slow_timeout)
 
     def count(self) -> int:
         def run(c: MilvusClient, t: Callable[[], float]) -> int:

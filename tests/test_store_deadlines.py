@@ -27,12 +27,14 @@ import pytest
 from conftest import LiveServer, MilvusServer, corpus_records, free_port, write_jsonl
 
 from pipeline.domain import Passage
-from pipeline.store import MilvusStore, StoreInUse, StoreUnavailable
+from pipeline.store import InvalidFilter, MilvusStore, StoreInUse, StoreUnavailable
 
 DIM = 8
 TIMEOUT = 2.0  # WINNOW_MILVUS_TIMEOUT in these tests
 SLACK = 1.0  # the issue's bound: timeout + 1 s
 RESUME_WITHIN = 5.0
+
+pytestmark = pytest.mark.slow  # each freeze waits out real deadlines
 
 PASSAGES = [
     Passage("a", 0, "the quick brown fox jumps over the lazy dog", "Fox", {}),
@@ -223,8 +225,15 @@ def test_aping_does_not_queue_behind_calls_in_the_default_executor(
     assert asyncio.run(store.aping())
 
 
-def test_connecting_to_a_hung_milvus_is_bounded_too(server: MilvusServer) -> None:
-    """A store with no connection yet (a fresh process, or after a drop) must not hang in connect."""
+def test_connecting_to_a_hung_milvus_is_bounded_too(
+    server: MilvusServer, store: MilvusStore
+) -> None:
+    """A store with no connection yet (after a drop, or a new one) must not hang in connect.
+
+    ``store`` is here for its side effect: this process has made a gRPC connection before, as
+    any server has by its first request (a process's very first channel pays ~1 s of one-off
+    gRPC/pymilvus set-up under load, which is not Milvus' time).
+    """
     fresh = MilvusStore(server.uri, "deadlines", timeout=TIMEOUT)
     with frozen(server):
         took = timed_failure(lambda: fresh.count())
@@ -234,6 +243,19 @@ def test_connecting_to_a_hung_milvus_is_bounded_too(server: MilvusServer) -> Non
     assert took <= TIMEOUT + SLACK and took2 <= TIMEOUT + SLACK
     assert wait_until_ok(lambda: fresh.count(), RESUME_WITHIN) <= RESUME_WITHIN
     fresh.close()
+
+
+def test_errors_quoting_user_text_are_not_unavailability(
+    server: MilvusServer, store: MilvusStore
+) -> None:
+    """Milvus' error messages echo filters and names: 'timeout' in them is no outage (422, not 503)."""
+    with pytest.raises(InvalidFilter):
+        store.search(vec(0), 2, filter='nosuchfield == "connect timeout unavailable deadline"')
+    missing = MilvusStore(server.uri, "deadline_timeout_unavailable", timeout=TIMEOUT)
+    with pytest.raises(Exception) as info:
+        missing.count()
+    assert not isinstance(info.value, StoreUnavailable), info.value
+    assert store.ping()
 
 
 def test_http_search_503_and_ready_while_milvus_is_frozen(
