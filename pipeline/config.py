@@ -36,7 +36,12 @@ class Settings(BaseSettings):
         description="A path ending in .db = embedded Milvus Lite; http://host:19530 = Milvus server.",
     )
     milvus_token: SecretStr | None = Field(None, description="Milvus token (user:password).")
-    milvus_timeout: float = Field(10.0, gt=0, description="Seconds before a Milvus call fails.")
+    milvus_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Deadline in seconds of each Milvus call (connect included); a hung Milvus "
+        "turns into 503 within it.",
+    )
     collection: str = Field("winnow", description="Milvus collection name.")
     analyzer: Literal["standard", "english", "jieba"] = Field(
         "standard",

@@ -6,11 +6,15 @@ Differences between the two (Lite's negative BM25 distances) are normalised here
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
+import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -34,6 +38,11 @@ MAX_DOC_ID_BYTES = 512
 MAX_TITLE_BYTES = 2048
 MAX_TEXT_BYTES = 65535
 OUTPUT_FIELDS = ["doc_id", "chunk", "title", "text", "metadata"]
+PING_TIMEOUT = 1.0  # seconds: /ready must answer quickly whatever Milvus does
+PING_CACHE_S = 0.5  # a health answer is reused this long (many probes, one RPC)
+# creating a collection with its indexes, flushing, dropping: ingest-side work that a busy
+# Milvus may legitimately take longer than a query's deadline for; still bounded
+SLOW_OP_TIMEOUT = 120.0
 
 ANALYZERS: dict[str, dict[str, Any]] = {
     "standard": {
@@ -61,6 +70,22 @@ class InvalidFilter(StoreError, ValueError):
     """The caller's filter expression was rejected by Milvus."""
 
 
+class StoreInUse(StoreUnavailable):
+    """Another process holds this Milvus Lite file (one process per file).
+
+    A StoreUnavailable: a server keeps answering 503 and picks the file up once it is free.
+    ``str(exc)`` is a ready one-line message for a CLI.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = str(path)
+        super().__init__(
+            f"Milvus Lite file {self.path} is in use by another process (a running "
+            "`python -m pipeline serve` or ingest?): stop it, or point WINNOW_MILVUS_URI at a "
+            "Milvus server"
+        )
+
+
 def quote(value: str) -> str:
     """A Milvus string literal (Milvus Lite has no filter templating)."""
     return json.dumps(value, ensure_ascii=False)
@@ -75,36 +100,132 @@ def clip_utf8(text: str, max_bytes: int) -> str:
     return text if len(raw) <= max_bytes else raw[:max_bytes].decode("utf-8", "ignore")
 
 
-def _is_unavailable(exc: BaseException) -> bool:
-    from pymilvus.exceptions import MilvusException, MilvusUnavailableException
+def _close_quietly(client: MilvusClient) -> None:
+    with contextlib.suppress(Exception):  # a broken connection has nothing to release
+        client.close()
 
-    if isinstance(exc, MilvusUnavailableException | TimeoutError | ConnectionError):
+
+def _grpc_code(exc: BaseException) -> Any:
+    """The gRPC status of a transport failure (raw, or wrapped by pymilvus' retry loop)."""
+    import grpc
+
+    if isinstance(exc, grpc.RpcError):
+        return exc.code()
+    code = getattr(exc, "code", None)
+    return code if isinstance(code, grpc.StatusCode) else None
+
+
+def _message(exc: BaseException) -> str:
+    """Matched only by prefix against pymilvus' own wording: Milvus' answers can quote user text
+    (a filter, a collection name) and must never turn a 422 into a 503."""
+    return str(getattr(exc, "message", "") or "")
+
+
+def _is_deadline(exc: BaseException) -> bool:
+    """The call ran out of time: Milvus is hung or slow, but the connection itself may be fine."""
+    import grpc
+    from pymilvus.exceptions import MilvusException
+
+    if _grpc_code(exc) == grpc.StatusCode.DEADLINE_EXCEEDED:
         return True
-    try:
-        import grpc
-
-        if isinstance(exc, grpc.RpcError):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(exc, TimeoutError | grpc.FutureTimeoutError):
+        return True
     if isinstance(exc, MilvusException):
-        msg = str(getattr(exc, "message", "") or exc).lower()
-        return any(
-            s in msg
-            for s in (
-                "unavailable",
-                "deadline",
-                "connect",
-                "timed out",
-                "timeout",
-                "closed channel",
-            )
+        # messages pymilvus writes itself when its retry loop or load wait runs out of time
+        msg = _message(exc)
+        return bool(_RETRY_TIMEOUT.match(msg)) or msg.startswith(
+            "wait for loading collection timeout"
         )
     return False
 
 
+_RETRY_TIMEOUT = re.compile(r"\[\w+\] Retry timeout:")
+
+
+def _is_unavailable(exc: BaseException) -> bool:
+    """Milvus could not be reached: no connection, a dropped or closed channel.
+
+    Decided by exception type, gRPC status and pymilvus' own connect messages only.
+    """
+    import grpc
+    from pymilvus.exceptions import MilvusException, MilvusUnavailableException
+
+    if isinstance(exc, MilvusUnavailableException | ConnectionError | grpc.RpcError):
+        return True
+    if _grpc_code(exc) is not None:
+        return True
+    if isinstance(exc, ValueError) and "closed channel" in str(exc):  # closed under our feet
+        return True
+    if isinstance(exc, MilvusException):
+        msg = _message(exc)
+        return msg.startswith(("Fail connecting to server", "should create connection first"))
+    return False
+
+
+class _LiteLockWatch(logging.Filter):
+    """Milvus Lite reports a file locked by another process only as a logged traceback.
+
+    This filter drops that traceback (the store raises ``StoreInUse`` with one line instead)
+    and notes, per thread, that the lock was the cause.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            from milvus_lite.exceptions import DataDirLockedError
+        except ImportError:  # pragma: no cover - a milvus-lite without the lock
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, DataDirLockedError):
+            self.seen.locked = True
+            return False
+        return True
+
+
+_LITE_LOCK_WATCH = _LiteLockWatch()
+logging.getLogger("milvus_lite.server_manager").addFilter(_LITE_LOCK_WATCH)
+
+
+def _one_line_rpc_errors(record: logging.LogRecord) -> bool:
+    """pymilvus logs every failed RPC with a ~40-line traceback in the message; keep line one.
+
+    With Milvus hung, every request fails: one line each is news, forty is a flood. The store
+    turns the error into StoreUnavailable, which says the rest.
+    """
+    if isinstance(record.msg, str) and "\nTraceback:" in record.msg:
+        record.msg = record.msg.split("\nTraceback:", 1)[0]
+    return True
+
+
+logging.getLogger("pymilvus.decorators").addFilter(_one_line_rpc_errors)
+
+
+class _Deadline:
+    """One call's time budget, shared by its connect and every RPC it makes."""
+
+    def __init__(self, seconds: float, uri: str) -> None:
+        self.end = time.monotonic() + seconds
+        self.seconds, self.uri = seconds, uri
+
+    def left(self) -> float:
+        """Seconds left for the next step; StoreUnavailable once the budget is spent."""
+        remaining = self.end - time.monotonic()
+        if remaining <= 0:
+            raise StoreUnavailable(f"Milvus at {self.uri} did not answer within {self.seconds:g}s")
+        return remaining
+
+
 class MilvusStore:
-    """Thread-safe wrapper over ``MilvusClient``; reconnects by itself after Milvus comes back."""
+    """Thread-safe wrapper over ``MilvusClient``; reconnects by itself after Milvus comes back.
+
+    Every call runs under one deadline (``timeout``, i.e. WINNOW_MILVUS_TIMEOUT) that covers the
+    (re)connect and each RPC it makes, so a hung Milvus turns into ``StoreUnavailable`` within the
+    timeout. Calls run concurrently on one gRPC channel (the client is thread-safe); only a
+    (re)connect is serialised, and waiting for it counts against the caller's own deadline.
+    """
 
     def __init__(
         self,
@@ -130,10 +251,20 @@ class MilvusStore:
         self.rrf_k = rrf_k
         self.is_lite = not uri.startswith(("http://", "https://", "tcp://", "grpc://"))
         self._client: MilvusClient | None = None
-        self._lock = threading.RLock()
+        self._connect_lock = threading.Lock()  # held only while (re)connecting
+        self._state_lock = threading.Lock()  # held only to swap self._client; never during I/O
+        self._ping_lock = threading.Lock()  # one health probe at a time; others reuse its answer
+        self._ping_at = -1e9
+        self._ping_ok = False
+        self._ping_pool: ThreadPoolExecutor | None = None
         self._loaded = False
         self.model: str | None = None
         self.dim: int | None = None
+
+    @property
+    def slow_timeout(self) -> float:
+        """Deadline of create/flush/drop (never shorter than a query's)."""
+        return max(self.timeout, SLOW_OP_TIMEOUT)
 
     @classmethod
     def from_settings(cls, s: Settings, collection: str | None = None) -> MilvusStore:
@@ -150,54 +281,151 @@ class MilvusStore:
         )
 
     # --- connection ------------------------------------------------------------------------
-    def _connect(self) -> MilvusClient:
+    @property
+    def lite_path(self) -> Path:
+        return Path(self.uri).expanduser().resolve()
+
+    def _connect(self, timeout: float) -> MilvusClient:
         from pymilvus import MilvusClient
+        from pymilvus.exceptions import MilvusException
 
         if self.is_lite:
-            Path(self.uri).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
-        kwargs: dict[str, Any] = {"uri": self.uri, "timeout": self.timeout}
+            self.lite_path.parent.mkdir(parents=True, exist_ok=True)
+        # dedicated: our own channel, closed with the client (a shared one outlives close())
+        kwargs: dict[str, Any] = {"uri": self.uri, "timeout": timeout, "dedicated": True}
         if self.token:
             kwargs["token"] = self.token
-        return MilvusClient(**kwargs)
+        _LITE_LOCK_WATCH.seen.locked = False
+        try:
+            return MilvusClient(**kwargs)
+        except MilvusException:
+            if self.is_lite and getattr(_LITE_LOCK_WATCH.seen, "locked", False):
+                raise StoreInUse(self.lite_path) from None
+            raise
 
-    def _call(self, fn: Callable[[MilvusClient], T]) -> T:
-        """Run one client call; connection failures become StoreUnavailable and drop the client."""
-        with self._lock:
-            try:
-                if self._client is None:
-                    self._client = self._connect()
-                    self._loaded = False
-                return fn(self._client)
-            except StoreError:
-                raise
-            except Exception as exc:
-                if _is_unavailable(exc):
-                    self._drop_client()
-                    raise StoreUnavailable(f"Milvus at {self.uri} is not reachable") from exc
-                raise
-
-    def _drop_client(self) -> None:
-        client, self._client = self._client, None
-        self._loaded = False
+    def _get_client(self, deadline: _Deadline) -> MilvusClient:
+        """The live client, or a new one; waits for another connect only until ``deadline``."""
+        client = self._client
         if client is not None:
-            with contextlib.suppress(Exception):  # a broken connection has nothing to release
-                client.close()
+            return client
+        if not self._connect_lock.acquire(timeout=deadline.left()):
+            raise StoreUnavailable(
+                f"Milvus at {self.uri}: still connecting after {deadline.seconds:g}s"
+            )
+        try:
+            client = self._client
+            if client is None:
+                client = self._connect(deadline.left())
+                with self._state_lock:
+                    self._client, self._loaded = client, False
+            return client
+        finally:
+            self._connect_lock.release()
+
+    def _call(
+        self, fn: Callable[[MilvusClient, Callable[[], float]], T], *, timeout: float | None = None
+    ) -> T:
+        """Run ``fn(client, left)`` under one deadline; pass ``timeout=left()`` to every RPC.
+
+        A timed-out call keeps the connection (Milvus is slow or hung, the channel is fine and
+        gRPC keepalive notices a dead peer); any other connection failure drops it, so the
+        next call reconnects. Both become StoreUnavailable, and ``ping()`` answers False from
+        then on until its cache expires: with Milvus hung, probes need no RPC of their own.
+        """
+        import pymilvus  # noqa: F401  (a first import takes seconds: not Milvus' time)
+
+        deadline = _Deadline(timeout if timeout is not None else self.timeout, self.uri)
+        client: MilvusClient | None = None
+        try:
+            client = self._get_client(deadline)
+            out = fn(client, deadline.left)
+        except StoreUnavailable:
+            self._note_health(False)
+            raise
+        except StoreError:
+            raise
+        except Exception as exc:
+            if _is_deadline(exc):
+                self._note_health(False)
+                raise StoreUnavailable(
+                    f"Milvus at {self.uri} did not answer within {deadline.seconds:g}s"
+                ) from exc
+            if _is_unavailable(exc):
+                self._note_health(False)
+                if client is not None:
+                    self._discard(client)
+                raise StoreUnavailable(f"Milvus at {self.uri} is not reachable") from exc
+            raise
+        return out
+
+    def _note_health(self, ok: bool) -> None:
+        self._ping_ok, self._ping_at = ok, time.monotonic()
+
+    def _discard(self, client: MilvusClient) -> None:
+        """Forget a broken client (unless another thread already replaced it); close it aside."""
+        with self._state_lock:
+            if self._client is not client:
+                return
+            self._client, self._loaded = None, False
+        # closing takes pymilvus' process-wide connection lock, which a concurrent connect may
+        # hold for its whole timeout: never make the failing caller wait for that
+        threading.Thread(target=_close_quietly, args=(client,), daemon=True).start()
 
     def close(self) -> None:
-        with self._lock:
-            self._drop_client()
+        with self._state_lock:
+            client, self._client, self._loaded = self._client, None, False
+            pool, self._ping_pool = self._ping_pool, None
+        if pool is not None:
+            pool.shutdown(wait=False)
+        if client is not None:
+            _close_quietly(client)
 
     def ping(self) -> bool:
-        """True when Milvus answers (used by /ready)."""
-        try:
-            self._call(lambda c: c.has_collection(self.collection, timeout=self.timeout))
-        except StoreError:
+        """True when Milvus answers within PING_TIMEOUT (used by /ready).
+
+        Never waits behind other calls: probes are single-flight, a caller arriving while one
+        runs gets its answer, and an answer (or any call's failure) is reused for PING_CACHE_S.
+        """
+        budget = min(PING_TIMEOUT, self.timeout)
+        start = time.monotonic()
+        if start - self._ping_at < PING_CACHE_S:
+            return self._ping_ok
+        if not self._ping_lock.acquire(timeout=budget):
             return False
-        return True
+        try:
+            if time.monotonic() - self._ping_at < PING_CACHE_S:
+                return self._ping_ok
+            left = budget - (time.monotonic() - start)
+            if left <= 0:
+                return False
+            try:
+                self._call(
+                    lambda c, t: c.has_collection(self.collection, timeout=t()), timeout=left
+                )
+            except StoreError:
+                return False
+            return True
+        finally:
+            self._ping_lock.release()
+
+    async def aping(self) -> bool:
+        """``ping()`` for an event loop, on the store's own thread.
+
+        ``asyncio.to_thread(store.ping)`` needs a slot in the loop's default executor, which
+        calls stuck on a hung Milvus can fill for a whole timeout each: /ready must not queue
+        behind them. A fresh answer costs no thread hop at all.
+        """
+        if time.monotonic() - self._ping_at < PING_CACHE_S:
+            return self._ping_ok
+        with self._state_lock:
+            if self._ping_pool is None:
+                self._ping_pool = ThreadPoolExecutor(1, thread_name_prefix="milvus-ping")
+            pool = self._ping_pool
+        return await asyncio.wrap_future(pool.submit(self.ping))
 
     # --- schema ----------------------------------------------------------------------------
     def exists(self) -> bool:
-        return bool(self._call(lambda c: c.has_collection(self.collection)))
+        return bool(self._call(lambda c, t: c.has_collection(self.collection, timeout=t())))
 
     def _schema(self, dim: int) -> Any:
         from pymilvus import DataType, Function, FunctionType, MilvusClient
@@ -231,9 +459,11 @@ class MilvusStore:
     def ensure_collection(self, dim: int, model: str) -> None:
         """Create the collection, or open it after checking it was built by the same model."""
 
-        def run(c: MilvusClient) -> None:
-            if c.has_collection(self.collection):
-                props = c.describe_collection(self.collection).get("properties", {}) or {}
+        def run(c: MilvusClient, t: Callable[[], float]) -> None:
+            if c.has_collection(self.collection, timeout=t()):
+                props = (
+                    c.describe_collection(self.collection, timeout=t()).get("properties", {}) or {}
+                )
                 have_dim = props.get(PROP_DIM)
                 self.check_model(
                     props.get(PROP_MODEL), int(have_dim) if have_dim else None, model, dim
@@ -254,13 +484,14 @@ class MilvusStore:
                     schema=self._schema(dim),
                     index_params=idx,
                     properties={PROP_MODEL: model, PROP_DIM: str(dim)},
+                    timeout=t(),
                 )
                 log.info("created collection %s (dim %d, model %s)", self.collection, dim, model)
-            c.load_collection(self.collection)
+            c.load_collection(self.collection, timeout=t())
             self._loaded = True
             self.model, self.dim = model, dim
 
-        self._call(run)
+        self._call(run, timeout=self.slow_timeout)
 
     def check_model(
         self, have_model: str | None, have_dim: int | None, model: str, dim: int
@@ -277,11 +508,11 @@ class MilvusStore:
     def open(self) -> tuple[str | None, int | None]:
         """Open an existing collection for search; returns the (model, dim) it was built with."""
 
-        def run(c: MilvusClient) -> tuple[str | None, int | None]:
-            if not c.has_collection(self.collection):
+        def run(c: MilvusClient, t: Callable[[], float]) -> tuple[str | None, int | None]:
+            if not c.has_collection(self.collection, timeout=t()):
                 return None, None
-            props = c.describe_collection(self.collection).get("properties", {}) or {}
-            c.load_collection(self.collection)
+            props = c.describe_collection(self.collection, timeout=t()).get("properties", {}) or {}
+            c.load_collection(self.collection, timeout=t())
             self._loaded = True
             dim = props.get(PROP_DIM)
             self.model, self.dim = props.get(PROP_MODEL), int(dim) if dim else None
@@ -289,13 +520,15 @@ class MilvusStore:
 
         return self._call(run)
 
-    def _ensure_loaded(self, c: MilvusClient) -> None:
+    def _ensure_loaded(self, c: MilvusClient, t: Callable[[], float]) -> None:
         if not self._loaded:
-            c.load_collection(self.collection)
+            c.load_collection(self.collection, timeout=t())
             self._loaded = True
 
     def drop(self) -> None:
-        self._call(lambda c: c.drop_collection(self.collection))
+        self._call(
+            lambda c, t: c.drop_collection(self.collection, timeout=t()), timeout=self.slow_timeout
+        )
 
     # --- writes ----------------------------------------------------------------------------
     def upsert(self, passages: Sequence[Passage], vectors: np.ndarray) -> int:
@@ -316,7 +549,7 @@ class MilvusStore:
             }
             for p, v in zip(passages, np.asarray(vectors, dtype=np.float32), strict=True)
         ]
-        res = self._call(lambda c: c.upsert(self.collection, rows))
+        res = self._call(lambda c, t: c.upsert(self.collection, rows, timeout=t()))
         return int(res.get("upsert_count", len(rows)) if isinstance(res, dict) else len(rows))
 
     def ids_by_doc(self, doc_ids: Sequence[str]) -> dict[str, set[str]]:
@@ -325,11 +558,14 @@ class MilvusStore:
         if not doc_ids:
             return out
 
-        def run(c: MilvusClient) -> list[dict[str, Any]]:
-            self._ensure_loaded(c)
+        def run(c: MilvusClient, t: Callable[[], float]) -> list[dict[str, Any]]:
+            self._ensure_loaded(c, t)
             return list(
                 c.query(
-                    self.collection, filter=in_list("doc_id", doc_ids), output_fields=["doc_id"]
+                    self.collection,
+                    filter=in_list("doc_id", doc_ids),
+                    output_fields=["doc_id"],
+                    timeout=t(),
                 )
             )
 
@@ -339,19 +575,22 @@ class MilvusStore:
 
     def delete(self, ids: Sequence[str]) -> None:
         if ids:
-            self._call(lambda c: c.delete(self.collection, filter=in_list("id", ids)))
+            self._call(
+                lambda c, t: c.delete(self.collection, filter=in_list("id", ids), timeout=t())
+            )
 
     def delete_docs(self, doc_ids: Sequence[str]) -> None:
         if doc_ids:
-            self._call(lambda c: c.delete(self.collection, filter=in_list("doc_id", doc_ids)))
+            flt = in_list("doc_id", doc_ids)
+            self._call(lambda c, t: c.delete(self.collection, filter=flt, timeout=t()))
 
     def flush(self) -> None:
-        self._call(lambda c: c.flush(self.collection))
+        self._call(lambda c, t: c.flush(self.collection, timeout=t()), timeout=self.slow_timeout)
 
     def count(self) -> int:
-        def run(c: MilvusClient) -> int:
-            self._ensure_loaded(c)
-            res = c.query(self.collection, filter="", output_fields=["count(*)"])
+        def run(c: MilvusClient, t: Callable[[], float]) -> int:
+            self._ensure_loaded(c, t)
+            res = c.query(self.collection, filter="", output_fields=["count(*)"], timeout=t())
             return int(res[0]["count(*)"])
 
         return self._call(run)
@@ -377,7 +616,9 @@ class MilvusStore:
             )
         return hits
 
-    def _guard_filter(self, fn: Callable[[MilvusClient], Any], filter: str) -> Any:
+    def _guard_filter(
+        self, fn: Callable[[MilvusClient, Callable[[], float]], Any], filter: str
+    ) -> Any:
         from pymilvus.exceptions import MilvusException
 
         try:
@@ -392,8 +633,8 @@ class MilvusStore:
         return {"metric_type": "COSINE", "params": {"ef": max(self.hnsw_ef, k)}}
 
     def search(self, vector: np.ndarray, k: int, filter: str = "") -> list[Hit]:
-        def run(c: MilvusClient) -> Any:
-            self._ensure_loaded(c)
+        def run(c: MilvusClient, t: Callable[[], float]) -> Any:
+            self._ensure_loaded(c, t)
             return c.search(
                 self.collection,
                 data=[np.asarray(vector, dtype=np.float32).tolist()],
@@ -402,13 +643,14 @@ class MilvusStore:
                 filter=filter,
                 output_fields=OUTPUT_FIELDS,
                 search_params=self._dense_params(k),
+                timeout=t(),
             )
 
         return self._hits(self._guard_filter(run, filter))
 
     def bm25(self, text: str, k: int, filter: str = "") -> list[Hit]:
-        def run(c: MilvusClient) -> Any:
-            self._ensure_loaded(c)
+        def run(c: MilvusClient, t: Callable[[], float]) -> Any:
+            self._ensure_loaded(c, t)
             return c.search(
                 self.collection,
                 data=[text],
@@ -417,6 +659,7 @@ class MilvusStore:
                 filter=filter,
                 output_fields=OUTPUT_FIELDS,
                 search_params={"metric_type": "BM25"},
+                timeout=t(),
             )
 
         return self._hits(self._guard_filter(run, filter), bm25=True)
@@ -425,8 +668,8 @@ class MilvusStore:
         """Dense + BM25 fused by reciprocal rank (rank-based, so BM25's sign does not matter)."""
         from pymilvus import AnnSearchRequest, RRFRanker
 
-        def run(c: MilvusClient) -> Any:
-            self._ensure_loaded(c)
+        def run(c: MilvusClient, t: Callable[[], float]) -> Any:
+            self._ensure_loaded(c, t)
             reqs = [
                 AnnSearchRequest(
                     data=[np.asarray(vector, dtype=np.float32).tolist()],
@@ -449,6 +692,7 @@ class MilvusStore:
                 ranker=RRFRanker(self.rrf_k),
                 limit=k,
                 output_fields=OUTPUT_FIELDS,
+                timeout=t(),
             )
 
         if not text.strip():
