@@ -6,8 +6,9 @@ import argparse
 import logging
 import sys
 
-from pipeline.config import add_settings_arguments, settings_from_args
+from pipeline.config import Settings, add_settings_arguments, settings_from_args
 from pipeline.logs import setup_logging
+from pipeline.store import StoreError
 
 from .job import IngestJob, summary_table
 from .sources import SUPPORTED, FieldMap
@@ -53,6 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_from_args(args, ingest_batch_size=args.batch_size)
     setup_logging(settings.log_level if not args.quiet else "WARNING")
     settings.log_non_default()
+    try:
+        return run(args, settings)
+    except StoreError as exc:  # Milvus down, a Lite file held by the service, another model's data
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
     job = IngestJob(settings)
     if args.drop and job.store.exists():
         job.store.drop()

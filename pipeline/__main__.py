@@ -27,6 +27,7 @@ def _device_summary(settings: Settings) -> str:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.api.server import serve
     from pipeline.runtime import Runtime
+    from pipeline.store import StoreInUse
 
     settings.log_non_default()
     log.info("%s", _device_summary(settings))
@@ -43,7 +44,12 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     runtime = Runtime(settings)
     try:
+        if settings.is_milvus_lite:
+            runtime.store.open()  # a Lite file held by another process: say so now, in one line
         runtime.load()  # fail here, in one line, rather than inside the server's lifespan
+    except StoreInUse as exc:
+        log.error("%s", exc)
+        return 2
     except ModelUnavailable as exc:
         log.error(
             "cannot serve with reranking: %s. Set WINNOW_RERANK=off to serve recall-only.", exc
@@ -88,7 +94,7 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
         runtime.check_collection()
         res = asyncio.run(run())
     except (CollectionMissing, StoreError) as exc:
-        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        console.print(f"error: {escape(str(exc))}", highlight=False, soft_wrap=True, style="red")
         asyncio.run(runtime.aclose())
         return 1
     print_results(args.query, res)

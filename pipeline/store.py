@@ -67,7 +67,11 @@ class SchemaMismatch(StoreError):
 
 
 class InvalidFilter(StoreError, ValueError):
-    """The caller's filter expression was rejected by Milvus."""
+    """The caller's filter expression was rejected by Milvus (``expression``: the client's text)."""
+
+    def __init__(self, message: str, expression: str = "") -> None:
+        super().__init__(message)
+        self.expression = expression
 
 
 class StoreInUse(StoreUnavailable):
@@ -626,7 +630,7 @@ class MilvusStore:
         except MilvusException as exc:
             if filter:
                 msg = getattr(exc, "message", None) or str(exc)
-                raise InvalidFilter(f"invalid filter expression {filter!r}: {msg}") from exc
+                raise InvalidFilter(f"invalid filter expression: {msg}", filter) from exc
             raise StoreError("Milvus rejected the search") from exc
 
     def _dense_params(self, k: int) -> dict[str, Any]:

@@ -381,6 +381,21 @@ def test_second_process_on_a_lite_file_gets_one_line(tmp_path: Path) -> None:
             "Milvus server"
         )
         assert "Traceback" not in second.stderr, second.stderr
+        # the commands a user runs say the same in one line, and exit non-zero
+        corpus = tmp_path / "c.jsonl"
+        corpus.write_text('{"_id": "a", "text": "some text"}\n')
+        flags = ["--milvus-uri", str(db), "--collection", "t"]
+        for argv, code in (
+            (["-m", "ingest", str(corpus), "-q", *flags], 2),
+            (["-m", "pipeline", "search", "x", "--no-rerank", "--embed-device", "cpu", *flags], 1),
+        ):
+            cli = subprocess.run(
+                [sys.executable, *argv], capture_output=True, text=True, env=env, timeout=300
+            )
+            assert cli.returncode == code, cli.stdout + cli.stderr
+            lines = [ln for ln in cli.stderr.splitlines() if ln.startswith("error:")]
+            assert len(lines) == 1 and "is in use by another process" in lines[0], cli.stderr
+            assert "Traceback" not in cli.stderr, cli.stderr
         # in this process too (the holder is another process): StoreInUse is a StoreUnavailable
         here = MilvusStore(str(db), "t")
         with pytest.raises(StoreInUse) as info:

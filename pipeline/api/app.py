@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -29,6 +30,7 @@ from pipeline.runtime import CollectionMissing, Runtime
 from pipeline.store import StoreError
 
 log = logging.getLogger(__name__)
+IO_THREADS = 64  # blocking Milvus/embedder calls in flight at once; each is bounded by its deadline
 
 
 class MetricsMiddleware:
@@ -72,6 +74,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # store and embedder calls run in the default pool: with the stock size (cores + 4) a handful
+        # of requests stuck on a frozen Milvus would hold every thread and queue the rest behind them
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(IO_THREADS, thread_name_prefix="winnow-io")
+        )
         await asyncio.to_thread(rt.load)
         try:
             await asyncio.to_thread(rt.check_collection)

@@ -52,7 +52,7 @@ class AppState:
         rt = self.runtime
         milvus = collection = None
         if rt.loaded:
-            milvus = await _bounded(asyncio.to_thread(rt.store.ping), False)
+            milvus = await _bounded(rt.store.aping(), False)  # its own thread: never queued
             if milvus:
                 collection = await _bounded(asyncio.to_thread(_collection_state, rt), "timeout")
         reranker = rt.reranker
