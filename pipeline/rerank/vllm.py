@@ -141,6 +141,11 @@ class VLLMEngine:
     def loaded(self) -> bool:
         return self._llm is not None
 
+    @property
+    def forward_passes(self) -> int:
+        """``LLM.score`` calls (vLLM plans its own forwards); the name the HF engine uses."""
+        return self.score_calls
+
     def stats(self) -> dict[str, int | float]:
         """Counters; ``forward_passes`` is the number of ``LLM.score`` calls (vLLM plans its forwards)."""
         return {
