@@ -401,19 +401,19 @@ def _time_vllm(
     args: argparse.Namespace, path: str, device: str, reqs: Sequence[RerankRequest]
 ) -> dict[str, Any]:
     """The vLLM backend as the service calls it: one ``score`` per request."""
-    from pipeline.rerank.vllm import VLLMReranker
+    from pipeline.rerank.vllm import VLLMEngine
 
     if device.startswith("cuda"):
         import torch
 
         torch.cuda.empty_cache()
-    rr = VLLMReranker(path, max_model_len=args.max_length, dtype=args.dtype)
-    rr.load()
+    engine = VLLMEngine(path, max_model_len=args.max_length, dtype=args.dtype)
+    engine.load()
     return timed(
         "winnow vLLM backend (per request)",
         device,
         reqs,
-        lambda r: rr.score_sync(r.query, r.docs, r.instruction),
+        lambda r: engine.score_requests([r])[0],
     )
 
 

@@ -86,6 +86,9 @@ def evaluate(
         if collection is not None
         else default_collection(data.root, settings.embed_model)
     )
+    # a batch job waits for its work: no up-front deadline refusal (WINNOW_RERANK_DEADLINE_S is for
+    # interactive requests)
+    settings = settings.model_copy(update={"rerank_deadline_s": 0})
     runtime = Runtime(settings, collection=name, embedder=embedder, reranker=reranker)
     ingest_seconds, embedded, skipped = 0.0, 0, 0
     try:

@@ -69,7 +69,8 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.store import StoreError
 
     console = Console(stderr=True)
-    runtime = Runtime(settings)
+    # one query from a terminal: the user waits for it, so no up-front deadline refusal
+    runtime = Runtime(settings.model_copy(update={"rerank_deadline_s": 0}))
     try:
         runtime.load()
     except ModelUnavailable as exc:

@@ -101,7 +101,25 @@ class Settings(BaseSettings):
         2.0, ge=0, description="How long the batcher waits to merge concurrent requests."
     )
     rerank_queue_size: int = Field(
-        64, ge=1, description="Requests waiting for the reranker before 429."
+        64, ge=1, description="Requests queued or running in the reranker before 429."
+    )
+    rerank_queue_tokens: int = Field(
+        1_000_000,
+        ge=1,
+        description="Estimated tokens (pairs × length) queued for the reranker before 429; "
+        "a larger single request gets 413.",
+    )
+    rerank_slice_tokens: int | None = Field(
+        None,
+        ge=64,
+        description="Estimated tokens per slice and per engine call; long requests are cut into "
+        "slices that interleave with others (unset = the engine's batch budget, else 8192).",
+    )
+    rerank_deadline_s: float = Field(
+        60.0,
+        ge=0,
+        description="Refuse up front a rerank request that cannot finish within this many seconds "
+        "at the measured throughput (413 alone, 429 behind the queue); 0 = no deadline.",
     )
     rerank_url: str | None = Field(
         None,

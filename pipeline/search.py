@@ -20,6 +20,7 @@ from pipeline.domain import Hit, join_title
 from pipeline.embedding import Embedder
 from pipeline.errors import RequestError, RerankDisabled, TooLarge
 from pipeline.rerank import Reranker
+from pipeline.rerank.batcher import WorkTooLarge
 from pipeline.store import MilvusStore
 
 RecallMode = Literal["dense", "hybrid", "bm25"]
@@ -144,11 +145,18 @@ class SearchService:
         if do_rerank and hits:
             assert self.reranker is not None
             t0 = time.perf_counter()
-            scores = await self.reranker.score(
-                query,
-                [join_title(h.title, h.text) for h in hits],
-                instruction if instruction is not None else s.rerank_instruction,
-            )
+            try:
+                scores = await self.reranker.score(
+                    query,
+                    [join_title(h.title, h.text) for h in hits],
+                    instruction if instruction is not None else s.rerank_instruction,
+                )
+            except WorkTooLarge as exc:  # the candidates are the work: say which knob to turn
+                raise TooLarge(
+                    f"{exc.message} Here the work is the {len(hits)} recalled candidates: "
+                    "lower top_k.",
+                    kind="work_too_large",
+                ) from exc
             rerank_ms = (time.perf_counter() - t0) * 1000
             scored = list(zip(hits, scores, strict=True))
         else:

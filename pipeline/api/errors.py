@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pipeline.errors import RequestError, RerankDisabled, TooLarge, excerpt
 from pipeline.model_files import ModelUnavailable
 from pipeline.rerank import InstructionNotSupported, RerankerError, RerankerUnavailable
-from pipeline.rerank.batcher import Overloaded
+from pipeline.rerank.batcher import Overloaded, WorkTooLarge
 from pipeline.rerank.prompt import PromptTooLong
 from pipeline.runtime import CollectionMissing
 from pipeline.store import InvalidFilter, SchemaMismatch, StoreError, StoreUnavailable
@@ -66,11 +66,11 @@ def to_response(exc: BaseException) -> JSONResponse:
         return _json(422, exc.kind, exc.message)
     if isinstance(exc, PromptTooLong):
         return _json(422, "prompt_too_long", str(exc))
+    if isinstance(exc, WorkTooLarge):
+        return _json(413, "work_too_large", exc.message)
     if isinstance(exc, Overloaded):
-        retry = str(max(1, round(exc.retry_after)))
-        return _json(
-            429, "overloaded", "the reranker queue is full; retry later", {"Retry-After": retry}
-        )
+        retry = str(max(1, math.ceil(exc.retry_after)))
+        return _json(429, "overloaded", f"{exc.message}; retry later", {"Retry-After": retry})
     if isinstance(exc, RerankDisabled):
         return _json(503, exc.kind, exc.message)
     if isinstance(exc, InstructionNotSupported):
@@ -146,6 +146,7 @@ def install(app: FastAPI) -> None:
         RequestError,
         PromptTooLong,
         Overloaded,
+        WorkTooLarge,
         InstructionNotSupported,
         RerankerUnavailable,
         RerankerError,

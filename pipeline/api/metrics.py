@@ -29,6 +29,12 @@ class _StatsCollector(Collector):
             "rerank_forward_passes": "reranker forward passes",
             "rerank_dropped": "requests dropped because their client went away",
             "rerank_rejected": "requests rejected with 429 (queue full)",
+            "rerank_slices": "slices of requests dispatched to the engine",
+            "rerank_estimated_tokens": "estimated tokens admitted (the unit of admission)",
+            "rerank_dropped_pairs": "pairs dropped because their client went away",
+            "rerank_refused_deadline": "requests refused up front: they could not meet the deadline",
+            "rerank_too_large": "requests refused with 413: more work than one request may carry",
+            "rerank_failed": "requests whose scoring failed",
             "remote_calls": "HTTP calls to the remote reranker",
             "remote_retries": "remote reranker calls retried",
             "remote_errors": "remote reranker calls that failed",
@@ -45,6 +51,14 @@ class _StatsCollector(Collector):
                 "requests waiting for the reranker",
                 value=s["queue_depth"],
             )
+        gauges = {
+            "queue_tokens": ("winnow_rerank_queue_tokens", "estimated tokens waiting"),
+            "rerank_tokens_per_s": ("winnow_rerank_tokens_per_s", "measured throughput"),
+            "last_dispatch_tokens": ("winnow_rerank_last_batch_tokens", "tokens in the last call"),
+        }
+        for key, (name, doc) in gauges.items():
+            if key in s:
+                yield GaugeMetricFamily(name, doc, value=s[key])
         if "remote_inflight" in s:
             yield GaugeMetricFamily(
                 "winnow_rerank_remote_inflight",

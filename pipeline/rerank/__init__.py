@@ -1,8 +1,9 @@
 """Reranking: the Reranker protocol and ``build_reranker(settings)``.
 
-Backends: ``hf`` (transformers, CPU or GPU, behind the cross-request micro-batcher), ``vllm`` (GPU; it
-batches itself) and ``remote`` (any /rerank HTTP server). Heavy imports (torch, transformers, vllm,
-httpx) happen inside the backends, never here.
+Backends: ``hf`` (transformers, CPU or GPU) and ``vllm`` (GPU), both engines behind the same
+micro-batcher (admission by work, slices, deadline: :mod:`pipeline.rerank.batcher`), and ``remote`` (any
+/rerank HTTP server; it batches on its side). Heavy imports (torch, transformers, vllm, httpx) happen
+inside the backends, never here.
 """
 
 from __future__ import annotations
@@ -65,15 +66,25 @@ class Reranker(Protocol):
         self, query: str, docs: Sequence[str], instruction: str | None = None
     ) -> list[float]: ...
 
+    def stats(self) -> dict[str, int | float]:
+        """Counters for /metrics under the same names for every backend (see BatchedReranker)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
 class RerankEngine(Protocol):
-    """A synchronous scorer run in one worker thread; it may merge pairs of several requests."""
+    """A synchronous scorer run in one worker thread; it may merge pairs of several requests.
+
+    Optional: ``estimate_tokens(request) -> int`` (cheap, no tokenizer: the batcher calls it on the
+    event loop per document) and ``max_batch_tokens`` (default slice/dispatch budget).
+    """
 
     def load(self) -> None: ...
 
     def score_requests(self, requests: Sequence[RerankRequest]) -> list[list[float]]: ...
+
+    def stats(self) -> dict[str, int | float]: ...
 
 
 def cuda_available() -> bool:
@@ -107,27 +118,36 @@ def build_reranker(settings: Settings, model_path: str | None = None) -> Reranke
         from pipeline.rerank.remote import RemoteReranker
 
         return RemoteReranker.from_settings(settings)
-    if pick_backend(settings) == "vllm":
-        from pipeline.rerank.vllm import VLLMReranker
+    from pipeline.rerank.batcher import BatchedReranker, MicroBatcher
 
-        return VLLMReranker(
+    engine: RerankEngine
+    if pick_backend(settings) == "vllm":
+        from pipeline.rerank.vllm import VLLMEngine
+
+        engine = VLLMEngine(
             model,
             max_model_len=settings.rerank_max_length,
             gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
             dtype=settings.rerank_dtype,
         )
-    from pipeline.rerank.batcher import BatchedReranker, MicroBatcher
-    from pipeline.rerank.hf import HFEngine
+    else:
+        from pipeline.rerank.hf import HFEngine
 
-    engine = HFEngine(
-        model,
-        device=settings.rerank_device,
-        dtype=settings.rerank_dtype,
-        max_length=settings.rerank_max_length,
-        max_batch_tokens=settings.rerank_max_batch_tokens,
-        max_padding=settings.rerank_max_padding,
-    )
+        engine = HFEngine(
+            model,
+            device=settings.rerank_device,
+            dtype=settings.rerank_dtype,
+            max_length=settings.rerank_max_length,
+            max_batch_tokens=settings.rerank_max_batch_tokens,
+            max_padding=settings.rerank_max_padding,
+        )
     batcher = MicroBatcher(
-        engine, max_wait_ms=settings.rerank_max_wait_ms, queue_size=settings.rerank_queue_size
+        engine,
+        max_wait_ms=settings.rerank_max_wait_ms,
+        queue_size=settings.rerank_queue_size,
+        queue_tokens=settings.rerank_queue_tokens,
+        slice_tokens=settings.rerank_slice_tokens,
+        deadline_s=settings.rerank_deadline_s,
+        max_length=settings.rerank_max_length,
     )
     return BatchedReranker(engine, settings.rerank_model, batcher)

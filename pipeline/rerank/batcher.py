@@ -1,9 +1,30 @@
-"""Async micro-batcher: merges concurrent rerank requests into shared forward passes.
+"""Async micro-batcher: admission by work, slices that interleave, merged engine calls.
 
-Requests wait in a bounded queue (full → ``Overloaded``, answered as 429); a collector takes what has
-arrived within ``max_wait`` (and everything that queued while the model was busy), drops requests whose
-caller has gone, and hands the rest to the engine in one call on a single worker thread, so model work
-never runs on the event loop. The engine cuts the merged pairs into token-budget batches itself.
+Every backend (transformers, vLLM) sits behind this one scheduler:
+
+- **Work, not requests.** A request's work is estimated before it is queued, per document, in tokens
+  (the engine's ``estimate_tokens`` when it has one, else :func:`estimate_pair_tokens`: characters /
+  ``CHARS_PER_TOKEN`` capped by ``max_length``; no tokenizer runs on the event loop). The queue is
+  bounded in tokens (``queue_tokens``) and in requests (``queue_size``); past either → ``Overloaded``.
+- **Deadline.** Throughput is measured in estimated tokens per second (a decayed, token-weighted
+  average over recent dispatches), so the estimator's bias cancels out. A request that alone would
+  take longer than ``deadline_s`` is refused with ``WorkTooLarge``; one that would miss it because of
+  the work ahead of it gets ``Overloaded`` with a Retry-After from the measured rate.
+- **Slices, fair round-robin.** Requests are cut into slices of consecutive documents (at most
+  ``slice_tokens`` each) and served round by round: each active request gets at most one slice per
+  round, and a newcomer joins the current round ahead of requests already served in it. So a short
+  request waits for the slice in flight, not for a long request's whole run, and a long request is
+  never starved (it gets a slice every round; rounds are bounded by ``queue_size``). Round-robin was
+  chosen over shortest-remaining-work-first because it needs no accurate size estimate (ours is a
+  character heuristic) and no aging constant to tune, while still bounding a short request's wait.
+- **Merging.** One engine call carries slices of several requests, up to a dispatch budget of
+  ``slice_tokens`` estimated tokens (and ``max_pairs_per_dispatch`` pairs); the engine cuts them into
+  forward passes itself. If a merged call fails, each request's part is re-run alone so one bad
+  request (e.g. an oversized instruction) cannot fail the others.
+- **Cancellation.** A caller that goes away cancels its future: its remaining slices are dropped at
+  once (counted) and its queued tokens are released.
+
+Model work runs in one worker thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -11,145 +32,477 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from pipeline.rerank import RerankEngine, RerankRequest
+from pipeline.rerank.prompt import BODY_TEMPLATE, PREFIX, SUFFIX, resolve_instruction
 
 log = logging.getLogger(__name__)
 
+# Heuristic tokens per pair before anything is tokenized: Qwen's BPE averages ~4.2 characters per
+# token on English prose and fewer on code, numbers and most other scripts; 3 errs on the side of more
+# work. Only relative sizes matter for scheduling: throughput is measured in these same units.
+CHARS_PER_TOKEN = 3.0
+TEMPLATE_CHARS = (
+    len(PREFIX) + len(SUFFIX) + len(BODY_TEMPLATE.format(instruction="", query="", doc=""))
+)
+DEFAULT_SLICE_TOKENS = 8192  # when neither the setting nor the engine's max_batch_tokens say
+# Used until the first measurement (BatchedReranker.load() calibrates at once): the real
+# Qwen3-Reranker-0.6B runs ~95-110 tokens/s on a 2-core CPU (docs/benchmarks.md), a GPU far more.
+START_TOKENS_PER_S = 100.0
+RATE_HALF_LIFE_TOKENS = 65536.0  # older dispatches weigh half after this much newer work
+CALIBRATION_DOCS = 2
+
 
 class Overloaded(RuntimeError):
-    """The rerank queue is full; retry after ``retry_after`` seconds."""
+    """Too much work queued (tokens, requests or deadline): answer 429 with ``Retry-After``.
 
-    def __init__(self, retry_after: float) -> None:
-        super().__init__("the reranker queue is full")
+    ``message`` is safe to send to the client.
+    """
+
+    def __init__(self, retry_after: float, message: str = "the reranker queue is full") -> None:
+        super().__init__(message)
         self.retry_after = retry_after
+        self.message = message
+
+
+class WorkTooLarge(ValueError):
+    """One request is more work than the reranker accepts at all: answer 413 (split it).
+
+    ``message`` is safe to send to the client; ``tokens`` is the request's estimated work and
+    ``limit`` the most this server accepts in one request (both in estimated tokens).
+    """
+
+    def __init__(self, message: str, *, tokens: int, limit: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.tokens = tokens
+        self.limit = limit
+
+
+def estimate_pair_tokens(request: RerankRequest, max_length: int) -> list[int]:
+    """Estimated tokens of each (query, document) pair: characters / CHARS_PER_TOKEN, capped."""
+    fixed = TEMPLATE_CHARS + len(resolve_instruction(request.instruction)) + len(request.query)
+    return [min(max_length, math.ceil((fixed + len(d)) / CHARS_PER_TOKEN)) for d in request.docs]
 
 
 @dataclass
 class BatcherStats:
-    requests: int = 0
-    dispatches: int = 0
-    merged_dispatches: int = 0  # dispatches that carried pairs of more than one request
+    requests: int = 0  # admitted
+    dispatches: int = 0  # engine calls
+    merged_dispatches: int = 0  # engine calls that carried slices of more than one request
     max_requests_per_dispatch: int = 0
-    pairs: int = 0
-    dropped: int = 0  # requests whose caller went away before the model ran them
-    rejected: int = 0
+    slices: int = 0  # (request, document range) parts dispatched
+    pairs: int = 0  # pairs scored
+    estimated_tokens: int = 0  # estimated tokens scored
+    dropped: int = 0  # requests whose caller went away before they were finished
+    dropped_pairs: int = 0  # their pairs that were never dispatched
+    rejected: int = (
+        0  # Overloaded: queue full (requests or tokens) or deadline because of the queue
+    )
+    refused_deadline: int = 0  # of those, refused because the queue ahead would miss the deadline
+    too_large: int = 0  # WorkTooLarge
+    failed: int = 0  # requests that ended with an engine error
     last_dispatch_s: float = 0.0
-    dispatch_sizes: list[int] = field(default_factory=list)
+    last_dispatch_pairs: int = 0
+    last_dispatch_tokens: int = 0
+    dispatch_sizes: list[int] = field(default_factory=list)  # pairs of the last 100 dispatches
+
+
+@dataclass(eq=False)
+class _Job:
+    request: RerankRequest
+    est: list[int]
+    future: asyncio.Future[list[float]]
+    seq: int
+    scores: list[float]
+    pending: int  # pairs not scored yet
+    waiting_tokens: int  # estimated tokens not dispatched yet
+    next_doc: int = 0  # first document not dispatched yet
+    rounds: int = 0  # round-robin rounds served
+    last_served: float = -1.0  # dispatch number of its last slice (newcomers: just before)
 
 
 @dataclass(slots=True)
-class _Job:
-    request: RerankRequest
-    future: asyncio.Future[list[float]]
+class _Part:
+    job: _Job
+    start: int
+    stop: int
+    tokens: int
 
 
 class MicroBatcher:
+    """Schedules rerank requests onto one engine; see the module docstring for the policy.
+
+    ``queue_tokens`` / ``deadline_s`` ``None`` = no such bound; ``slice_tokens`` ``None`` = the engine's
+    ``max_batch_tokens`` when it has one, else ``DEFAULT_SLICE_TOKENS``.
+    """
+
     def __init__(
         self,
         engine: RerankEngine,
         *,
         max_wait_ms: float = 2.0,
         queue_size: int = 64,
+        queue_tokens: int | None = None,
+        slice_tokens: int | None = None,
+        deadline_s: float | None = None,
+        max_length: int = 8192,
         max_pairs_per_dispatch: int = 512,
         max_requests_per_dispatch: int | None = None,
+        start_tokens_per_s: float = START_TOKENS_PER_S,
     ) -> None:
         self.engine = engine
         self.max_wait = max_wait_ms / 1000.0
         self.queue_size = queue_size
+        self.queue_tokens = queue_tokens
+        self._slice_tokens = slice_tokens
+        self.deadline_s = deadline_s if deadline_s else None
+        self.max_length = max_length
         self.max_pairs = max_pairs_per_dispatch
         self.max_requests = max_requests_per_dispatch  # None = no limit; 1 = no merging
+        self.start_tokens_per_s = start_tokens_per_s
         self.stats = BatcherStats()
-        self._queue: asyncio.Queue[_Job] | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._rate_tokens = 0.0  # decayed sums behind tokens_per_s
+        self._rate_seconds = 0.0
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="winnow-rerank")
-        self._busy = False
+        self._estimate: Callable[[RerankRequest], list[int]] = self._pick_estimator()
+        self._reset()
+
+    # --- state --------------------------------------------------------------------------------
+    def _reset(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._ring: list[_Job] = []  # admitted jobs with documents not dispatched yet
+        self._jobs: set[_Job] = set()  # admitted, unfinished
+        self._waiting_tokens = 0
+        self._inflight_tokens = 0
+        self._seq = 0
+        self._dispatch_no = 0
+
+    def _pick_estimator(self) -> Callable[[RerankRequest], list[int]]:
+        est = getattr(self.engine, "estimate_tokens", None)
+        if callable(est):
+            return lambda r: [
+                min(self.max_length, int(est(RerankRequest(r.query, [d], r.instruction))))
+                for d in r.docs
+            ]
+        return lambda r: estimate_pair_tokens(r, self.max_length)
+
+    @property
+    def slice_tokens(self) -> int:
+        if self._slice_tokens is not None:
+            return self._slice_tokens
+        budget = getattr(self.engine, "max_batch_tokens", None)
+        return int(budget) if isinstance(budget, int) and budget > 0 else DEFAULT_SLICE_TOKENS
 
     @property
     def depth(self) -> int:
-        """Requests waiting (not counting the dispatch the model is running)."""
-        return self._queue.qsize() if self._queue is not None else 0
+        """Requests admitted and not finished (waiting or partly dispatched)."""
+        return len(self._jobs)
 
-    def _ensure_started(self) -> asyncio.Queue[_Job]:
-        if self._queue is None or self._task is None or self._task.done():
-            self._queue = asyncio.Queue(self.queue_size)
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="rerank-batcher")
-        return self._queue
+    @property
+    def waiting_tokens(self) -> int:
+        """Estimated tokens queued and not dispatched yet."""
+        return self._waiting_tokens
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Measured throughput in estimated tokens per second (start value before any)."""
+        if self._rate_seconds <= 0:
+            return self.start_tokens_per_s
+        return max(self._rate_tokens / self._rate_seconds, 1e-3)
+
+    def measure(self, tokens: int, seconds: float) -> None:
+        """Fold one dispatch into the throughput estimate (token-weighted, decayed by newer work)."""
+        if tokens <= 0 or seconds <= 0:
+            return
+        decay = 0.5 ** (tokens / RATE_HALF_LIFE_TOKENS)
+        self._rate_tokens = self._rate_tokens * decay + tokens
+        self._rate_seconds = self._rate_seconds * decay + seconds
+
+    def calibrate(self) -> float:
+        """Score a small synthetic request synchronously (call off the loop, after ``load()``).
+
+        Seeds the throughput estimate so the deadline check starts from a measurement; a small
+        request runs below peak throughput, so the seed errs on the conservative side.
+        """
+        doc = " ".join(["calibration text for the reranker scheduler"] * 8)
+        req = RerankRequest("calibration query", [doc] * CALIBRATION_DOCS, None)
+        t0 = time.perf_counter()
+        self.engine.score_requests([req])
+        self.measure(sum(self._estimate(req)), time.perf_counter() - t0)
+        return self.tokens_per_s
+
+    def counters(self) -> dict[str, int | float]:
+        """Batcher counters under the /metrics names (engine counters are merged by the reranker)."""
+        st = self.stats
+        return {
+            "rerank_requests": st.requests,
+            "rerank_dispatches": st.dispatches,
+            "rerank_merged_dispatches": st.merged_dispatches,
+            "rerank_slices": st.slices,
+            "rerank_pairs": st.pairs,
+            "rerank_estimated_tokens": st.estimated_tokens,
+            "rerank_dropped": st.dropped,
+            "rerank_dropped_pairs": st.dropped_pairs,
+            "rerank_rejected": st.rejected,
+            "rerank_refused_deadline": st.refused_deadline,
+            "rerank_too_large": st.too_large,
+            "rerank_failed": st.failed,
+            "queue_depth": self.depth,
+            "queue_tokens": self._waiting_tokens,
+            "last_dispatch_pairs": st.last_dispatch_pairs,
+            "last_dispatch_tokens": st.last_dispatch_tokens,
+            "rerank_tokens_per_s": round(self.tokens_per_s, 3),
+        }
+
+    # --- admission ----------------------------------------------------------------------------
+    def _ensure_started(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._loop is not loop:
+            self._reset()  # a new event loop (or a dead collector): jobs of the old one are gone
+            self._loop = loop
+            self._wakeup = asyncio.Event()
+            self._task = loop.create_task(self._run(), name="rerank-batcher")
+
+    def _admit(self, tokens: int) -> None:
+        """Raise WorkTooLarge / Overloaded unless a request of ``tokens`` can be queued now."""
+        st, rate = self.stats, self.tokens_per_s
+        limits: list[tuple[int, str]] = []
+        if self.queue_tokens is not None:
+            limits.append((self.queue_tokens, "WINNOW_RERANK_QUEUE_TOKENS"))
+        if self.deadline_s is not None:
+            limits.append(
+                (
+                    int(self.deadline_s * rate),
+                    f"{self.deadline_s:g} s at the measured {rate:.0f} tokens/s, "
+                    "WINNOW_RERANK_DEADLINE_S",
+                )
+            )
+        for limit, why in limits:
+            if tokens > limit:
+                st.too_large += 1
+                raise WorkTooLarge(
+                    f"this request is about {tokens} tokens of reranking work; this server accepts "
+                    f"at most about {limit} per request ({why}): split the documents over several "
+                    "requests or send shorter documents",
+                    tokens=tokens,
+                    limit=limit,
+                )
+        if len(self._jobs) >= self.queue_size:
+            st.rejected += 1
+            ahead = self._waiting_tokens / max(1, len(self._jobs))
+            raise Overloaded(self._retry_after(ahead, rate), "the reranker queue is full")
+        if self.queue_tokens is not None and self._waiting_tokens + tokens > self.queue_tokens:
+            st.rejected += 1
+            excess = self._waiting_tokens + tokens - self.queue_tokens
+            raise Overloaded(self._retry_after(excess, rate), "the reranker queue is full")
+        if self.deadline_s is not None:
+            # Round-robin: until this request is done, every other one gets at most as much work.
+            ahead = self._inflight_tokens + sum(min(j.waiting_tokens, tokens) for j in self._ring)
+            finish = (ahead + tokens) / rate
+            if finish > self.deadline_s:
+                st.rejected += 1
+                st.refused_deadline += 1
+                raise Overloaded(
+                    self._retry_after(finish * rate - self.deadline_s * rate, rate),
+                    f"the reranker is too busy to finish this request within "
+                    f"{self.deadline_s:g} s (WINNOW_RERANK_DEADLINE_S)",
+                )
+
+    def _retry_after(self, tokens: float, rate: float) -> float:
+        cap = self.deadline_s if self.deadline_s is not None else 60.0
+        return max(1.0, min(cap, tokens / rate))
 
     async def submit(self, request: RerankRequest) -> list[float]:
         if not request.docs:
             return []
-        queue = self._ensure_started()
-        job = _Job(request, asyncio.get_running_loop().create_future())
-        try:
-            queue.put_nowait(job)
-        except asyncio.QueueFull:
-            self.stats.rejected += 1
-            raise Overloaded(retry_after=max(1.0, self.stats.last_dispatch_s * 2)) from None
+        self._ensure_started()
+        est = self._estimate(request)
+        total = sum(est)
+        self._admit(total)
+        assert self._loop is not None and self._wakeup is not None
+        ring_rounds = min((j.rounds for j in self._ring), default=0)
+        job = _Job(
+            request=request,
+            est=est,
+            future=self._loop.create_future(),
+            seq=self._seq,
+            scores=[0.0] * len(request.docs),
+            pending=len(request.docs),
+            waiting_tokens=total,
+            rounds=ring_rounds,  # joins the current round: after those still waiting in it,
+            last_served=self._dispatch_no - 0.5,  # before those served by the call in flight
+        )
+        self._seq += 1
+        self._jobs.add(job)
+        self._ring.append(job)
+        self._waiting_tokens += total
         self.stats.requests += 1
-        return await job.future  # cancelling this marks the job, which is then skipped
+        job.future.add_done_callback(lambda _f, j=job: self._finished(j))
+        self._wakeup.set()
+        return await job.future  # cancelling this cancels the future: _finished drops the rest
 
-    async def _take(self, queue: asyncio.Queue[_Job]) -> list[_Job]:
-        jobs = [await queue.get()]
-        pairs = len(jobs[0].request.docs)
-        deadline = time.monotonic() + self.max_wait
-        while pairs < self.max_pairs and (
-            self.max_requests is None or len(jobs) < self.max_requests
-        ):
-            try:
-                job = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                left = deadline - time.monotonic()
-                if left <= 0:
+    def _finished(self, job: _Job) -> None:
+        """The job's future is done (result, error or cancelled): release what it still holds."""
+        if job in self._ring:
+            self._ring.remove(job)
+        self._waiting_tokens -= job.waiting_tokens
+        self._jobs.discard(job)
+        if job.future.cancelled():
+            self.stats.dropped += 1
+            self.stats.dropped_pairs += len(job.request.docs) - job.next_doc
+        job.waiting_tokens = 0
+        job.next_doc = len(job.request.docs)
+
+    # --- dispatch -----------------------------------------------------------------------------
+    def _plan(self) -> list[_Part]:
+        """Cut the next engine call: round by round, one slice per request, up to the budget."""
+        budget, slice_max = self.slice_tokens, self.slice_tokens
+        parts: dict[_Job, _Part] = {}
+        used = pairs = 0
+        self._dispatch_no += 1
+        progress = True
+        while progress and self._ring and used < budget and pairs < self.max_pairs:
+            progress = False
+            for job in sorted(self._ring, key=lambda j: (j.rounds, j.last_served, j.seq)):
+                if job.future.done():
+                    continue
+                if (
+                    self.max_requests is not None
+                    and job not in parts
+                    and len(parts) >= self.max_requests
+                ):
+                    continue
+                room = min(slice_max, budget - used)
+                start, stop, tokens = job.next_doc, job.next_doc, 0
+                docs = len(job.request.docs)
+                while stop < docs and pairs + (stop - start) < self.max_pairs:
+                    t = job.est[stop]
+                    if tokens + t > room and not (used == 0 and stop == start):
+                        break  # an empty dispatch always takes at least one document
+                    tokens += t
+                    stop += 1
+                if stop == start:
+                    continue
+                prev = parts.get(job)
+                if prev is not None:
+                    prev.stop, prev.tokens = stop, prev.tokens + tokens
+                else:
+                    parts[job] = _Part(job, start, stop, tokens)
+                job.next_doc = stop
+                job.waiting_tokens -= tokens
+                self._waiting_tokens -= tokens
+                job.rounds += 1
+                job.last_served = self._dispatch_no
+                used += tokens
+                pairs += stop - start
+                progress = True
+                if job.next_doc >= docs:
+                    self._ring.remove(job)
+                if used >= budget or pairs >= self.max_pairs:
                     break
-                try:
-                    job = await asyncio.wait_for(queue.get(), left)
-                except TimeoutError:
-                    break
-            jobs.append(job)
-            pairs += len(job.request.docs)
-        return jobs
+        return list(parts.values())
 
     async def _run(self) -> None:
-        assert self._queue is not None
-        queue = self._queue
-        loop = asyncio.get_running_loop()
+        assert self._wakeup is not None
+        wakeup = self._wakeup
         while True:
-            jobs = await self._take(queue)
-            live = [j for j in jobs if not j.future.done()]
-            self.stats.dropped += len(jobs) - len(live)
-            if not live:
+            if not self._ring:
+                wakeup.clear()
+                await wakeup.wait()
+                if self.max_wait > 0:
+                    await asyncio.sleep(self.max_wait)  # let concurrent arrivals join this call
+            parts = self._plan()
+            if not parts:
                 continue
-            requests = [j.request for j in live]
-            n_pairs = sum(len(r.docs) for r in requests)
-            t0 = time.perf_counter()
             try:
-                scores = await loop.run_in_executor(
-                    self._executor, self.engine.score_requests, requests
-                )
-            except Exception as exc:
+                await self._dispatch(parts)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # never let the collector die: fail these parts instead
                 log.exception("rerank dispatch failed")
-                for j in live:
-                    if not j.future.done():
-                        j.future.set_exception(exc)
-                continue
-            finally:
-                self.stats.last_dispatch_s = time.perf_counter() - t0
-            self._record(len(live), n_pairs)
-            for j, s in zip(live, scores, strict=True):
-                if not j.future.done():
-                    j.future.set_result(s)
+                for p in parts:
+                    self._fail(p.job, exc)
 
-    def _record(self, n_requests: int, n_pairs: int) -> None:
+    async def _dispatch(self, parts: list[_Part]) -> None:
+        loop = asyncio.get_running_loop()
+        requests = [self._sub_request(p) for p in parts]
+        tokens = sum(p.tokens for p in parts)
+        self._inflight_tokens = tokens
+        t0 = time.perf_counter()
+        try:
+            results: list[list[float] | BaseException] = list(
+                await loop.run_in_executor(self._executor, self.engine.score_requests, requests)
+            )
+            self.measure(tokens, time.perf_counter() - t0)
+        except Exception as exc:
+            if len(parts) == 1:
+                results = [exc]
+            else:  # isolate: one bad request must not fail the others merged with it
+                log.warning("merged rerank call failed (%s); re-running each part alone", exc)
+                results = []
+                for req in requests:
+                    try:
+                        one = await loop.run_in_executor(
+                            self._executor, self.engine.score_requests, [req]
+                        )
+                        results.append(one[0])
+                    except Exception as single:
+                        results.append(single)
+        finally:
+            self._inflight_tokens = 0
+            self.stats.last_dispatch_s = time.perf_counter() - t0
+        self._record(parts)
+        for p, res in zip(parts, results, strict=True):
+            if isinstance(res, BaseException):
+                self._fail(p.job, res)
+            else:
+                self._deliver(p, res)
+
+    @staticmethod
+    def _sub_request(p: _Part) -> RerankRequest:
+        r = p.job.request
+        docs = r.docs if (p.start, p.stop) == (0, len(r.docs)) else list(r.docs[p.start : p.stop])
+        return RerankRequest(r.query, docs, r.instruction)
+
+    def _deliver(self, p: _Part, scores: Sequence[float]) -> None:
+        job = p.job
+        if job.future.done():
+            return  # cancelled meanwhile (already counted as dropped) or failed
+        if len(scores) != p.stop - p.start:
+            self._fail(job, RuntimeError(f"engine returned {len(scores)} scores for a slice"))
+            return
+        job.scores[p.start : p.stop] = scores
+        job.pending -= p.stop - p.start
+        if job.pending == 0:
+            job.future.set_result(job.scores)
+
+    def _fail(self, job: _Job, exc: BaseException) -> None:
+        if not job.future.done():
+            self.stats.failed += 1
+            job.future.set_exception(exc)
+
+    def _record(self, parts: list[_Part]) -> None:
         st = self.stats
+        n_pairs = sum(p.stop - p.start for p in parts)
+        n_jobs = len({id(p.job) for p in parts})
         st.dispatches += 1
+        st.slices += len(parts)
         st.pairs += n_pairs
-        st.merged_dispatches += n_requests > 1
-        st.max_requests_per_dispatch = max(st.max_requests_per_dispatch, n_requests)
+        st.estimated_tokens += sum(p.tokens for p in parts)
+        st.merged_dispatches += n_jobs > 1
+        st.max_requests_per_dispatch = max(st.max_requests_per_dispatch, n_jobs)
+        st.last_dispatch_pairs = n_pairs
+        st.last_dispatch_tokens = sum(p.tokens for p in parts)
         st.dispatch_sizes = [*st.dispatch_sizes[-99:], n_pairs]
 
     async def aclose(self) -> None:
@@ -157,22 +510,29 @@ class MicroBatcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+        for job in list(self._jobs):
+            if not job.future.done():
+                job.future.cancel()
         self._task = None
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 class BatchedReranker:
-    """The transformers backend as a ``Reranker``: an HFEngine behind a MicroBatcher."""
-
-    backend = "hf"
+    """A ``Reranker``: any ``RerankEngine`` (transformers, vLLM) behind a :class:`MicroBatcher`."""
 
     def __init__(self, engine: RerankEngine, model: str, batcher: MicroBatcher) -> None:
         self.engine = engine
         self.model = model
         self.batcher = batcher
+        self.backend: str = str(getattr(engine, "backend", "hf"))
+        self._load_lock = threading.Lock()
 
     def load(self) -> None:
-        self.engine.load()
+        """Load the engine and seed the throughput estimate (blocking; call off the event loop)."""
+        with self._load_lock:
+            self.engine.load()
+            rate = self.batcher.calibrate()
+            log.info("reranker calibrated at ~%.0f estimated tokens/s", rate)
 
     async def score(
         self, query: str, docs: Sequence[str], instruction: str | None = None
@@ -180,19 +540,15 @@ class BatchedReranker:
         return await self.batcher.submit(RerankRequest(query, list(docs), instruction))
 
     def stats(self) -> dict[str, int | float]:
-        st, engine = self.batcher.stats, self.engine
-        return {
-            "rerank_requests": st.requests,
-            "rerank_dispatches": st.dispatches,
-            "rerank_merged_dispatches": st.merged_dispatches,
-            "rerank_dropped": st.dropped,
-            "rerank_rejected": st.rejected,
-            "queue_depth": self.batcher.depth,
-            "last_dispatch_pairs": st.dispatch_sizes[-1] if st.dispatch_sizes else 0,
-            "rerank_pairs": getattr(engine, "pairs_scored", 0),
-            "rerank_tokens": getattr(engine, "tokens_scored", 0),
-            "rerank_forward_passes": getattr(engine, "forward_passes", 0),
-        }
+        """Batcher + engine counters under the names /metrics exports, the same for every backend."""
+        out = self.batcher.counters()
+        engine_stats: dict[str, Any] = {}
+        stats_fn = getattr(self.engine, "stats", None)
+        if callable(stats_fn):
+            engine_stats = stats_fn()
+        out["rerank_tokens"] = int(engine_stats.get("tokens_scored", 0))
+        out["rerank_forward_passes"] = int(engine_stats.get("forward_passes", 0))
+        return out
 
     async def aclose(self) -> None:
         await self.batcher.aclose()

@@ -1,23 +1,43 @@
-"""Qwen3-Reranker on vLLM (GPU): the original checkpoint loaded as a yes/no sequence classifier.
+"""Qwen3-Reranker on vLLM (GPU): a ``RerankEngine`` behind the same micro-batcher as transformers.
 
-vLLM batches and prefix-caches by itself, so there is no micro-batcher in front of it; calls run in one
-worker thread so the event loop never blocks. Prompt text comes from :mod:`pipeline.rerank.prompt`.
-When ``LLM.score`` accepts a ``chat_template`` (newer vLLM), a template that just concatenates the two
-pre-formatted sides is passed, so the whole prompt is tokenized as one string exactly like the card;
-otherwise the card's vLLM example form is used (query side + document side).
+``score_requests`` merges the pairs of every request it is given into **one** ``LLM.score`` call with
+paired lists (``data_1[i]`` query side, ``data_2[i]`` document side), so concurrent requests share
+vLLM's own batching and prefix cache, and the batcher's queue bound, slices, deadline and counters
+apply to this backend too.
+
+Tokens: the model must see exactly the model card's tokens (DESIGN.md §4), and documents are cut by
+the same rule and the same tokenizer call as the transformers engine
+(:func:`pipeline.rerank.prompt.encode_bodies` with the model's own tokenizer, ``llm.get_tokenizer()``).
+``LLM.score`` in vLLM 0.33 takes text only (str or multimodal parts: no ``TokensPrompt``; its own
+``max_tokens_per_doc`` cuts text at a token offset without the card's budget rule), so the cut
+document is sent as text that re-tokenizes to exactly the kept tokens: the kept document tokens are
+decoded and the whole body is re-encoded and compared. Only when the cut falls inside a multi-byte
+character (its byte tokens cannot be written as text) are those 1-3 trailing byte tokens dropped;
+``inexact_cuts`` counts that. An uncut prompt is sent as is: special tokens split the text first, so
+``PREFIX + body + SUFFIX`` tokenizes to ``prefix_ids + body_ids + suffix_ids`` (checked in tests with
+the real tokenizer). ``chat_template`` (newer vLLM) is a template that concatenates the two sides, so
+no template saved with the checkpoint can wrap the prompt twice.
 """
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from pipeline.rerank.prompt import format_document, format_query
+from pipeline.rerank import RerankRequest
+from pipeline.rerank.prompt import (
+    body_budget,
+    check_head_fits,
+    encode_bodies,
+    encode_fixed,
+    format_body,
+    format_document,
+    format_head,
+    format_query,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +52,28 @@ CONCAT_TEMPLATE = (
     '{{ messages | selectattr("role", "eq", "query") | map(attribute="content") | first }}'
     '{{ messages | selectattr("role", "eq", "document") | map(attribute="content") | first }}'
 )
+# Estimated tokens per engine call (the batcher's default slice/dispatch budget): vLLM schedules
+# its own forwards, so a call may carry a lot; a short request still waits at most one such call.
+VLLM_BATCH_TOKENS = 65536
+MAX_CUT_RETRIES = 4  # a UTF-8 character is at most 4 byte tokens
 
 
 def build_score_inputs(
     query: str, docs: Sequence[str], instruction: str | None = None
 ) -> tuple[str, list[str]]:
-    """(query side, document sides) for ``LLM.score(query, docs)``: one query against N documents."""
+    """(query side, document sides) for ``LLM.score``: one query against N documents."""
     return format_query(query, instruction), [format_document(d) for d in docs]
 
 
 def extract_scores(outputs: Sequence[Any], n_docs: int) -> list[float]:
-    """Scores from vLLM ``ScoringRequestOutput``s, in input order (outputs come back in prompt order)."""
+    """Scores from vLLM ``ScoringRequestOutput``s, in input order (vLLM sorts them by prompt)."""
     if len(outputs) != n_docs:
         raise RuntimeError(f"vLLM returned {len(outputs)} scores for {n_docs} documents")
     scores = []
     for out in outputs:
+        error = getattr(out, "error", None)
+        if error is not None:  # vLLM reports a failed pair as score 0.0 plus an error
+            raise RuntimeError(f"vLLM failed to score a pair: {error}")
         inner = getattr(out, "outputs", out)
         score = getattr(inner, "score", inner)
         scores.append(float(score))
@@ -68,8 +95,16 @@ def llm_kwargs(
     }
 
 
-class VLLMReranker:
-    """Reranker protocol on vLLM; ``load()`` imports vllm lazily and builds the engine."""
+def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class VLLMEngine:
+    """Synchronous RerankEngine over ``vllm.LLM``; ``load()`` imports vllm lazily."""
 
     backend = "vllm"
 
@@ -80,17 +115,49 @@ class VLLMReranker:
         gpu_memory_utilization: float = 0.5,
         max_model_len: int = 8192,
         dtype: str = "auto",
+        max_batch_tokens: int = VLLM_BATCH_TOKENS,
     ) -> None:
         self.model = str(model)
         self.gpu_memory_utilization = gpu_memory_utilization
-        self.max_model_len = max_model_len
+        self.max_length = max_model_len
         self.dtype = dtype
-        self.pairs_scored = 0
-        self.requests_scored = 0
+        self.max_batch_tokens = max_batch_tokens
         self._llm: Any = None
+        self._tokenizer: Any = None
         self._use_template = False
         self._lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-rerank")
+        self.prefix_ids: list[int] = []
+        self.suffix_ids: list[int] = []
+        # Counters (monotonic) for /metrics.
+        self.requests_scored = 0
+        self.pairs_scored = 0
+        self.tokens_scored = 0  # prompt tokens sent (prefix + cut body + suffix)
+        self.cached_tokens = 0  # of those, served from vLLM's prefix cache (when reported)
+        self.score_calls = 0
+        self.cut_documents = 0
+        self.inexact_cuts = 0
+
+    @property
+    def loaded(self) -> bool:
+        return self._llm is not None
+
+    @property
+    def forward_passes(self) -> int:
+        """``LLM.score`` calls (vLLM plans its own forwards); the name the HF engine uses."""
+        return self.score_calls
+
+    def stats(self) -> dict[str, int | float]:
+        """Counters; ``forward_passes`` is the number of ``LLM.score`` calls (vLLM plans its forwards)."""
+        return {
+            "requests_scored": self.requests_scored,
+            "pairs_scored": self.pairs_scored,
+            "tokens_scored": self.tokens_scored,
+            "cached_tokens": self.cached_tokens,
+            "forward_passes": self.score_calls,
+            "batches": self.score_calls,
+            "cut_documents": self.cut_documents,
+            "inexact_cuts": self.inexact_cuts,
+        }
 
     def load(self) -> None:
         with self._lock:
@@ -103,7 +170,7 @@ class VLLMReranker:
             kwargs = llm_kwargs(
                 self.model,
                 gpu_memory_utilization=self.gpu_memory_utilization,
-                max_model_len=self.max_model_len,
+                max_model_len=self.max_length,
                 dtype=self.dtype,
             )
             try:
@@ -111,38 +178,103 @@ class VLLMReranker:
             except TypeError:  # older vLLM spells the pooling runner task="score"
                 kwargs.pop("runner")
                 llm = vllm.LLM(task="score", **kwargs)
-            try:
-                self._use_template = "chat_template" in inspect.signature(llm.score).parameters
-            except (TypeError, ValueError):
-                self._use_template = False
-            self._llm = llm
+            self._attach(llm)
             log.info("vLLM reranker %s loaded (template=%s)", self.model, self._use_template)
 
-    def score_sync(
-        self, query: str, docs: Sequence[str], instruction: str | None = None
-    ) -> list[float]:
-        """Blocking score (runs in the worker thread)."""
-        if not docs:
-            return []
+    def _attach(self, llm: Any) -> None:
+        """Take an ``LLM`` (real, or a test double): tokenizer, fixed ids, template support."""
+        tok = llm.get_tokenizer()
+        self.prefix_ids, self.suffix_ids = encode_fixed(tok)
+        body_budget(self.max_length, self.prefix_ids, self.suffix_ids)  # validates max_length
+        try:
+            self._use_template = "chat_template" in inspect.signature(llm.score).parameters
+        except (TypeError, ValueError):
+            self._use_template = False
+        self._tokenizer = tok
+        self._llm = llm
+
+    # ------------------------------------------------------------------------------------------
+    def prepare(self, request: RerankRequest) -> tuple[str, list[str], list[int]]:
+        """(query side, document sides, prompt token counts) with documents cut like the card.
+
+        Raises :class:`~pipeline.rerank.prompt.PromptTooLong` when instruction + query leave no
+        room for the document (only documents are ever cut).
+        """
+        tok = self._tokenizer
+        budget = body_budget(self.max_length, self.prefix_ids, self.suffix_ids)
+        texts = [format_head(request.query, request.instruction)]
+        texts += [format_body(request.query, d, request.instruction) for d in request.docs]
+        bodies = encode_bodies(tok, texts, budget)
+        head_ids, doc_bodies = bodies[0], bodies[1:]
+        check_head_fits(len(head_ids), budget)
+        fixed = len(self.prefix_ids) + len(self.suffix_ids)
+        docs: list[str] = []
+        counts: list[int] = []
+        for doc, body in zip(request.docs, doc_bodies, strict=True):
+            if len(body) < budget:
+                docs.append(doc)  # not cut: the text as given is exactly these tokens
+                counts.append(fixed + len(body))
+                continue
+            self.cut_documents += 1
+            cut, n = self._reconstruct(request, head_ids, body, budget)
+            docs.append(cut)
+            counts.append(fixed + n)
+        return format_query(request.query, request.instruction), docs, counts
+
+    def _reconstruct(
+        self, request: RerankRequest, head_ids: list[int], body: list[int], budget: int
+    ) -> tuple[str, int]:
+        """Document text whose body re-tokenizes to ``body`` (the card's cut), and its length."""
+        tok = self._tokenizer
+        shared = _common_prefix_len(head_ids, body)
+        keep = len(body)
+        for _ in range(MAX_CUT_RETRIES):
+            text = tok.decode(
+                body[shared:keep], skip_special_tokens=False, clean_up_tokenization_spaces=False
+            )
+            if text.startswith(" "):  # "<Document>:" + " " + document
+                doc = text[1:]
+                again = encode_bodies(
+                    tok, [format_body(request.query, doc, request.instruction)], budget
+                )[0]
+                if again == body[:keep]:
+                    if keep != len(body):
+                        self.inexact_cuts += 1
+                    return doc, keep
+            keep -= 1
+            if keep <= shared:
+                break
+        raise RuntimeError("could not write a cut document as text that keeps its tokens")
+
+    def score_requests(self, requests: Sequence[RerankRequest]) -> list[list[float]]:
+        """All pairs of all ``requests`` in one ``LLM.score`` call; scores in input order."""
         if self._llm is None:
             self.load()
-        q, ds = build_score_inputs(query, docs, instruction)
+        data_1: list[str] = []
+        data_2: list[str] = []
+        sizes: list[int] = []
+        tokens = 0
+        for req in requests:
+            q, docs, counts = self.prepare(req)
+            data_1 += [q] * len(docs)
+            data_2 += [format_document(d) for d in docs]
+            sizes.append(len(docs))
+            tokens += sum(counts)
+        if not data_2:
+            return [[] for _ in requests]
         kwargs: dict[str, Any] = {"use_tqdm": False}
         if self._use_template:
             kwargs["chat_template"] = CONCAT_TEMPLATE
-        outputs = self._llm.score(q, ds, **kwargs)
-        self.requests_scored += 1
-        self.pairs_scored += len(docs)
-        return extract_scores(outputs, len(docs))
-
-    async def score(
-        self, query: str, docs: Sequence[str], instruction: str | None = None
-    ) -> list[float]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor, self.score_sync, query, list(docs), instruction
-        )
-
-    async def aclose(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        self._llm = None
+        outputs = self._llm.score(data_1, data_2, **kwargs)
+        flat = extract_scores(outputs, len(data_2))
+        self.score_calls += 1
+        self.requests_scored += len(requests)
+        self.pairs_scored += len(data_2)
+        self.tokens_scored += tokens
+        self.cached_tokens += sum(int(getattr(o, "num_cached_tokens", 0) or 0) for o in outputs)
+        out: list[list[float]] = []
+        at = 0
+        for n in sizes:
+            out.append(flat[at : at + n])
+            at += n
+        return out

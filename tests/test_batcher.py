@@ -1,0 +1,281 @@
+"""MicroBatcher scheduling: admission by work, slices that interleave, cancellation, deadline.
+
+Most tests drive a deterministic engine object (allowed by the issue) that records every call and can
+be held at a gate, so order is asserted on dispatches, never on wall time; the equality test uses the
+real tiny Qwen3 HFEngine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+
+from pipeline.rerank import RerankRequest
+from pipeline.rerank.batcher import (
+    BatchedReranker,
+    MicroBatcher,
+    Overloaded,
+    WorkTooLarge,
+    estimate_pair_tokens,
+)
+
+
+def det_score(query: str, doc: str) -> float:
+    return (sum(f"{query}|{doc}".encode()) % 1009) / 1009
+
+
+class ScriptedEngine:
+    """Records each call's (query, docs) parts; blocks while ``gate`` is clear; fails on 'boom'."""
+
+    backend = "scripted"
+
+    def __init__(self) -> None:
+        self.calls: list[list[tuple[str, tuple[str, ...]]]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.started = threading.Event()
+
+    def load(self) -> None:
+        pass
+
+    def stats(self) -> dict[str, int | float]:
+        return {"tokens_scored": 7 * len(self.calls), "forward_passes": len(self.calls)}
+
+    def score_requests(self, requests: list[RerankRequest]) -> list[list[float]]:
+        self.calls.append([(r.query, tuple(r.docs)) for r in requests])
+        self.started.set()
+        assert self.gate.wait(30)
+        if any(r.query == "boom" for r in requests):
+            raise ValueError("boom")
+        return [[det_score(r.query, d) for d in r.docs] for r in requests]
+
+    def queries_per_call(self) -> list[list[str]]:
+        return [[q for q, _ in call] for call in self.calls]
+
+
+def doc_of(tokens: int, tag: str) -> str:
+    """A document the heuristic estimates at about ``tokens`` tokens (plus the template)."""
+    return (tag + " ") + "x" * (3 * tokens)
+
+
+async def until_started(engine: ScriptedEngine) -> None:
+    assert await asyncio.to_thread(engine.started.wait, 30)
+    engine.started.clear()
+
+
+def test_estimate_is_capped_and_grows_with_length() -> None:
+    req = RerankRequest("q", ["a", "b" * 3000, "c" * 10**6])
+    short, mid, huge = estimate_pair_tokens(req, max_length=8192)
+    assert short < mid < huge == 8192
+    assert mid >= 1000
+
+
+def test_sliced_scores_equal_unsliced(tiny_engine: Any) -> None:
+    docs = [f"document number {i} about " + "tides and moons " * (i % 5 + 1) for i in range(12)]
+    other = ["coffee beans", "volcano ash", "marathon"]
+    whole = tiny_engine.score_requests([RerankRequest("tides?", docs), RerankRequest("b", other)])
+    batcher = MicroBatcher(tiny_engine, slice_tokens=200, max_wait_ms=5)
+    r = BatchedReranker(tiny_engine, "tiny", batcher)
+
+    async def go() -> list[list[float]]:
+        return list(await asyncio.gather(r.score("tides?", docs), r.score("b", other)))
+
+    got = asyncio.run(go())
+    for g, w in zip(got, whole, strict=True):
+        assert max(abs(a - b) for a, b in zip(g, w, strict=True)) <= 1e-5
+    st = r.stats()
+    assert st["rerank_slices"] > 2 and st["rerank_dispatches"] > 1 and st["rerank_pairs"] == 15
+    assert st["rerank_tokens"] > 0 and st["rerank_forward_passes"] > 0
+    asyncio.run(r.aclose())
+
+
+def test_short_request_waits_at_most_one_slice_of_a_long_one() -> None:
+    engine = ScriptedEngine()
+    long_docs = [doc_of(400, f"L{i}") for i in range(40)]
+    batcher = MicroBatcher(engine, slice_tokens=1000, max_wait_ms=0)
+
+    async def go() -> tuple[list[float], list[float]]:
+        engine.gate.clear()
+        long_task = asyncio.ensure_future(batcher.submit(RerankRequest("long", long_docs)))
+        await until_started(engine)  # slice 1 of the long request is in the engine
+        short_task = asyncio.ensure_future(batcher.submit(RerankRequest("short", ["a", "b"])))
+        await asyncio.sleep(0)
+        engine.gate.set()
+        return await short_task, await long_task
+
+    short, long = asyncio.run(go())
+    calls = engine.queries_per_call()
+    assert calls[0] == ["long"]
+    # the very next call carries the whole short request, ahead of the long request's next slice
+    assert calls[1][0] == "short" and engine.calls[1][0][1] == ("a", "b")
+    assert len(calls) >= 40 * 400 // 1000  # the long request really was sliced
+    assert short == [det_score("short", d) for d in ["a", "b"]]
+    assert long == [det_score("long", d) for d in long_docs]  # reassembled in input order
+    assert all(len(c) <= 2 for c in engine.calls)
+    asyncio.run(batcher.aclose())
+
+
+def test_two_long_requests_interleave_round_robin() -> None:
+    engine = ScriptedEngine()
+    batcher = MicroBatcher(engine, slice_tokens=1000, max_wait_ms=0)
+    a = [doc_of(900, f"A{i}") for i in range(4)]
+    b = [doc_of(900, f"B{i}") for i in range(4)]
+
+    async def go() -> None:
+        engine.gate.clear()
+        ta = asyncio.ensure_future(batcher.submit(RerankRequest("a", a)))
+        await until_started(engine)
+        tb = asyncio.ensure_future(batcher.submit(RerankRequest("b", b)))
+        await asyncio.sleep(0)
+        engine.gate.set()
+        await asyncio.gather(ta, tb)
+
+    asyncio.run(go())
+    order = [c[0][0] for c in engine.calls]
+    assert order == ["a", "b", "a", "b", "a", "b", "a", "b"]
+    asyncio.run(batcher.aclose())
+
+
+def test_small_requests_merge_into_one_call() -> None:
+    engine = ScriptedEngine()
+    batcher = MicroBatcher(engine, slice_tokens=4096, max_wait_ms=20)
+
+    async def go() -> list[list[float]]:
+        return list(
+            await asyncio.gather(
+                *(batcher.submit(RerankRequest(f"q{i}", ["d1", "d2"])) for i in range(5))
+            )
+        )
+
+    got = asyncio.run(go())
+    assert len(engine.calls) == 1 and len(engine.calls[0]) == 5
+    assert got == [[det_score(f"q{i}", d) for d in ["d1", "d2"]] for i in range(5)]
+    assert batcher.stats.merged_dispatches == 1 and batcher.stats.max_requests_per_dispatch == 5
+    asyncio.run(batcher.aclose())
+
+
+def test_cancelled_request_drops_its_remaining_slices() -> None:
+    engine = ScriptedEngine()
+    batcher = MicroBatcher(engine, slice_tokens=1000, max_wait_ms=0)
+    docs = [doc_of(400, f"L{i}") for i in range(20)]
+
+    async def go() -> None:
+        engine.gate.clear()
+        task = asyncio.ensure_future(batcher.submit(RerankRequest("long", docs)))
+        await until_started(engine)
+        assert batcher.waiting_tokens > 0
+        task.cancel()  # what the API does when the client disconnects
+        await asyncio.sleep(0)
+        assert batcher.waiting_tokens == 0 and batcher.depth == 0
+        engine.gate.set()
+        ok = await batcher.submit(RerankRequest("next", ["x"]))  # the engine is free again
+        assert ok == [det_score("next", "x")]
+
+    asyncio.run(go())
+    assert engine.queries_per_call() == [["long"], ["next"]]
+    first_slice = len(engine.calls[0][0][1])
+    st = batcher.counters()
+    assert st["rerank_dropped"] == 1 and st["rerank_dropped_pairs"] == 20 - first_slice
+    asyncio.run(batcher.aclose())
+
+
+def test_admission_is_bounded_in_tokens() -> None:
+    engine = ScriptedEngine()
+    batcher = MicroBatcher(engine, queue_tokens=2000, slice_tokens=4000, max_wait_ms=0)
+
+    async def go() -> None:
+        with pytest.raises(WorkTooLarge, match="WINNOW_RERANK_QUEUE_TOKENS") as too_big:
+            await batcher.submit(RerankRequest("big", [doc_of(1000, "x")] * 3))
+        assert too_big.value.tokens > too_big.value.limit == 2000
+        engine.gate.clear()
+        running = asyncio.ensure_future(batcher.submit(RerankRequest("a", [doc_of(1500, "a")])))
+        await until_started(engine)  # dispatched: no longer counts as waiting
+        waiting = asyncio.ensure_future(batcher.submit(RerankRequest("b", [doc_of(1200, "b")])))
+        await asyncio.sleep(0)
+        assert 1200 <= batcher.waiting_tokens < 2000
+        with pytest.raises(Overloaded) as full:
+            await batcher.submit(RerankRequest("c", [doc_of(1200, "c")]))
+        assert full.value.retry_after >= 1
+        # a request small enough to fit in what is left is still admitted
+        small = asyncio.ensure_future(batcher.submit(RerankRequest("d", ["tiny"])))
+        engine.gate.set()
+        await asyncio.gather(running, waiting, small)
+
+    asyncio.run(go())
+    st = batcher.counters()
+    assert st["rerank_too_large"] == 1 and st["rerank_rejected"] == 1 and st["rerank_requests"] == 3
+    asyncio.run(batcher.aclose())
+
+
+def test_request_cap_still_applies() -> None:
+    engine = ScriptedEngine()
+    batcher = MicroBatcher(engine, queue_size=2, max_wait_ms=0)
+
+    async def go() -> None:
+        engine.gate.clear()
+        first = [
+            asyncio.ensure_future(batcher.submit(RerankRequest(f"q{i}", ["d"]))) for i in range(2)
+        ]
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded):
+            await batcher.submit(RerankRequest("q3", ["d"]))
+        engine.gate.set()
+        await asyncio.gather(*first)
+
+    asyncio.run(go())
+    asyncio.run(batcher.aclose())
+
+
+def test_deadline_refuses_up_front() -> None:
+    engine = ScriptedEngine()
+    # 100 tokens/s before any measurement, 10 s deadline: at most ~1000 tokens of work.
+    batcher = MicroBatcher(engine, deadline_s=10, start_tokens_per_s=100, max_wait_ms=0)
+
+    async def go() -> None:
+        with pytest.raises(WorkTooLarge, match="WINNOW_RERANK_DEADLINE_S") as alone:
+            await batcher.submit(RerankRequest("big", [doc_of(600, "a"), doc_of(600, "b")]))
+        assert alone.value.limit == 1000
+        assert engine.calls == []  # refused before any work
+        engine.gate.clear()
+        running = asyncio.ensure_future(batcher.submit(RerankRequest("a", [doc_of(700, "a")])))
+        await until_started(engine)
+        with pytest.raises(Overloaded, match="WINNOW_RERANK_DEADLINE_S") as busy:
+            await batcher.submit(RerankRequest("b", [doc_of(700, "b")]))
+        assert 1 <= busy.value.retry_after <= 10
+        engine.gate.set()
+        await running
+
+    asyncio.run(go())
+    st = batcher.counters()
+    assert st["rerank_too_large"] == 1 and st["rerank_refused_deadline"] == 1
+    assert st["rerank_tokens_per_s"] != 100  # measured after the first dispatch
+    asyncio.run(batcher.aclose())
+
+
+def test_calibration_seeds_the_rate(tiny_engine: Any) -> None:
+    batcher = MicroBatcher(tiny_engine, start_tokens_per_s=1.0)
+    rate = batcher.calibrate()
+    assert rate > 1.0 and batcher.tokens_per_s == rate
+
+
+def test_failed_merged_call_isolates_the_bad_request() -> None:
+    engine = ScriptedEngine()
+    batcher = MicroBatcher(engine, max_wait_ms=20)
+
+    async def go() -> list[Any]:
+        return list(
+            await asyncio.gather(
+                batcher.submit(RerankRequest("good", ["d"])),
+                batcher.submit(RerankRequest("boom", ["d"])),
+                return_exceptions=True,
+            )
+        )
+
+    good, bad = asyncio.run(go())
+    assert good == [det_score("good", "d")] and isinstance(bad, ValueError)
+    assert engine.queries_per_call() == [["good", "boom"], ["good"], ["boom"]]
+    assert batcher.counters()["rerank_failed"] == 1
+    asyncio.run(batcher.aclose())
