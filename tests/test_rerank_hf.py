@@ -260,7 +260,7 @@ def test_truncation_keeps_suffix(setup: Any, max_length: int) -> None:
     try:
         reqs = [
             RerankRequest("short query", DOCS),
-            RerankRequest("a longer query about gravity and capitals", DOCS[:3] + [LONG]),
+            RerankRequest("a longer query about gravity and capitals", [*DOCS[:3], LONG]),
         ]
         plan = engine.tokenize(reqs)
         for p in plan.pairs:
