@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 # are large (measured with bench/rerank.py); GPU: limited by activation memory, not by efficiency.
 DEFAULT_BATCH_TOKENS_CPU = 8192
 DEFAULT_BATCH_TOKENS_GPU = 65536
+# The packed plan runs no padding, so a bigger stream costs nothing extra: one forward per 20-document
+# request on a CPU (when forced there) and a merged micro-batch in few forwards on a GPU.
+DEFAULT_PACKED_TOKENS_CPU = 32768
 # Padded tail tokens a forward may hold before the padding limit applies: below this, a bigger batch
 # buys more GEMM efficiency than its padding costs (CPU fp32 GEMMs reach ~90% of peak at 256-512 rows).
 MIN_FILL_CPU = 512
@@ -277,9 +280,12 @@ class HFEngine:
                     self.chunked_attention = install_chunked_attention(lm)
                 self.attention_path = "chunked-sdpa" if self.chunked_attention else "sdpa"
             if self.max_batch_tokens is None:
-                self.max_batch_tokens = (
-                    DEFAULT_BATCH_TOKENS_GPU if on_cuda else DEFAULT_BATCH_TOKENS_CPU
-                )
+                if on_cuda:
+                    self.max_batch_tokens = DEFAULT_BATCH_TOKENS_GPU
+                elif self.plan == "packed":
+                    self.max_batch_tokens = DEFAULT_PACKED_TOKENS_CPU
+                else:
+                    self.max_batch_tokens = DEFAULT_BATCH_TOKENS_CPU
             self.min_fill = MIN_FILL_GPU if on_cuda else MIN_FILL_CPU
             self._loaded = True
             if self.plan == "packed" and (self.compile_mode == "on" or on_cuda):
