@@ -487,12 +487,10 @@ def profile_requests(
             setattr(torch.Tensor, name, fn)
     events = prof.events()
     aten = [e for e in events if e.name.startswith("aten::")]
-    leaf = [
-        e
-        for e in aten
-        if e.name not in VIEW_OPS and not any(c.name.startswith("aten::") for c in e.cpu_children)
-    ]
+    # Top level = called by the engine's Python code (not inside another aten op): one dispatch each;
+    # without the metadata-only views that is the number of op launches (≈ kernels on CUDA).
     top = [e for e in aten if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    launched = [e for e in top if e.name not in VIEW_OPS]
     launches = sum(1 for e in events if e.name in LAUNCH_NAMES)
     syncs = sum(1 for e in events if e.name in SYNC_NAMES)
     scalar = sum(1 for e in aten if e.name == "aten::_local_scalar_dense")
@@ -502,7 +500,7 @@ def profile_requests(
         "forwards_per_request": round((engine.forward_passes - forwards0) / n, 2),
         "aten_ops_per_request": round(len(aten) / n, 1),
         "top_level_aten_ops_per_request": round(len(top) / n, 1),
-        "leaf_compute_ops_per_request": round(len(leaf) / n, 1),
+        "op_launches_per_request": round(len(launched) / n, 1),
         "scalar_reads_per_request": round((reads["n"] + scalar) / n, 2),
     }
     if device.startswith("cuda"):
