@@ -334,3 +334,30 @@ def test_resolve_dtype() -> None:
     assert resolve_dtype("auto", "cpu") in (torch.float32, torch.bfloat16)
     with pytest.raises(ValueError):
         resolve_dtype("int8", "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["gather", "varlen"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_packed_matches_card(tmp_path: Path, dtype: str, attention: str) -> None:
+    """CUDA: the packed plan (the auto plan there) vs the card on the GPU, fp32 1e-4, bf16 2e-2."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from pipeline.rerank.attention import varlen_available
+
+    if attention == "varlen" and not varlen_available("cuda"):
+        pytest.skip("torch.nn.attention.varlen absent")
+    path = build_tiny_reranker(tmp_path / "m", "auto")
+    engine = HFEngine(str(path), device="cuda", dtype=dtype, attention=attention)
+    engine.load()
+    assert engine.plan == "packed" and engine.attention_path == attention
+    ref = CardReference(path, getattr(torch, dtype), "cuda")
+    tol = TOL if dtype == "float32" else 2e-2
+    reqs = [
+        RerankRequest("what is the capital of China?", DOCS),
+        RerankRequest("Explain gravity", [*DOCS[2:7], LONG], "Retrieve physics passages"),
+        RerankRequest("what is the capital of China?", DOCS[:3]),
+    ]
+    got = engine.score_requests(reqs)
+    for r, g in zip(reqs, got, strict=True):
+        _assert_close(g, ref.score(r.query, list(r.docs), r.instruction), tol)
