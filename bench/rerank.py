@@ -49,7 +49,7 @@ from card_reference import CardReference  # noqa: E402
 from pipeline.rerank import RerankRequest  # noqa: E402
 from pipeline.rerank.hf import HFEngine  # noqa: E402
 
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("WINNOW_SHARED", str(ROOT.parent / "shared")))
 SCIFACT = SHARED / "data" / "scifact"
 TOKENIZER_DIR = SHARED / "models" / "qwen3-tokenizer"
 # Qwen3-Reranker-0.6B config.json values (model card).
