@@ -458,7 +458,8 @@ def profile_requests(
     from torch.profiler import ProfilerActivity, profile
 
     sample = [reqs[i % len(reqs)] for i in range(n)]
-    engine.score_requests([sample[0]])  # warm-up, not profiled
+    warm = sample[0]
+    engine.score_requests([RerankRequest(warm.query, warm.docs[:2], warm.instruction)])  # warm-up
     acts = [ProfilerActivity.CPU]
     if device.startswith("cuda"):
         acts.append(ProfilerActivity.CUDA)
