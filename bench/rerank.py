@@ -12,6 +12,15 @@ The reference is timed as the card uses it (all pairs of a query in one batch) a
     .venv/bin/python bench/rerank.py --queries 1 --docs-per-query 6 --engine-only --no-chunked-attention
     python bench/rerank.py --device cuda --dtype bfloat16 --queries 20 --vllm   # GPU, winnow[gpu]
 
+``--profile N`` adds a torch.profiler summary of N single requests (after one warm-up): aten ops and
+leaf compute ops per request on any device, CUDA kernel launches and host syncs on CUDA, and scalar
+reads (``tolist``/``item``: a host sync each when the tensor lives on a GPU). ``--plan packed`` forces
+the padding-free CUDA plan on any device; ``--arch narrow28`` profiles a 28-layer model of hidden 64:
+the same op graph as the 0.6B model at a fraction of the cost (op counts do not depend on width).
+Imports only pipeline.rerank.* and tests/card_reference.py: runs on a bare torch + transformers box.
+
+    python bench/rerank.py --queries 1 --plan packed --arch narrow28 --engine-only --profile 3
+
 Never run as a test.
 """
 
@@ -33,11 +42,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "tests"))
+
+from card_reference import CardReference  # noqa: E402
+
 from pipeline.rerank import RerankRequest  # noqa: E402
 from pipeline.rerank.hf import HFEngine  # noqa: E402
-from pipeline.rerank.prompt import DEFAULT_INSTRUCTION, PREFIX, SUFFIX  # noqa: E402
 
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("WINNOW_SHARED", str(ROOT.parent / "shared")))
 SCIFACT = SHARED / "data" / "scifact"
 TOKENIZER_DIR = SHARED / "models" / "qwen3-tokenizer"
 # Qwen3-Reranker-0.6B config.json values (model card).
@@ -102,8 +114,20 @@ def load_scifact(n_queries: int, docs_per_query: int, seed: int = 0) -> list[Rer
 
 
 # --- model ----------------------------------------------------------------------------------------
-def build_model_dir(out: Path) -> Path:
-    """Random-weight Qwen3-Reranker-0.6B-shaped checkpoint + real tokenizer, cached on disk."""
+# Same depth, heads and op graph as the 0.6B model, ~1/16 the width: op-count profiles on a CPU.
+NARROW28 = {
+    **QWEN3_RERANKER_06B,
+    "hidden_size": 64,
+    "intermediate_size": 192,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+}
+ARCHS = {"qwen3-0.6b": QWEN3_RERANKER_06B, "narrow28": NARROW28}
+
+
+def build_model_dir(out: Path, arch: str = "qwen3-0.6b") -> Path:
+    """Random-weight Qwen3-Reranker-shaped checkpoint + real tokenizer, cached on disk."""
     import torch
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
@@ -117,71 +141,13 @@ def build_model_dir(out: Path) -> Path:
 
         tok = build_bpe_tokenizer()
     torch.manual_seed(0)
-    model = Qwen3ForCausalLM(Qwen3Config(**QWEN3_RERANKER_06B)).eval()
+    config = dict(ARCHS[arch])
+    config["vocab_size"] = max(config["vocab_size"], len(tok))
+    model = Qwen3ForCausalLM(Qwen3Config(**config)).eval()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     return out
-
-
-# --- the model card's code (reference) ------------------------------------------------------------
-class CardReference:
-    """QwenLM/Qwen3-Embedding README, transformers usage, kept verbatim in logic."""
-
-    def __init__(self, path: str, dtype: Any, device: str, max_length: int = 8192) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-        self.model = (
-            AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-            .to(device)
-            .eval()
-        )
-        self.device = device
-        self.max_length = max_length
-        self.token_false_id = self.tokenizer.convert_tokens_to_ids("no")
-        self.token_true_id = self.tokenizer.convert_tokens_to_ids("yes")
-        self.prefix_tokens = self.tokenizer.encode(PREFIX, add_special_tokens=False)
-        self.suffix_tokens = self.tokenizer.encode(SUFFIX, add_special_tokens=False)
-
-    def format_instruction(self, instruction: str | None, query: str, doc: str) -> str:
-        if instruction is None:
-            instruction = DEFAULT_INSTRUCTION
-        return f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}"
-
-    def process_inputs(self, pairs: list[str]) -> Any:
-        inputs = self.tokenizer(
-            pairs,
-            padding=False,
-            truncation="longest_first",
-            return_attention_mask=False,
-            max_length=self.max_length - len(self.prefix_tokens) - len(self.suffix_tokens),
-        )
-        for i, ele in enumerate(inputs["input_ids"]):
-            inputs["input_ids"][i] = self.prefix_tokens + ele + self.suffix_tokens
-        inputs = self.tokenizer.pad(inputs, padding=True, return_tensors="pt")
-        for key in inputs:
-            inputs[key] = inputs[key].to(self.device)
-        return inputs
-
-    def compute_logits(self, inputs: Any) -> list[float]:
-        import torch
-
-        with torch.no_grad():
-            batch_scores = self.model(**inputs).logits[:, -1, :]
-            true_vector = batch_scores[:, self.token_true_id]
-            false_vector = batch_scores[:, self.token_false_id]
-            batch_scores = torch.stack([false_vector, true_vector], dim=1)
-            batch_scores = torch.nn.functional.log_softmax(batch_scores, dim=1)
-            return batch_scores[:, 1].exp().tolist()
-
-    def score(self, req: RerankRequest, batch_size: int | None = None) -> list[float]:
-        pairs = [self.format_instruction(req.instruction, req.query, d) for d in req.docs]
-        step = batch_size or len(pairs)
-        out: list[float] = []
-        for i in range(0, len(pairs), step):
-            out += self.compute_logits(self.process_inputs(pairs[i : i + step]))
-        return out
 
 
 # --- measurement ----------------------------------------------------------------------------------
@@ -269,7 +235,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--small-batch", type=int, default=4, help="fixed batch for the 2nd reference run"
     )
     ap.add_argument("--max-length", type=int, default=8192)
-    ap.add_argument("--model-dir", type=Path, default=Path("/tmp/winnow-bench-qwen3-reranker-0.6b"))
+    ap.add_argument("--model-dir", type=Path, default=None, help="default /tmp/winnow-bench-<arch>")
+    ap.add_argument("--arch", default="qwen3-0.6b", choices=list(ARCHS))
+    ap.add_argument("--plan", default="auto", choices=["auto", "padded", "packed"])
+    ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--attention", default="auto", choices=["auto", "gather", "varlen"])
+    ap.add_argument(
+        "--profile", type=int, default=0, help="torch.profiler over N single requests (counts)"
+    )
+    ap.add_argument("--skip-merged", action="store_true", help="no all-requests-merged run")
     ap.add_argument("--skip-small-batch", action="store_true")
     ap.add_argument(
         "--no-chunked-attention", action="store_true", help="plain SDPA in the engine (ablation)"
@@ -290,7 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
     reqs = load_scifact(args.queries, args.docs_per_query)
-    path = str(build_model_dir(args.model_dir))
+    model_dir = args.model_dir
+    if model_dir is None:
+        model_dir = Path(f"/tmp/winnow-bench-{args.arch}")
+    path = str(build_model_dir(model_dir, args.arch))
     n_pairs = sum(len(r.docs) for r in reqs)
 
     engine = HFEngine(
@@ -301,16 +278,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_batch_tokens=args.max_batch_tokens,
         max_padding=None if args.max_padding < 0 else args.max_padding,
         chunked_attention=not args.no_chunked_attention,
+        plan=args.plan,
+        compile=args.compile,
+        attention=args.attention,
     )
+    t_load = time.perf_counter()
     engine.load()
+    load_s = time.perf_counter() - t_load
     # Tokens the reference runs (no padding): the throughput unit for every row.
-    ref_tokens = engine._tokenize(reqs)[2]
+    ref_tokens = engine.tokenize(reqs).reference_tokens
     engine_config = {
-        "max_batch_tokens": engine.max_batch_tokens,
+        **engine.describe(),
+        "arch": args.arch,
         "max_padding": engine.max_padding,
         "min_fill": engine.min_fill,
         "chunked_attention": engine.chunked_attention,
+        "load_seconds": round(load_s, 2),
     }
+    if args.profile:
+        engine_config["profile"] = profile_requests(engine, reqs, device, args.profile)
     runs = [
         timed(
             "winnow HFEngine (per request)",
@@ -335,30 +321,43 @@ def main(argv: Sequence[str] | None = None) -> int:
                 **_tail_tokens(engine, reqs),
             },
         )
-    merged = {"name": "winnow HFEngine (all requests merged)"}
-    t0 = time.perf_counter()
-    merged_scores = engine.score_requests(reqs)
-    merged["seconds"] = time.perf_counter() - t0
-    merged["scores"] = merged_scores
-    merged["peak_extra_mib"] = float("nan")
-    print(f"  {merged['name']}: {merged['seconds']:.1f}s", file=sys.stderr, flush=True)
+    merged: dict[str, Any] | None = None
+    if not args.skip_merged:
+        merged = {"name": "winnow HFEngine (all requests merged)"}
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        merged["scores"] = engine.score_requests(reqs)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        merged["seconds"] = time.perf_counter() - t0
+        merged["peak_extra_mib"] = float("nan")
+        print(f"  {merged['name']}: {merged['seconds']:.1f}s", file=sys.stderr, flush=True)
     del engine
     import gc
 
     gc.collect()
 
     ref = CardReference(path, dtype, device, args.max_length)
-    runs.append(timed("card reference, 1 batch/query", device, reqs, ref.score))
+    runs.append(
+        timed(
+            "card reference, 1 batch/query",
+            device,
+            reqs,
+            lambda r: ref.score(r.query, r.docs, r.instruction),
+        )
+    )
     if not args.skip_small_batch:
         runs.append(
             timed(
                 f"card reference, batch {args.small_batch}",
                 device,
                 reqs,
-                lambda r: ref.score(r, args.small_batch),
+                lambda r: ref.score(r.query, r.docs, r.instruction, batch_size=args.small_batch),
             )
         )
-    runs.append(merged)
+    if merged is not None:
+        runs.append(merged)
     if args.vllm:
         del ref
         gc.collect()
@@ -417,12 +416,106 @@ def _time_vllm(
     )
 
 
+VIEW_OPS = {
+    "aten::view",
+    "aten::_unsafe_view",
+    "aten::reshape",
+    "aten::slice",
+    "aten::select",
+    "aten::transpose",
+    "aten::t",
+    "aten::permute",
+    "aten::expand",
+    "aten::unsqueeze",
+    "aten::squeeze",
+    "aten::as_strided",
+    "aten::split",
+    "aten::split_with_sizes",
+    "aten::unbind",
+    "aten::narrow",
+    "aten::detach",
+    "aten::alias",
+    "aten::lift_fresh",
+    "aten::resolve_conj",
+    "aten::resolve_neg",
+    "aten::empty",
+    "aten::empty_strided",
+    "aten::empty_like",
+    "aten::result_type",
+    "aten::contiguous",
+    "aten::to",
+    "aten::_to_copy_view",
+}  # metadata only: no kernel runs
+LAUNCH_NAMES = {"cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx"}
+SYNC_NAMES = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"}
+
+
+def profile_requests(
+    engine: HFEngine, reqs: Sequence[RerankRequest], device: str, n: int
+) -> dict[str, Any]:
+    """torch.profiler over ``n`` single requests: ops, kernel launches and syncs per request."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    sample = [reqs[i % len(reqs)] for i in range(n)]
+    warm = sample[0]
+    engine.score_requests([RerankRequest(warm.query, warm.docs[:2], warm.instruction)])  # warm-up
+    acts = [ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        acts.append(ProfilerActivity.CUDA)
+        torch.cuda.synchronize()
+    reads = {"n": 0}
+    originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "item")}
+
+    def counting(name: str) -> Any:
+        def wrapper(self: Any, *a: Any, **kw: Any) -> Any:
+            reads["n"] += 1
+            return originals[name](self, *a, **kw)
+
+        return wrapper
+
+    for name in originals:
+        setattr(torch.Tensor, name, counting(name))
+    forwards0 = engine.forward_passes
+    try:
+        with profile(activities=acts) as prof:
+            for r in sample:
+                engine.score_requests([r])
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, fn)
+    events = prof.events()
+    aten = [e for e in events if e.name.startswith("aten::")]
+    # Top level = called by the engine's Python code (not inside another aten op): one dispatch each;
+    # without the metadata-only views that is the number of op launches (≈ kernels on CUDA).
+    top = [e for e in aten if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    launched = [e for e in top if e.name not in VIEW_OPS]
+    launches = sum(1 for e in events if e.name in LAUNCH_NAMES)
+    syncs = sum(1 for e in events if e.name in SYNC_NAMES)
+    scalar = sum(1 for e in aten if e.name == "aten::_local_scalar_dense")
+    out = {
+        "requests": n,
+        "pairs_per_request": round(sum(len(r.docs) for r in sample) / n, 1),
+        "forwards_per_request": round((engine.forward_passes - forwards0) / n, 2),
+        "aten_ops_per_request": round(len(aten) / n, 1),
+        "top_level_aten_ops_per_request": round(len(top) / n, 1),
+        "op_launches_per_request": round(len(launched) / n, 1),
+        "scalar_reads_per_request": round((reads["n"] + scalar) / n, 2),
+    }
+    if device.startswith("cuda"):
+        out["cuda_kernel_launches_per_request"] = round(launches / n, 1)
+        out["cuda_syncs_per_request"] = round(syncs / n, 2)
+    print(f"  profile: {json.dumps(out)}", file=sys.stderr, flush=True)
+    return out
+
+
 def _tail_tokens(engine: HFEngine, reqs: Sequence[RerankRequest]) -> dict[str, int]:
     """Document-side tokens the per-request forwards run, with and without padding."""
     padded = real = 0
     for r in reqs:
-        pairs, heads, _ = engine._tokenize([r])
-        for batch in engine._cut_batches(pairs, heads):
+        for batch in engine.cut_batches(engine.tokenize([r])):
             padded += len(batch) * max(len(p.tail) for p in batch)
             real += sum(len(p.tail) for p in batch)
     return {"tail_tokens_padded": padded, "tail_tokens_real": real}

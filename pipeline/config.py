@@ -93,6 +93,17 @@ class Settings(BaseSettings):
         ge=0,
         description="Padding a batch may carry, as a fraction of its real tokens (past a minimum size).",
     )
+    rerank_plan: Literal["auto", "padded", "packed"] = Field(
+        "auto",
+        description="hf engine: auto = packed (padding-free stream) on CUDA, padded on CPU.",
+    )
+    rerank_compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the packed forward (auto = off until measured to win)."
+    )
+    rerank_attention: Literal["auto", "gather", "varlen"] = Field(
+        "auto",
+        description="Packed-plan attention kernel: auto = gather; varlen = CUDA flash varlen.",
+    )
     rerank_instruction: str = Field(
         "Given a web search query, retrieve relevant passages that answer the query",
         description="Default Qwen3-Reranker instruction.",

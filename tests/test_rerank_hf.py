@@ -1,8 +1,9 @@
 """HFEngine returns the model card's scores (fp32 |Δ| ≤ 1e-4), faster, across requests and batchings.
 
-The card's reference code is kept here verbatim in logic (format_instruction, process_inputs,
-compute_logits). Tiny random Qwen3 checkpoints are built per tokenizer: the real Qwen tokenizer when the
-shared files exist (skipped otherwise) and a byte-level BPE built in code (always).
+Every path the engine can take on CPU is checked against the card's code (tests/card_reference.py):
+the padded plan with chunked attention on and off, and the packed plan (forced on CPU). Tiny random
+Qwen3 checkpoints are built per tokenizer: the real Qwen tokenizer when the shared files exist (skipped
+otherwise) and a byte-level BPE built in code (always).
 """
 
 from __future__ import annotations
@@ -12,17 +13,20 @@ from typing import Any
 
 import pytest
 import torch
+from card_reference import CardReference
 from tiny_qwen import build_tiny_reranker, real_tokenizer_available
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.rerank import RerankRequest
-from pipeline.rerank.hf import (
-    ATTENTION_CHUNK_CPU,
-    ATTENTION_NAME,
-    HFEngine,
-    _chunked_sdpa,
-    resolve_dtype,
-)
+from pipeline.rerank.attention import ATTENTION_CHUNK_CPU, ATTENTION_NAME, chunked_sdpa
+from pipeline.rerank.hf import HFEngine, resolve_dtype
+from pipeline.rerank.prompt import PromptTooLong
+
+# (plan, chunked attention): every path the engine can take on a CPU.
+PATHS = {
+    "padded": {"plan": "padded"},
+    "padded-plain-sdpa": {"plan": "padded", "chunked_attention": False},
+    "packed": {"plan": "packed"},
+}
 
 TOL = 1e-4
 LONG = "Gravity is a force that attracts two bodies towards each other. " * 800  # > 8192 tokens
@@ -40,61 +44,6 @@ DOCS = [
 ]
 
 
-class CardReference:
-    """The Qwen3-Reranker model card's transformers code."""
-
-    def __init__(self, path: Path, dtype: torch.dtype = torch.float32) -> None:
-        self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-        self.token_false_id = self.tokenizer.convert_tokens_to_ids("no")
-        self.token_true_id = self.tokenizer.convert_tokens_to_ids("yes")
-        prefix = (
-            "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query "
-            'and the Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n'
-            "<|im_start|>user\n"
-        )
-        suffix = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
-        self.prefix_tokens = self.tokenizer.encode(prefix, add_special_tokens=False)
-        self.suffix_tokens = self.tokenizer.encode(suffix, add_special_tokens=False)
-
-    @staticmethod
-    def format_instruction(instruction: str | None, query: str, doc: str) -> str:
-        if instruction is None:
-            instruction = (
-                "Given a web search query, retrieve relevant passages that answer the query"
-            )
-        return f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}"
-
-    def process_inputs(self, pairs: list[str], max_length: int) -> Any:
-        inputs = self.tokenizer(
-            pairs,
-            padding=False,
-            truncation="longest_first",
-            return_attention_mask=False,
-            max_length=max_length - len(self.prefix_tokens) - len(self.suffix_tokens),
-        )
-        for i, ele in enumerate(inputs["input_ids"]):
-            inputs["input_ids"][i] = self.prefix_tokens + ele + self.suffix_tokens
-        return self.tokenizer.pad(inputs, padding=True, return_tensors="pt")
-
-    @torch.no_grad()
-    def compute_logits(self, inputs: Any) -> list[float]:
-        # logits_to_keep=1: the card projects every position onto the vocabulary and then keeps the
-        # last one; projecting only the last is the same number and avoids 8192 x 151669 floats.
-        batch_scores = self.model(**inputs, logits_to_keep=1).logits[:, -1, :]
-        true_vector = batch_scores[:, self.token_true_id]
-        false_vector = batch_scores[:, self.token_false_id]
-        batch_scores = torch.stack([false_vector, true_vector], dim=1)
-        batch_scores = torch.nn.functional.log_softmax(batch_scores, dim=1)
-        return batch_scores[:, 1].exp().tolist()
-
-    def score(
-        self, query: str, docs: list[str], instruction: str | None = None, max_length: int = 8192
-    ) -> list[float]:
-        pairs = [self.format_instruction(instruction, query, d) for d in docs]
-        return self.compute_logits(self.process_inputs(pairs, max_length))
-
-
 def _kinds() -> list[Any]:
     real = pytest.param(
         "real",
@@ -106,11 +55,20 @@ def _kinds() -> list[Any]:
 
 
 @pytest.fixture(scope="module", params=_kinds())
-def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    path = build_tiny_reranker(tmp_path_factory.mktemp(f"tiny-{request.param}"), request.param)
-    engine = HFEngine(str(path), device="cpu", dtype="float32")
+def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_reranker(tmp_path_factory.mktemp(f"tiny-{request.param}"), request.param)
+
+
+@pytest.fixture(scope="module")
+def card(model_dir: Path) -> CardReference:
+    return CardReference(model_dir)
+
+
+@pytest.fixture(scope="module", params=list(PATHS))
+def setup(request: pytest.FixtureRequest, model_dir: Path, card: CardReference) -> Any:
+    engine = HFEngine(str(model_dir), device="cpu", dtype="float32", **PATHS[request.param])
     engine.load()
-    return path, engine, CardReference(path)
+    return model_dir, engine, card
 
 
 def _assert_close(got: list[float], want: list[float], tol: float = TOL) -> None:
@@ -197,7 +155,8 @@ def test_merged_requests_share_forward_passes(setup: Any) -> None:
         engine.max_batch_tokens, engine.max_padding = saved
     assert engine.last_batch_requests == len(reqs)
     assert engine.last_batch_pairs == sum(len(r.docs) for r in reqs)
-    assert engine.last_batch_forwards == 2  # one for the 3 unique heads, one for all 19 tails
+    # padded: one forward for the 3 unique heads, one for all 19 tails; packed: one for everything
+    assert engine.last_batch_forwards == (1 if engine.plan == "packed" else 2)
     assert got[3] == []
     for r, g in zip(reqs, got, strict=True):
         if r.docs:
@@ -223,14 +182,16 @@ def test_merged_with_small_budget(setup: Any) -> None:
 def test_padding_limit_cuts_batches(setup: Any) -> None:
     """Past min_fill, no batch pads beyond max_padding; a long doc does not pad the short ones."""
     _, engine, ref = setup
+    if engine.plan != "padded":
+        pytest.skip("the packed plan runs no padding")
     docs = [d * k for d in DOCS[:4] for k in (1, 3, 9)] + [DOCS[9]]
     saved = engine.max_batch_tokens, engine.min_fill
     engine.max_batch_tokens, engine.min_fill = 1 << 20, 32
     try:
-        pairs, heads, _ = engine._tokenize([RerankRequest("gravity", docs)])
-        batches = engine._cut_batches(pairs, heads)
+        plan = engine.tokenize([RerankRequest("gravity", docs)])
+        batches = engine.cut_batches(plan)
         assert len(batches) > 1
-        assert sorted(id(p) for b in batches for p in b) == sorted(id(p) for p in pairs)
+        assert sorted(id(p) for b in batches for p in b) == sorted(id(p) for p in plan.pairs)
         for b in batches:
             padded = len(b) * max(len(p.tail) for p in b)
             real = sum(len(p.tail) for p in b)
@@ -241,10 +202,30 @@ def test_padding_limit_cuts_batches(setup: Any) -> None:
     _assert_close(got, ref.score("gravity", docs))
 
 
-def test_chunked_attention_is_installed(setup: Any) -> None:
+def test_chosen_path_is_reported(setup: Any) -> None:
     _, engine, _ = setup
-    assert engine.chunked_attention
-    assert engine._decoder.config._attn_implementation == ATTENTION_NAME
+    desc = engine.describe()
+    assert desc["plan"] == engine.plan and desc["dtype"] == "float32"
+    assert desc["compile"] == "off"  # auto resolves to off (CPU; unmeasured on GPU)
+    if engine.plan == "padded" and engine._want_chunked_attention:
+        assert engine.chunked_attention and desc["attention"] == "chunked-sdpa"
+        assert engine._decoder.config._attn_implementation == ATTENTION_NAME
+    elif engine.plan == "padded":
+        assert not engine.chunked_attention and desc["attention"] == "sdpa"
+    else:
+        assert desc["attention"] == "gather"
+
+
+def test_auto_plan_is_padded_on_cpu(model_dir: Path) -> None:
+    engine = HFEngine(str(model_dir), device="cpu", dtype="float32")
+    engine.load()
+    assert engine.plan == "padded"
+
+
+def test_unknown_settings_rejected() -> None:
+    for kw in ({"plan": "fast"}, {"compile": "yes"}, {"attention": "flash"}):
+        with pytest.raises(ValueError):
+            HFEngine("/nowhere", **kw)
 
 
 @pytest.mark.parametrize("groups", [1, 2])
@@ -262,7 +243,7 @@ def test_chunked_sdpa_equals_masked_sdpa(groups: int) -> None:
     )[:, None]
     module = torch.nn.Module()
     module.num_key_value_groups = groups
-    got, _ = _chunked_sdpa(module, query, key, value, mask, scaling=0.25)
+    got, _ = chunked_sdpa(module, query, key, value, mask, scaling=0.25)
     rep = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     want = torch.nn.functional.scaled_dot_product_attention(
         query, *rep, attn_mask=mask, scale=0.25
@@ -271,7 +252,7 @@ def test_chunked_sdpa_equals_masked_sdpa(groups: int) -> None:
     assert (got - want).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("max_length", [64, 100])
+@pytest.mark.parametrize("max_length", [120, 160])
 def test_truncation_keeps_suffix(setup: Any, max_length: int) -> None:
     _, engine, ref = setup
     saved = engine.max_length
@@ -279,17 +260,35 @@ def test_truncation_keeps_suffix(setup: Any, max_length: int) -> None:
     try:
         reqs = [
             RerankRequest("short query", DOCS),
-            RerankRequest("a very long query that does not fit " * 10, DOCS[:3]),
+            RerankRequest("a longer query about gravity and capitals", [*DOCS[:3], LONG]),
         ]
-        pairs, heads, _ = engine._tokenize(reqs)
-        for p in pairs:
+        plan = engine.tokenize(reqs)
+        for p in plan.pairs:
             assert p.tail[-len(engine.suffix_ids) :] == engine.suffix_ids
-            assert len(heads[p.head].ids) + len(p.tail) <= max_length
+            assert len(plan.heads[p.head]) + len(p.tail) <= max_length
+        assert any(len(plan.heads[p.head]) + len(p.tail) == max_length for p in plan.pairs)
         got = engine.score_requests(reqs)
     finally:
         engine.max_length = saved
     for r, g in zip(reqs, got, strict=True):
         _assert_close(g, ref.score(r.query, list(r.docs), max_length=max_length))
+
+
+def test_oversized_head_refused_not_cut(setup: Any) -> None:
+    """Instruction + query leaving < 16 document tokens: PromptTooLong, whatever the plan."""
+    _, engine, _ = setup
+    saved = engine.max_length
+    engine.max_length = 100
+    try:
+        with pytest.raises(PromptTooLong):
+            engine.score("a very long query that does not fit " * 10, DOCS[:3])
+        with pytest.raises(PromptTooLong):  # one bad request fails the merged call it is in
+            engine.score_requests(
+                [RerankRequest("fine", DOCS[:2]), RerankRequest("q", ["d"], "long instr " * 40)]
+            )
+        assert len(engine.score("short", DOCS[:2])) == 2  # the engine is still usable
+    finally:
+        engine.max_length = saved
 
 
 def test_max_length_too_small_rejected(setup: Any) -> None:
@@ -324,6 +323,9 @@ def test_bf16_close_to_card_bf16(tmp_path: Path) -> None:
     assert engine.dtype == "bfloat16"
     ref = CardReference(path, torch.bfloat16)
     _assert_close(engine.score("capital", DOCS[:6]), ref.score("capital", DOCS[:6]), 3e-2)
+    packed = HFEngine(str(path), device="cpu", dtype="bfloat16", plan="packed")
+    packed.load()
+    _assert_close(packed.score("capital", DOCS[:6]), ref.score("capital", DOCS[:6]), 3e-2)
 
 
 def test_resolve_dtype() -> None:
@@ -332,3 +334,30 @@ def test_resolve_dtype() -> None:
     assert resolve_dtype("auto", "cpu") in (torch.float32, torch.bfloat16)
     with pytest.raises(ValueError):
         resolve_dtype("int8", "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["gather", "varlen"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_packed_matches_card(tmp_path: Path, dtype: str, attention: str) -> None:
+    """CUDA: the packed plan (the auto plan there) vs the card on the GPU, fp32 1e-4, bf16 2e-2."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from pipeline.rerank.attention import varlen_available
+
+    if attention == "varlen" and not varlen_available("cuda"):
+        pytest.skip("torch.nn.attention.varlen absent")
+    path = build_tiny_reranker(tmp_path / "m", "auto")
+    engine = HFEngine(str(path), device="cuda", dtype=dtype, attention=attention)
+    engine.load()
+    assert engine.plan == "packed" and engine.attention_path == attention
+    ref = CardReference(path, getattr(torch, dtype), "cuda")
+    tol = TOL if dtype == "float32" else 2e-2
+    reqs = [
+        RerankRequest("what is the capital of China?", DOCS),
+        RerankRequest("Explain gravity", [*DOCS[2:7], LONG], "Retrieve physics passages"),
+        RerankRequest("what is the capital of China?", DOCS[:3]),
+    ]
+    got = engine.score_requests(reqs)
+    for r, g in zip(reqs, got, strict=True):
+        _assert_close(g, ref.score(r.query, list(r.docs), r.instruction), tol)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -59,6 +60,7 @@ class _StatsCollector(Collector):
         for key, (name, doc) in gauges.items():
             if key in s:
                 yield GaugeMetricFamily(name, doc, value=s[key])
+        yield from _device_gauges(s)
         if "remote_inflight" in s:
             yield GaugeMetricFamily(
                 "winnow_rerank_remote_inflight",
@@ -71,6 +73,24 @@ class _StatsCollector(Collector):
                 "pairs in the last dispatch",
                 value=s["last_dispatch_pairs"],
             )
+
+
+DEVICE_KEY = re.compile(r"^(gpu|torch_cuda)(\d+)_(\w+)$")
+
+
+def _device_gauges(stats: dict[str, Any]) -> Iterator[Any]:
+    """``gpu0_memory_used_bytes`` → ``winnow_gpu_memory_used_bytes{device="0"}`` (and torch's own)."""
+    families: dict[str, GaugeMetricFamily] = {}
+    for key, value in stats.items():
+        m = DEVICE_KEY.match(key)
+        if m is None:
+            continue
+        kind, device, what = m.groups()
+        name = f"winnow_{kind}_{what}"
+        if name not in families:
+            families[name] = GaugeMetricFamily(name, f"{kind} {what} per device", labels=["device"])
+        families[name].add_metric([device], float(value))
+    yield from families.values()
 
 
 class Metrics:

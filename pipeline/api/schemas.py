@@ -115,6 +115,7 @@ class ReadyOut(BaseModel):
     rerank_backend: str | None
     rerank_model: str | None
     embed_model: str
+    gpu: dict[str, Any] = Field(description="CUDA devices: count, memory in use, utilisation.")
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {

@@ -10,6 +10,7 @@ from typing import Any
 from pipeline.api.errors import NotReady
 from pipeline.api.metrics import Metrics
 from pipeline.config import Settings
+from pipeline.rerank import gpu
 from pipeline.runtime import CollectionMissing, Runtime
 from pipeline.search import SearchService
 from pipeline.store import StoreError
@@ -44,7 +45,7 @@ class AppState:
         """Reranker counters for /metrics, from whichever backend runs (empty when off)."""
         reranker = self.runtime.reranker
         out: dict[str, Any] = dict(reranker.stats()) if reranker is not None else {}
-        out.update(gpu_stats(self.settings))
+        out.update(gpu.gpu_stats())
         return out
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
@@ -71,7 +72,7 @@ class AppState:
             "rerank_backend": reranker.backend if reranker is not None else None,
             "rerank_model": reranker.model if reranker is not None else None,
             "embed_model": self.settings.embed_model,
-            **gpu_stats(self.settings),
+            "gpu": gpu.gpu_summary(),
         }
         return ok, body
 
@@ -89,12 +90,3 @@ async def _bounded(work: Any, default: Any) -> Any:
         return await asyncio.wait_for(work, READY_TIMEOUT_S)
     except (TimeoutError, asyncio.TimeoutError):
         return default
-
-
-def gpu_stats(settings: Settings) -> dict[str, Any]:
-    """GPU memory and utilisation when the reranker runs on CUDA (empty elsewhere)."""
-    try:
-        from pipeline.rerank.gpu import gpu_stats as read
-    except ImportError:
-        return {}
-    return read(settings.rerank_device)

@@ -140,6 +140,9 @@ def build_reranker(settings: Settings, model_path: str | None = None) -> Reranke
             max_length=settings.rerank_max_length,
             max_batch_tokens=settings.rerank_max_batch_tokens,
             max_padding=settings.rerank_max_padding,
+            plan=settings.rerank_plan,
+            compile=settings.rerank_compile,
+            attention=settings.rerank_attention,
         )
     batcher = MicroBatcher(
         engine,

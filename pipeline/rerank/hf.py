@@ -1,43 +1,53 @@
 """Qwen3-Reranker on transformers: the model card's function, computed faster (DESIGN.md §4).
 
 The score of a pair is ``softmax([logit_no, logit_yes])[1]`` at the last token of
-``PREFIX + body + SUFFIX`` (body tokenized with truncation exactly as the card does). This engine returns
-the same numbers (fp32 |Δ| ≤ 1e-4, checked in tests/test_rerank_hf.py against the card code) while:
+``PREFIX + body + SUFFIX`` (body tokenized exactly as the card does, :func:`prompt.encode_bodies`).
+This engine returns the same numbers (fp32 |Δ| ≤ 1e-4, checked in tests against
+tests/card_reference.py) by one of two plans, chosen at load (``plan="auto"``: packed on CUDA, padded
+elsewhere); planning is shared (:mod:`pipeline.rerank.plan`), the kernels are not:
 
-- running the shared head of a request (system prompt + instruction + query) once and reusing its KV
-  cache for every document; heads of several requests are left-padded to a common length so pairs of
-  different requests share one forward pass (explicit position ids keep RoPE positions exact);
-- running only the decoder (``model.model``) and dotting the last hidden state with the two LM-head rows
-  (no, yes) instead of projecting every position onto the 151,669-token vocabulary;
-- sorting pairs by length and cutting batches by a token budget that counts padding, closing a batch
-  early when padding would exceed ``max_padding`` of its real tokens (padding is pure waste once a
-  forward holds enough tokens to keep the matrix units busy);
-- attending in query chunks (``_chunked_sdpa``): chunk ``[a, b)`` of a tail only looks at keys
-  ``< head + b``, so the masked upper triangle of the tail-to-tail scores is mostly never computed
-  (SDPA with an explicit mask computes every block).
+- **padded** (CPU): each request's head (system + instruction + query) runs once and its KV is reused
+  by every document; tails are sorted by length and cut by a token budget that counts padding and by a
+  padding limit (on a CPU GEMM every pad token costs a full token); attention in query chunks
+  (:func:`attention.chunked_sdpa`). Only the decoder runs, and the yes/no rows of the LM head are dotted
+  with the last hidden state (never the 151,669-wide vocabulary).
+- **packed** (CUDA): one padding-free token stream per forward — each distinct head once, then its
+  tails — through :class:`pipeline.rerank.packed.PackedDecoder`: fused GEMMs, one attention call per
+  layer restricted so a tail sees only its head and itself causally, the card's RoPE positions, yes/no
+  read at each tail's last token; index tensors built on the device, one host sync per forward. On a
+  GPU the enemy is launches and glue, not FLOPs on padding.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pipeline.rerank import RerankRequest
-from pipeline.rerank.prompt import (
-    body_budget,
-    encode_fixed,
-    format_body,
-    format_head,
-    yes_no_token_ids,
+from pipeline.rerank.attention import (
+    ATTENTION_CHUNK_CPU,
+    ATTENTION_NAME,
+    chunked_sdpa,
+    install_chunked_attention,
+    varlen_available,
 )
+from pipeline.rerank.plan import Pair, Plan, cut_packed, cut_padded, pack, tokenize
+from pipeline.rerank.prompt import body_budget, encode_fixed, yes_no_token_ids
 
 if TYPE_CHECKING:
     import torch
+
+__all__ = [
+    "ATTENTION_CHUNK_CPU",
+    "ATTENTION_NAME",
+    "HFEngine",
+    "chunked_sdpa",
+    "resolve_device",
+    "resolve_dtype",
+]
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +55,17 @@ log = logging.getLogger(__name__)
 # are large (measured with bench/rerank.py); GPU: limited by activation memory, not by efficiency.
 DEFAULT_BATCH_TOKENS_CPU = 8192
 DEFAULT_BATCH_TOKENS_GPU = 65536
+# The packed plan runs no padding, so a bigger stream costs nothing extra: one forward per 20-document
+# request on a CPU (when forced there) and a merged micro-batch in few forwards on a GPU.
+DEFAULT_PACKED_TOKENS_CPU = 32768
 # Padded tail tokens a forward may hold before the padding limit applies: below this, a bigger batch
 # buys more GEMM efficiency than its padding costs (CPU fp32 GEMMs reach ~90% of peak at 256-512 rows).
 MIN_FILL_CPU = 512
 MIN_FILL_GPU = 8192
 DEFAULT_MAX_PADDING = 0.1  # padded tail tokens ≤ (1 + this) × real tail tokens, once past the fill
-# Queries per attention call in the tail forwards (keys are cut at the chunk's causal horizon).
-ATTENTION_CHUNK_CPU = 128
-ATTENTION_CHUNK_GPU = 1024
-ATTENTION_NAME = "winnow_chunked_sdpa"
+PLANS = ("auto", "padded", "packed")
+COMPILE_MODES = ("auto", "on", "off")
+ATTENTION_KERNELS = ("auto", "gather", "varlen")
 
 
 def resolve_device(device: str) -> str:
@@ -103,100 +115,12 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return torch.float32
 
 
-@dataclass(slots=True)
-class _Pair:
-    """One (request, document) pair after tokenization: shared head key + its own tail tokens."""
-
-    req: int
-    doc: int
-    head: int  # index into the batch's unique heads
-    tail: list[int]
-
-
-@dataclass(slots=True)
-class _Head:
-    ids: list[int]
-    kv: list[tuple[Any, Any]] = field(default_factory=list)  # per layer: (keys, values) [kvh, L, d]
-
-
-def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 def _cache_layers(cache: Any) -> list[tuple[Any, Any]]:
     """(keys, values) per layer from a transformers cache object, across 4.x and 5.x layouts."""
     layers = getattr(cache, "layers", None)
     if layers is not None:
         return [(layer.keys, layer.values) for layer in layers]
     return list(zip(cache.key_cache, cache.value_cache, strict=True))
-
-
-def _chunked_sdpa(
-    module: Any,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """SDPA over query chunks, each against the keys up to its causal horizon (same numbers).
-
-    Only installed on HFEngine's own model, whose masks are always ``[rows, 1, q, head + q]`` with the
-    last ``q`` keys causal (head KV, then this forward's tokens), so chunk ``[a, b)`` never sees a key
-    at or beyond ``head + b``. Anything else goes to transformers' SDPA unchanged.
-    """
-    import torch
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-
-    q_len, kv_len = query.shape[2], key.shape[2]
-    chunk = ATTENTION_CHUNK_CPU if query.device.type == "cpu" else ATTENTION_CHUNK_GPU
-    if attention_mask is None or attention_mask.dim() != 4 or q_len <= chunk or kv_len < q_len:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
-    groups = getattr(module, "num_key_value_groups", 1)
-    gqa_kw: dict[str, Any] = {}
-    if groups > 1:
-        if query.device.type == "cpu":
-            gqa_kw["enable_gqa"] = True  # CPU flash kernel: GQA with a mask, no K/V copies
-        else:  # CUDA kernels fall back to math for masked GQA: expand K/V instead
-            key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    offset = kv_len - q_len
-    outs = []
-    for a in range(0, q_len, chunk):
-        b = min(a + chunk, q_len)
-        outs.append(
-            torch.nn.functional.scaled_dot_product_attention(
-                query[:, :, a:b],
-                key[:, :, : offset + b],
-                value[:, :, : offset + b],
-                attn_mask=attention_mask[:, :, a:b, : offset + b],
-                scale=scaling,
-                **gqa_kw,
-            )
-        )
-    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
-
-
-def _install_chunked_attention(lm: Any) -> bool:
-    """Switch ``lm`` to :func:`_chunked_sdpa`; False (plain SDPA kept) on transformers without the API."""
-    try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-        AttentionInterface.register(ATTENTION_NAME, _chunked_sdpa)
-        AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
-        lm.set_attn_implementation(ATTENTION_NAME)
-    except (ImportError, AttributeError, ValueError, KeyError) as exc:
-        log.info("chunked attention unavailable (%s); using plain SDPA", exc)
-        return False
-    return True
 
 
 class HFEngine:
@@ -214,12 +138,25 @@ class HFEngine:
         max_batch_tokens: int | None = None,
         max_padding: float | None = DEFAULT_MAX_PADDING,
         chunked_attention: bool = True,
+        plan: str = "auto",
+        compile: str = "auto",
+        attention: str = "auto",
     ) -> None:
         """Cheap: nothing is imported or loaded until :meth:`load`.
 
-        ``max_padding=None`` turns the padding limit off (batches cut by the token budget only);
-        ``chunked_attention=False`` keeps transformers' plain SDPA (for comparisons).
+        ``max_padding=None`` turns the padded plan's padding limit off; ``chunked_attention=False``
+        keeps transformers' plain SDPA there (for comparisons). ``plan``: auto (packed on CUDA, padded
+        elsewhere), padded or packed (forcing packed on CPU is how CI tests it). ``compile``:
+        ``torch.compile`` of the packed forward (auto = off until measured to win; see
+        docs/benchmarks.md). ``attention``: the packed kernel, auto (gather), gather or varlen (CUDA).
         """
+        for name, value, allowed in (
+            ("plan", plan, PLANS),
+            ("compile", compile, COMPILE_MODES),
+            ("attention", attention, ATTENTION_KERNELS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; use one of {', '.join(allowed)}")
         self.model = str(model)
         self.device = device
         self.dtype = dtype  # replaced by the resolved torch dtype name after load()
@@ -228,6 +165,9 @@ class HFEngine:
         self.max_padding = max_padding
         self.min_fill = MIN_FILL_CPU
         self.chunked_attention = False  # True once installed by load()
+        self.plan = plan  # resolved to padded/packed by load()
+        self.compile_mode = compile  # resolved to on/off by load()
+        self.attention_path = attention  # resolved by load(): chunked-sdpa / sdpa / gather / varlen
         self._want_chunked_attention = chunked_attention
         self._requested_device = device
         self._requested_dtype = dtype
@@ -235,6 +175,8 @@ class HFEngine:
         self._loaded = False
         self._tokenizer: Any = None
         self._decoder: Any = None
+        self._packed: Any = None  # PackedDecoder
+        self._packed_fn: Any = None  # the packed forward, compiled or not
         self._head_weight: Any = None  # [2, hidden]: LM-head rows (no, yes)
         self._cache_kw = "cache"
         self.prefix_ids: list[int] = []
@@ -244,9 +186,7 @@ class HFEngine:
         # Counters for Prometheus (monotonic ints) and gauges of the last call.
         self.requests_scored = 0
         self.pairs_scored = 0
-        self.tokens_scored = (
-            0  # tokens the model actually ran (heads once + tails), padding excluded
-        )
+        self.tokens_scored = 0  # tokens the model actually ran (heads + tails), padding excluded
         self.padded_tokens = 0  # tokens run including padding
         self.reference_tokens = 0  # tokens the card code would have run (full pairs, no padding)
         self.forward_passes = 0
@@ -282,8 +222,19 @@ class HFEngine:
         ]
         return {n: getattr(self, n) for n in names}
 
+    def describe(self) -> dict[str, str | int]:
+        """The chosen execution path (for the startup log and /ready)."""
+        return {
+            "device": self.device,
+            "dtype": self.dtype,
+            "plan": self.plan,
+            "attention": self.attention_path,
+            "compile": self.compile_mode,
+            "max_batch_tokens": int(self.max_batch_tokens or 0),
+        }
+
     def load(self) -> None:
-        """Load tokenizer + causal LM (SDPA, eval); idempotent and thread-safe."""
+        """Load tokenizer + causal LM (SDPA, eval), pick the plan; idempotent and thread-safe."""
         with self._lock:
             if self._loaded:
                 return
@@ -301,8 +252,6 @@ class HFEngine:
                 self.model, attn_implementation="sdpa", **{dtype_kw: dtype}
             )
             lm.to(device).eval()
-            if self._want_chunked_attention:
-                self.chunked_attention = _install_chunked_attention(lm)
             yes, no = yes_no_token_ids(tok)
             out_emb = lm.get_output_embeddings()
             if getattr(out_emb, "bias", None) is not None:
@@ -312,6 +261,8 @@ class HFEngine:
             tied = out_emb.weight.data_ptr() == decoder.get_input_embeddings().weight.data_ptr()
             if not tied:
                 lm.lm_head = torch.nn.Identity()  # free the untied vocab projection; we keep 2 rows
+            import inspect
+
             params = inspect.signature(decoder.forward).parameters
             self._cache_kw = "cache" if "cache" in params else "past_key_values"
             self._tokenizer = tok
@@ -321,21 +272,75 @@ class HFEngine:
             self.yes_id, self.no_id = yes, no
             self.device = device
             self.dtype = str(dtype).removeprefix("torch.")
-            on_cpu = device == "cpu"
+            on_cuda = device.startswith("cuda")
+            self.plan = self._resolve_plan(decoder, on_cuda)
+            if self.plan == "padded":
+                self.compile_mode = "off"
+                if self._want_chunked_attention:
+                    self.chunked_attention = install_chunked_attention(lm)
+                self.attention_path = "chunked-sdpa" if self.chunked_attention else "sdpa"
             if self.max_batch_tokens is None:
-                self.max_batch_tokens = (
-                    DEFAULT_BATCH_TOKENS_CPU if on_cpu else DEFAULT_BATCH_TOKENS_GPU
-                )
-            self.min_fill = MIN_FILL_CPU if on_cpu else MIN_FILL_GPU
+                if on_cuda:
+                    self.max_batch_tokens = DEFAULT_BATCH_TOKENS_GPU
+                elif self.plan == "packed":
+                    self.max_batch_tokens = DEFAULT_PACKED_TOKENS_CPU
+                else:
+                    self.max_batch_tokens = DEFAULT_BATCH_TOKENS_CPU
+            self.min_fill = MIN_FILL_GPU if on_cuda else MIN_FILL_CPU
             self._loaded = True
+            if self.plan == "packed" and (self.compile_mode == "on" or on_cuda):
+                self._warm_up()  # compile / kernel selection now, not on the first user request
             log.info(
-                "reranker %s loaded on %s (%s), max_length=%d, max_batch_tokens=%d",
+                "reranker %s loaded: device=%s dtype=%s plan=%s attention=%s compile=%s "
+                "max_length=%d max_batch_tokens=%d",
                 self.model,
                 device,
                 self.dtype,
+                self.plan,
+                self.attention_path,
+                self.compile_mode,
                 self.max_length,
                 self.max_batch_tokens,
             )
+
+    def _resolve_plan(self, decoder: Any, on_cuda: bool) -> str:
+        """padded/packed from the request; packed needs a Qwen3 decoder it can reproduce exactly."""
+        from pipeline.rerank.packed import PackedDecoder, UnsupportedModel
+
+        want = self.plan if self.plan != "auto" else ("packed" if on_cuda else "padded")
+        if want == "padded":
+            return "padded"
+        kernel = self.attention_path
+        if kernel == "auto":
+            kernel = (
+                "gather"  # verified everywhere; varlen is opt-in until bench/gpu_check.sh says so
+            )
+        if kernel == "varlen" and not varlen_available(self.device):
+            raise ValueError("attention=varlen needs CUDA and torch.nn.attention.varlen")
+        try:
+            self._packed = PackedDecoder(decoder, self._head_weight, kernel)
+        except UnsupportedModel as exc:
+            if self.plan == "packed":
+                raise
+            log.info("packed plan unavailable (%s); using the padded plan", exc)
+            return "padded"
+        self.attention_path = kernel
+        self._packed_fn = self._packed
+        if self.compile_mode == "auto":
+            self.compile_mode = "off"
+        if self.compile_mode == "on":
+            import torch
+
+            self._packed_fn = torch.compile(self._packed.__call__, dynamic=True)
+        return "packed"
+
+    def _warm_up(self) -> None:
+        """Two small requests of different sizes: compiles (dynamic shapes) and selects kernels."""
+        docs = ["warm-up document " * 4, "a longer warm-up document " * 24]
+        self.score_requests([RerankRequest("warm-up query", docs)])
+        self.score_requests([RerankRequest("another warm-up query", docs[::-1] * 3)])
+        for name in self.stats():
+            setattr(self, name, 0 if name != "last_batch_seconds" else 0.0)
 
     # ------------------------------------------------------------------------------------------
     def score(self, query: str, docs: Sequence[str], instruction: str | None = None) -> list[float]:
@@ -349,93 +354,64 @@ class HFEngine:
         import torch
 
         t0 = time.perf_counter()
-        pairs, heads, ref_tokens = self._tokenize(requests)
+        plan = self.tokenize(requests)
         out: list[list[float]] = [[0.0] * len(r.docs) for r in requests]
         forwards = 0
-        if pairs:
+        if plan.pairs:
             with torch.inference_mode():
-                forwards += self._run_heads(heads)
-                for batch in self._cut_batches(pairs, heads):
-                    scores = self._run_tails(batch, heads)
-                    forwards += 1
-                    for p, s in zip(batch, scores, strict=True):
-                        out[p.req][p.doc] = s
+                if self.plan == "packed":
+                    forwards = self._score_packed(plan, out)
+                else:
+                    forwards = self._score_padded(plan, out)
         self.requests_scored += len(requests)
-        self.pairs_scored += len(pairs)
-        self.reference_tokens += ref_tokens
+        self.pairs_scored += len(plan.pairs)
+        self.reference_tokens += plan.reference_tokens
         self.forward_passes += forwards
         self.batches += 1
         self.last_batch_requests = len(requests)
-        self.last_batch_pairs = len(pairs)
+        self.last_batch_pairs = len(plan.pairs)
         self.last_batch_forwards = forwards
         self.last_batch_seconds = time.perf_counter() - t0
         return out
 
-    # ------------------------------------------------------------------------------------------
-    def _tokenize(self, requests: Sequence[RerankRequest]) -> tuple[list[_Pair], list[_Head], int]:
-        """Tokenize like the card, then split each pair at its request's shared head.
+    def tokenize(self, requests: Sequence[RerankRequest]) -> Plan:
+        """The card's tokenization, split at each request's shared head (see :func:`plan.tokenize`)."""
+        if not self._loaded:
+            self.load()
+        return tokenize(
+            self._tokenizer, requests, self.prefix_ids, self.suffix_ids, self.max_length
+        )
 
-        The head length is the longest token prefix common to every pair of the request and to the
-        document-free head, so splitting never changes a token, whatever the text or truncation.
-        """
-        tok = self._tokenizer
-        limit = body_budget(self.max_length, self.prefix_ids, self.suffix_ids)
-        enc_kw: dict[str, Any] = {
-            "padding": False,
-            "truncation": "longest_first",
-            "max_length": limit,
-            "return_attention_mask": False,
-        }
-        pairs: list[_Pair] = []
-        heads: list[_Head] = []
-        head_index: dict[tuple[int, ...], int] = {}
-        ref_tokens = 0
-        for ri, req in enumerate(requests):
-            if not req.docs:
-                continue
-            texts = [format_head(req.query, req.instruction)]
-            texts += [format_body(req.query, d, req.instruction) for d in req.docs]
-            bodies = tok(texts, **enc_kw)["input_ids"]
-            head_body, doc_bodies = bodies[0], bodies[1:]
-            shared = min(_common_prefix_len(head_body, b) for b in doc_bodies)
-            key = tuple(self.prefix_ids + head_body[:shared])
-            hi = head_index.get(key)
-            if hi is None:
-                hi = head_index[key] = len(heads)
-                heads.append(_Head(list(key)))
-            for di, body in enumerate(doc_bodies):
-                tail = body[shared:] + self.suffix_ids
-                pairs.append(_Pair(ri, di, hi, tail))
-                ref_tokens += len(self.prefix_ids) + len(body) + len(self.suffix_ids)
-        return pairs, heads, ref_tokens
-
-    def _cut_batches(self, pairs: list[_Pair], heads: list[_Head]) -> list[list[_Pair]]:
-        """Sort by length, then cut so rows × (longest head + longest tail) stays within budget.
-
-        Past ``min_fill`` padded tail tokens, a batch also closes when the next pair would push its
-        padding beyond ``max_padding`` × its real tail tokens: sorted neighbours batch together, and a
-        long document no longer pads a batch of short ones to its length.
-        """
+    def cut_batches(self, plan: Plan) -> list[list[Pair]]:
+        """The batches this engine's plan runs ``plan`` in."""
         budget = int(self.max_batch_tokens or DEFAULT_BATCH_TOKENS_CPU)
-        fill = min(self.min_fill, budget)
-        slack = None if self.max_padding is None else 1.0 + self.max_padding
-        order = sorted(pairs, key=lambda p: (len(heads[p.head].ids) + len(p.tail), p.head))
-        batches: list[list[_Pair]] = []
-        cur: list[_Pair] = []
-        max_head = max_tail = real = 0
-        for p in order:
-            h, t = max(max_head, len(heads[p.head].ids)), max(max_tail, len(p.tail))
-            rows, tail_real = len(cur) + 1, real + len(p.tail)
-            over_budget = rows * (h + t) > budget
-            too_padded = slack is not None and rows * t > max(fill, slack * tail_real)
-            if cur and (over_budget or too_padded):
-                batches.append(cur)
-                cur, h, t, tail_real = [], len(heads[p.head].ids), len(p.tail), len(p.tail)
-            cur.append(p)
-            max_head, max_tail, real = h, t, tail_real
-        if cur:
-            batches.append(cur)
-        return batches
+        if self.plan == "packed":
+            return cut_packed(plan.pairs, plan.heads, budget)
+        return cut_padded(plan.pairs, plan.heads, budget, self.min_fill, self.max_padding)
+
+    # --- packed plan ----------------------------------------------------------------------------
+    def _score_packed(self, plan: Plan, out: list[list[float]]) -> int:
+        """One forward per packed batch; one device→host copy (the only sync) per forward."""
+        batches = self.cut_batches(plan)
+        for batch in batches:
+            layout = pack(batch, plan.heads)
+            index = self._packed.index(layout, self.device)
+            scores = self._packed_fn(index).tolist()
+            for p, s in zip(layout.pairs, scores, strict=True):
+                out[p.req][p.doc] = s
+            self._count(len(layout.pairs), layout.tokens, layout.tokens)  # no padding run
+        return len(batches)
+
+    # --- padded plan ----------------------------------------------------------------------------
+    def _score_padded(self, plan: Plan, out: list[list[float]]) -> int:
+        kv: list[list[tuple[Any, Any]]] = [[] for _ in plan.heads]
+        forwards = self._run_heads(plan.heads, kv)
+        for batch in self.cut_batches(plan):
+            scores = self._run_tails(batch, plan.heads, kv)
+            forwards += 1
+            for p, s in zip(batch, scores, strict=True):
+                out[p.req][p.doc] = s
+        return forwards
 
     def _forward(self, ids: Any, positions: Any, mask: Any, cache: Any) -> Any:
         kwargs = {self._cache_kw: cache}
@@ -443,26 +419,26 @@ class HFEngine:
             input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, **kwargs
         )
 
-    def _run_heads(self, heads: list[_Head]) -> int:
+    def _run_heads(self, heads: list[list[int]], kv: list[list[tuple[Any, Any]]]) -> int:
         """Run each unique head once (right-padded, budget-cut) and keep its per-layer KV."""
         import torch
 
         dev = self.device
         budget = int(self.max_batch_tokens or DEFAULT_BATCH_TOKENS_CPU)
-        order = sorted(range(len(heads)), key=lambda i: len(heads[i].ids))
+        order = sorted(range(len(heads)), key=lambda i: len(heads[i]))
         groups: list[list[int]] = []
         for i in order:
-            n = len(heads[i].ids)
+            n = len(heads[i])
             if groups and (len(groups[-1]) + 1) * n <= budget:
                 groups[-1].append(i)
             else:
                 groups.append([i])
         for group in groups:
-            lens = [len(heads[i].ids) for i in group]
+            lens = [len(heads[i]) for i in group]
             width = max(lens)
             ids = torch.zeros(len(group), width, dtype=torch.long)
             for row, i in enumerate(group):
-                ids[row, : lens[row]] = torch.tensor(heads[i].ids)
+                ids[row, : lens[row]] = torch.tensor(heads[i])
             lens_t = torch.tensor(lens)
             valid = torch.arange(width)[None, :] < lens_t[:, None]  # [B, W]
             causal = torch.ones(width, width, dtype=torch.bool).tril()
@@ -475,7 +451,7 @@ class HFEngine:
             layers = _cache_layers(cache)
             for row, i in enumerate(group):
                 n = lens[row]
-                heads[i].kv = [(k[row, :, :n], v[row, :, :n]) for k, v in layers]
+                kv[i] = [(k[row, :, :n], v[row, :, :n]) for k, v in layers]
             self._count(len(group), len(group) * width, sum(lens))
         return len(groups)
 
@@ -484,7 +460,9 @@ class HFEngine:
 
         return DynamicCache()
 
-    def _run_tails(self, batch: list[_Pair], heads: list[_Head]) -> list[float]:
+    def _run_tails(
+        self, batch: list[Pair], heads: list[list[int]], kv: list[list[tuple[Any, Any]]]
+    ) -> list[float]:
         """One forward over the tails of ``batch`` on top of their heads' cached KV."""
         import torch
         from transformers import DynamicCache
@@ -493,7 +471,7 @@ class HFEngine:
         rows = len(batch)
         uniq = sorted({p.head for p in batch})
         slot = {h: i for i, h in enumerate(uniq)}
-        head_lens = torch.tensor([len(heads[h].ids) for h in uniq])
+        head_lens = torch.tensor([len(heads[h]) for h in uniq])
         width_h = int(head_lens.max())
         tail_lens = torch.tensor([len(p.tail) for p in batch])
         width_t = int(tail_lens.max())
@@ -501,10 +479,10 @@ class HFEngine:
 
         # Left-pad every head's KV to width_h (zeros: finite, masked out), then gather one per row.
         layers = []
-        for layer in range(len(heads[uniq[0]].kv)):
+        for layer in range(len(kv[uniq[0]])):
             ks, vs = [], []
             for h in uniq:
-                k, v = heads[h].kv[layer]
+                k, v = kv[h][layer]
                 pad = width_h - k.shape[-2]
                 ks.append(torch.nn.functional.pad(k, (0, 0, pad, 0)) if pad else k)
                 vs.append(torch.nn.functional.pad(v, (0, 0, pad, 0)) if pad else v)
