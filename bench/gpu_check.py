@@ -148,9 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = ["float32"] if args.quick else ["float32", "bfloat16"]
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "device": torch.cuda.get_device_name(0)
-        if device.startswith("cuda")
-        else platform.processor(),
+        "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else _cpu(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "command": " ".join(["bench/gpu_check.sh", *(argv if argv is not None else sys.argv[1:])]),

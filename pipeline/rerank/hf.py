@@ -14,12 +14,13 @@ elsewhere); planning is shared (:mod:`pipeline.rerank.plan`), the kernels are no
 - **packed** (CUDA): one padding-free token stream per forward — each distinct head once, then its
   tails — through :class:`pipeline.rerank.packed.PackedDecoder`: fused GEMMs, one attention call per
   layer restricted so a tail sees only its head and itself causally, the card's RoPE positions, yes/no
-  read at each tail's last token; index tensors built on the device, one host sync per forward. On a
+  read at each tail's last token; index tensors built on the device, one host sync per call. On a
   GPU the enemy is launches and glue, not FLOPs on padding.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -261,8 +262,6 @@ class HFEngine:
             tied = out_emb.weight.data_ptr() == decoder.get_input_embeddings().weight.data_ptr()
             if not tied:
                 lm.lm_head = torch.nn.Identity()  # free the untied vocab projection; we keep 2 rows
-            import inspect
-
             params = inspect.signature(decoder.forward).parameters
             self._cache_kw = "cache" if "cache" in params else "past_key_values"
             self._tokenizer = tok
@@ -391,15 +390,23 @@ class HFEngine:
 
     # --- packed plan ----------------------------------------------------------------------------
     def _score_packed(self, plan: Plan, out: list[list[float]]) -> int:
-        """One forward per packed batch; one device→host copy (the only sync) per forward."""
+        """One forward per packed batch, all queued before one device→host read (the only sync).
+
+        The host plans and uploads batch n+1 while the device still runs batch n.
+        """
+        import torch
+
         batches = self.cut_batches(plan)
+        order: list[Pair] = []
+        pending = []
         for batch in batches:
             layout = pack(batch, plan.heads)
-            index = self._packed.index(layout, self.device)
-            scores = self._packed_fn(index).tolist()
-            for p, s in zip(layout.pairs, scores, strict=True):
-                out[p.req][p.doc] = s
+            pending.append(self._packed_fn(self._packed.index(layout, self.device)))
+            order.extend(layout.pairs)
             self._count(len(layout.pairs), layout.tokens, layout.tokens)  # no padding run
+        scores = (pending[0] if len(pending) == 1 else torch.cat(pending)).tolist()
+        for p, s in zip(order, scores, strict=True):
+            out[p.req][p.doc] = s
         return len(batches)
 
     # --- padded plan ----------------------------------------------------------------------------
