@@ -102,7 +102,7 @@ class SearchService:
             vector = (await asyncio.to_thread(self.embedder.embed, [query], query=True))[0]
         t1 = time.perf_counter()
         if mode == "dense":
-            hits = await asyncio.to_thread(self.store.search, vector, top_k, filter)
+            hits = await asyncio.to_thread(self.store.dense, vector, top_k, filter)
         elif mode == "hybrid":
             hits = await asyncio.to_thread(self.store.hybrid, vector, query, top_k, filter)
         else:

@@ -636,7 +636,7 @@ class MilvusStore:
     def _dense_params(self, k: int) -> dict[str, Any]:
         return {"metric_type": "COSINE", "params": {"ef": max(self.hnsw_ef, k)}}
 
-    def search(self, vector: np.ndarray, k: int, filter: str = "") -> list[Hit]:
+    def dense(self, vector: np.ndarray, k: int, filter: str = "") -> list[Hit]:
         def run(c: MilvusClient, t: Callable[[], float]) -> Any:
             self._ensure_loaded(c, t)
             return c.search(
@@ -700,5 +700,5 @@ class MilvusStore:
             )
 
         if not text.strip():
-            return self.search(vector, k, filter)
+            return self.dense(vector, k, filter)
         return self._hits(self._guard_filter(run, filter))

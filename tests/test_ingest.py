@@ -61,13 +61,13 @@ def test_ingest_search_and_problems(tmp_path: Path, embedder) -> None:
     q = embedder.embed(
         ["which gas do plants release when they make sugar from light?"], query=True
     )[0]
-    assert store.search(q, 3)[0].doc_id == "photosynthesis"
+    assert store.dense(q, 3)[0].doc_id == "photosynthesis"
     q2 = embedder.embed(["why does the sea level rise and fall?"], query=True)[0]
     hits = store.hybrid(q2, "why does the sea level rise and fall", 3)
     assert hits[0].doc_id == "tides"
     bm = store.bm25("caffeine beans", 2)
     assert bm[0].doc_id == "docs/coffee.txt" and bm[0].score > 0
-    md = store.search(embedder.embed(["42 km foot race"], query=True)[0], 1)[0]
+    md = store.dense(embedder.embed(["42 km foot race"], query=True)[0], 1)[0]
     assert md.doc_id == "docs/marathon.md" and md.title == "Marathon running"
 
 

@@ -37,10 +37,10 @@ def exercise(store: MilvusStore) -> None:
     assert store.upsert(PASSAGES, vectors) == 4  # same ids: no duplicates
     store.flush()
     assert store.count() == 4
-    hits = store.search(vec(2), 2)
+    hits = store.dense(vec(2), 2)
     assert hits[0].doc_id == "b" and hits[0].metadata == {"lang": "fr"}
     assert 0.99 < hits[0].score <= 1.0001
-    assert store.search(vec(2), 4, filter='metadata["lang"] == "en"')[0].doc_id != "b"
+    assert store.dense(vec(2), 4, filter='metadata["lang"] == "en"')[0].doc_id != "b"
     bm = store.bm25("omnivorous foxes", 2)
     assert bm[0].id == PASSAGES[1].id and bm[0].score > 0, "BM25 scores are positive everywhere"
     hy = store.hybrid(vec(3), "databases tables", 3)
@@ -86,13 +86,13 @@ def check_down_then_back(server: MilvusServer) -> None:
     server.kill()
     assert not store.ping()
     with pytest.raises(StoreUnavailable):
-        store.search(vec(0), 1)
+        store.dense(vec(0), 1)
     server.start()
     deadline = time.monotonic() + 30
     while not store.ping() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert store.ping(), "the store reconnects by itself once Milvus is back"
-    assert store.search(vec(0), 1)[0].doc_id == "a"
+    assert store.dense(vec(0), 1)[0].doc_id == "a"
 
 
 def test_passage_id_is_stable_and_content_addressed() -> None:

@@ -111,7 +111,7 @@ def wait_until_ok(fn: Callable[[], Any], within: float) -> float:
 
 
 CALLS: dict[str, Callable[[MilvusStore], Any]] = {
-    "search": lambda s: s.search(vec(0), 2),
+    "dense": lambda s: s.dense(vec(0), 2),
     "hybrid": lambda s: s.hybrid(vec(1), "databases tables", 2),
     "bm25": lambda s: s.bm25("fox", 2),
     "count": lambda s: s.count(),
@@ -124,7 +124,7 @@ CALLS: dict[str, Callable[[MilvusStore], Any]] = {
 def test_every_call_fails_within_the_timeout_then_recovers(
     server: MilvusServer, store: MilvusStore
 ) -> None:
-    assert store.search(vec(0), 1)[0].doc_id == "a"
+    assert store.dense(vec(0), 1)[0].doc_id == "a"
     took: dict[str, float] = {}
     with frozen(server):
         for name, call in CALLS.items():
@@ -137,9 +137,9 @@ def test_every_call_fails_within_the_timeout_then_recovers(
         ping_s = time.monotonic() - t0
         print(f"ping while frozen: {ping_s:.2f}s")
         assert ping_s <= 1.0 + 0.5
-    recovered = wait_until_ok(lambda: store.search(vec(0), 1), RESUME_WITHIN)
+    recovered = wait_until_ok(lambda: store.dense(vec(0), 1), RESUME_WITHIN)
     print(f"search works again {recovered:.2f}s after SIGCONT")
-    assert store.search(vec(1), 1)[0].doc_id == "b"
+    assert store.dense(vec(1), 1)[0].doc_id == "b"
     time.sleep(0.6)  # past the ping cache
     assert store.ping()
 
@@ -184,7 +184,7 @@ def test_concurrent_calls_do_not_queue_behind_a_hung_one(
     assert all(k.endswith(":unavailable") for k, _ in results), results
     assert max(v for _, v in results) <= TIMEOUT + SLACK
     assert not ok and ping_s <= 1.0 + 0.5
-    wait_until_ok(lambda: store.search(vec(0), 1), RESUME_WITHIN)
+    wait_until_ok(lambda: store.dense(vec(0), 1), RESUME_WITHIN)
 
 
 def test_ping_is_bounded_by_one_second_not_by_the_call_timeout(server: MilvusServer) -> None:
@@ -238,7 +238,7 @@ def test_connecting_to_a_hung_milvus_is_bounded_too(
     with frozen(server):
         took = timed_failure(lambda: fresh.count())
         # a second call waits for no earlier connect longer than its own deadline
-        took2 = timed_failure(lambda: fresh.search(vec(0), 1))
+        took2 = timed_failure(lambda: fresh.dense(vec(0), 1))
     print(f"\nfirst call of a new store while frozen: {took:.2f}s, then {took2:.2f}s")
     assert took <= TIMEOUT + SLACK and took2 <= TIMEOUT + SLACK
     assert wait_until_ok(lambda: fresh.count(), RESUME_WITHIN) <= RESUME_WITHIN
@@ -250,7 +250,7 @@ def test_errors_quoting_user_text_are_not_unavailability(
 ) -> None:
     """Milvus' error messages echo filters and names: 'timeout' in them is no outage (422, not 503)."""
     with pytest.raises(InvalidFilter):
-        store.search(vec(0), 2, filter='nosuchfield == "connect timeout unavailable deadline"')
+        store.dense(vec(0), 2, filter='nosuchfield == "connect timeout unavailable deadline"')
     missing = MilvusStore(server.uri, "deadline_timeout_unavailable", timeout=TIMEOUT)
     with pytest.raises(Exception) as info:
         missing.count()
