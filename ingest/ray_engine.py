@@ -265,7 +265,7 @@ class RayIngestJob(IngestJob):
         actors, gpus = s.ray_actors, s.ray_gpus_per_actor
         in_workers = not self.store.is_lite
         max_inflight = 2 * actors + 2
-        queue = Queue(maxsize=max_inflight)
+        queue = Queue()  # unbounded: ``slots`` bounds the batches in flight, so put never blocks
         slots = threading.BoundedSemaphore(max_inflight)
         stop = threading.Event()
         lock = threading.Lock()
@@ -275,8 +275,11 @@ class RayIngestJob(IngestJob):
         def produce() -> None:
             try:
                 for k, plan in enumerate(plans):
+                    if stop.is_set():  # the consumer failed: stop reading
+                        return
                     if not plan.todo:  # nothing to write first: the stale ones can go now
-                        self.delete_stale(plan, stats)
+                        with lock:
+                            self.delete_stale(plan, stats)
                         continue
                     while not slots.acquire(timeout=0.5):
                         if stop.is_set():
@@ -359,9 +362,9 @@ class RayIngestJob(IngestJob):
             bar.embedded(len(rows))
             if entry[1] == 0:  # all new passages of the batch are stored: now the stale ones
                 t = time.perf_counter()
-                self.delete_stale(plan, stats)
-                stats.write_s += time.perf_counter() - t
                 with lock:
+                    self.delete_stale(plan, stats)
                     del inflight[int(k)]
+                stats.write_s += time.perf_counter() - t
                 slots.release()
                 log.debug("wrote %d passages, deleted %d", len(plan.todo), len(plan.stale))

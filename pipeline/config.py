@@ -67,7 +67,9 @@ class Settings(BaseSettings):
     ray_address: str | None = Field(
         None, description="Ray cluster to join (auto, ray://head:10001); unset = start a local Ray."
     )
-    ray_actors: int = Field(1, ge=1, description="Embedder actors of the Ray engine (a model each).")
+    ray_actors: int = Field(
+        1, ge=1, description="Embedder actors of the Ray engine (a model each)."
+    )
     ray_gpus_per_actor: float = Field(
         0.0, ge=0, description="GPUs per Ray embedder actor (0 = CPU actors; 0.5 = two per GPU)."
     )
