@@ -66,7 +66,8 @@ class Settings(BaseSettings):
     )
     ray_address: str | None = Field(
         None,
-        description="Ray cluster to join (auto = the cluster this node is in, or head:6379); unset = start a local Ray.",
+        description="Ray cluster to join (auto = the cluster this node is in, or head:6379); "
+        "unset = start a local Ray.",
     )
     ray_actors: int = Field(
         1, ge=1, description="Embedder actors of the Ray engine (a model each)."
