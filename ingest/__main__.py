@@ -11,6 +11,7 @@ from pipeline.logs import setup_logging
 from pipeline.store import StoreError
 
 from .job import IngestJob, summary_table
+from .ray_engine import RayMissing
 from .sources import SUPPORTED, FieldMap
 
 INGEST_SETTINGS = [
@@ -27,6 +28,10 @@ INGEST_SETTINGS = [
     "ingest_batch_size",
     "chunk_tokens",
     "chunk_overlap",
+    "ingest_engine",
+    "ray_address",
+    "ray_actors",
+    "ray_gpus_per_actor",
     "log_level",
 ]
 
@@ -40,6 +45,17 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("paths", nargs="+", help="files or folders")
     p.add_argument("--batch-size", type=int, help="passages per embed+upsert step")
+    p.add_argument(
+        "--engine",
+        choices=["single", "ray"],
+        help="single = this process (default); ray = Ray Data embedder actors (winnow[ray])",
+    )
+    p.add_argument("--actors", type=int, help="Ray engine: embedder actors (WINNOW_RAY_ACTORS)")
+    p.add_argument(
+        "--gpus-per-actor",
+        type=float,
+        help="Ray engine: GPUs per actor (WINNOW_RAY_GPUS_PER_ACTOR)",
+    )
     p.add_argument("--id-field", help="record field holding the document id (default: _id/id/…)")
     p.add_argument("--text-field", help="record field holding the text (default: text/content/…)")
     p.add_argument("--title-field", help="record field holding the title (default: title/…)")
@@ -49,20 +65,38 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def make_job(settings: Settings) -> IngestJob:
+    """The engine the settings ask for (Ray is imported only for ``ray``)."""
+    if settings.ingest_engine == "ray":
+        from .ray_engine import RayIngestJob
+
+        return RayIngestJob(settings)
+    return IngestJob(settings)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    settings = settings_from_args(args, ingest_batch_size=args.batch_size)
+    settings = settings_from_args(
+        args,
+        ingest_batch_size=args.batch_size,
+        ingest_engine=args.engine,
+        ray_actors=args.actors,
+        ray_gpus_per_actor=args.gpus_per_actor,
+    )
     setup_logging(settings.log_level if not args.quiet else "WARNING")
     settings.log_non_default()
     try:
         return run(args, settings)
+    except RayMissing as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except StoreError as exc:  # Milvus down, a Lite file held by the service, another model's data
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    job = IngestJob(settings)
+    job = make_job(settings)
     if args.drop and job.store.exists():
         job.store.drop()
     stats = job.run(

@@ -11,10 +11,12 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from pipeline.config import Settings
 from pipeline.domain import Passage
@@ -38,6 +40,10 @@ class IngestStats:
     deleted: int = 0
     skipped: int = 0
     seconds: float = 0.0
+    # per-stage time split (seconds; embed/write are summed over workers in the Ray engine)
+    read_s: float = 0.0
+    embed_s: float = 0.0
+    write_s: float = 0.0
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -48,6 +54,14 @@ class IngestStats:
     def ok(self) -> bool:
         """Exit status: fail only when nothing at all could be ingested."""
         return self.documents > 0
+
+
+@dataclass
+class Plan:
+    """What one batch of whole documents needs: passages to embed and write, then ids to delete."""
+
+    todo: list[Passage]
+    stale: list[str]
 
 
 def chunker_for(embedder: Embedder, settings: Settings) -> Chunker:
@@ -62,7 +76,44 @@ def chunker_for(embedder: Embedder, settings: Settings) -> Chunker:
     return Chunker(embedder.tokenizer, size, min(settings.chunk_overlap, size // 2))
 
 
+def upsert_bounded(
+    store: MilvusStore, passages: Sequence[Passage], vectors: np.ndarray, limit: int
+) -> None:
+    """Upsert in slices of at most ``limit`` rows: one huge document never makes one huge RPC."""
+    for i in range(0, len(passages), limit):
+        store.upsert(passages[i : i + limit], vectors[i : i + limit])
+
+
+class Progress:
+    """The driver's live view: embedded passages (rate = passages/s), documents read, unchanged."""
+
+    def __init__(self, stats: IngestStats, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.stats = stats
+        self.bar = tqdm(desc="ingest", unit=" passage", disable=not enabled, dynamic_ncols=True)
+
+    def embedded(self, n: int) -> None:
+        s = self.stats
+        self.bar.set_postfix(
+            docs=s.documents, passages=s.passages, unchanged=s.unchanged, refresh=False
+        )
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 class IngestJob:
+    """The single-process engine, and the shared read → chunk → plan → write logic of every engine.
+
+    Engines differ only in ``_execute``: how the planned batches get embedded and written. Reading,
+    chunking, duplicate and problem handling, the skip-unchanged plan and the write order (new
+    passages first, stale ones deleted after) live here, once.
+    """
+
+    engine = "single"
+
     def __init__(
         self,
         settings: Settings,
@@ -75,10 +126,52 @@ class IngestJob:
         self.embedder = embedder if embedder is not None else build_embedder(settings)
         self.store = store if store is not None else open_store(settings, collection)
 
-    def _process(
-        self, batch: Sequence[tuple[Document, list[Passage]]], stats: IngestStats
-    ) -> Future[None] | None:
-        """Embed what changed; hand the write to the writer thread (overlaps the next embed)."""
+    # --- shared steps ----------------------------------------------------------------------------
+    def prepare(self) -> Chunker:
+        """Load the embedder (tokenizer, dim) and open or create the collection: the model and
+        dimension rule refuses a run before any document is read."""
+        self.embedder.load()
+        self.store.ensure_collection(self.embedder.dim, self.settings.embed_model)
+        return chunker_for(self.embedder, self.settings)
+
+    def documents(
+        self,
+        paths: Iterable[str | Path],
+        fields: FieldMap | None,
+        chunker: Chunker,
+        stats: IngestStats,
+    ) -> Iterator[tuple[Document, list[Passage]]]:
+        """Every readable, non-duplicate, non-empty document with its passages; problems counted."""
+        seen: set[str] = set()
+        files: set[Path] = set()
+        for path, item in read_corpus(paths, fields):
+            if path is not None and path not in files:
+                files.add(path)
+                stats.files = len(files)
+            if isinstance(item, Problem):
+                stats.problems.append(item)
+                stats.skipped += 1
+                log.warning("skipped %s", item)
+                continue
+            if item.id in seen:
+                stats.problems.append(
+                    Problem(item.source, None, f"duplicate document id {item.id!r}")
+                )
+                stats.skipped += 1
+                log.warning("skipped %s: duplicate document id %r", item.source, item.id)
+                continue
+            passages = chunker.split(item)
+            if not passages:
+                stats.problems.append(Problem(item.source, None, "empty text"))
+                stats.skipped += 1
+                continue
+            seen.add(item.id)
+            stats.documents += 1
+            stats.passages += len(passages)
+            yield item, passages
+
+    def plan(self, batch: Sequence[tuple[Document, list[Passage]]], stats: IngestStats) -> Plan:
+        """Compare with what is stored: unchanged documents are skipped without embedding."""
         stored = self.store.ids_by_doc([d.id for d, _ in batch])
         todo: list[Passage] = []
         stale: list[str] = []
@@ -90,18 +183,49 @@ class IngestJob:
                 continue
             todo.extend(p for p in passages if p.id not in have)
             stale.extend(have - new_ids)
-        if not todo and not stale:
-            return None
-        vectors = self.embedder.embed([p.search_text for p in todo], query=False)
-        stats.embedded += len(todo)
-        stats.deleted += len(stale)
+        return Plan(todo, stale)
 
-        def write() -> None:
-            self.store.upsert(todo, vectors)
-            self.store.delete(stale)  # only after the new passages are stored
-            log.debug("wrote %d passages, deleted %d", len(todo), len(stale))
+    def plans(
+        self,
+        paths: Iterable[str | Path],
+        fields: FieldMap | None,
+        chunker: Chunker,
+        stats: IngestStats,
+    ) -> Iterator[Plan]:
+        """Batches of whole documents (about ``ingest_batch_size`` passages) that need work."""
+        limit = self.settings.ingest_batch_size
+        batch: list[tuple[Document, list[Passage]]] = []
+        pending = 0
+        t = time.perf_counter()
+        for doc, passages in self.documents(paths, fields, chunker, stats):
+            batch.append((doc, passages))
+            pending += len(passages)
+            if pending >= limit:
+                plan = self.plan(batch, stats)
+                batch, pending = [], 0
+                if plan.todo or plan.stale:
+                    stats.read_s += time.perf_counter() - t
+                    yield plan
+                    t = time.perf_counter()
+        if batch:
+            plan = self.plan(batch, stats)
+            if plan.todo or plan.stale:
+                stats.read_s += time.perf_counter() - t
+                yield plan
+                t = time.perf_counter()
+        stats.read_s += time.perf_counter() - t
 
-        return self._writer.submit(write)
+    def write(self, plan: Plan, vectors: np.ndarray, stats: IngestStats) -> None:
+        """New passages first, then the stale ones: a document never has none stored."""
+        t = time.perf_counter()
+        upsert_bounded(self.store, plan.todo, vectors, self.settings.ingest_batch_size)
+        self.delete_stale(plan, stats)
+        stats.write_s += time.perf_counter() - t
+        log.debug("wrote %d passages, deleted %d", len(plan.todo), len(plan.stale))
+
+    def delete_stale(self, plan: Plan, stats: IngestStats) -> None:
+        self.store.delete(plan.stale)
+        stats.deleted += len(plan.stale)
 
     def run(
         self,
@@ -110,72 +234,34 @@ class IngestJob:
         fields: FieldMap | None = None,
         progress: bool = True,
     ) -> IngestStats:
-        from tqdm import tqdm
-
         t0 = time.perf_counter()
         stats = IngestStats()
-        self.embedder.load()
-        self.store.ensure_collection(self.embedder.dim, self.settings.embed_model)
-        chunker = chunker_for(self.embedder, self.settings)
-        batch_limit = self.settings.ingest_batch_size
-        seen: set[str] = set()
-        files: set[Path] = set()
-        batch: list[tuple[Document, list[Passage]]] = []
-        pending = 0
-        inflight: Future[None] | None = None
-        bar = tqdm(desc="ingest", unit=" doc", disable=not progress, dynamic_ncols=True)
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="winnow-upsert")
-
-        def flush_batch() -> None:
-            nonlocal batch, pending, inflight
-            if not batch:
-                return
-            fut = self._process(batch, stats)
-            if inflight is not None:
-                inflight.result()
-            inflight = fut
-            bar.set_postfix(passages=stats.passages, embedded=stats.embedded, refresh=False)
-            batch, pending = [], 0
-
+        chunker = self.prepare()
+        bar = Progress(stats, progress)
         try:
-            for path, item in read_corpus(paths, fields):
-                if path is not None:
-                    files.add(path)
-                if isinstance(item, Problem):
-                    stats.problems.append(item)
-                    stats.skipped += 1
-                    log.warning("skipped %s", item)
-                    continue
-                if item.id in seen:
-                    stats.problems.append(
-                        Problem(item.source, None, f"duplicate document id {item.id!r}")
-                    )
-                    stats.skipped += 1
-                    log.warning("skipped %s: duplicate document id %r", item.source, item.id)
-                    continue
-                passages = chunker.split(item)
-                if not passages:
-                    stats.problems.append(Problem(item.source, None, "empty text"))
-                    stats.skipped += 1
-                    continue
-                seen.add(item.id)
-                stats.documents += 1
-                stats.passages += len(passages)
-                batch.append((item, passages))
-                pending += len(passages)
-                bar.update(1)
-                if pending >= batch_limit:
-                    flush_batch()
-            flush_batch()
-            if inflight is not None:
-                inflight.result()
+            self._execute(self.plans(paths, fields, chunker, stats), stats, bar)
             self.store.flush()
         finally:
-            self._writer.shutdown(wait=True)
             bar.close()
-        stats.files = len(files)
         stats.seconds = time.perf_counter() - t0
         return stats
+
+    # --- the single-process engine -----------------------------------------------------------------
+    def _execute(self, plans: Iterator[Plan], stats: IngestStats, bar: Progress) -> None:
+        """Embed in this process; one writer thread overlaps the write with the next embed."""
+        inflight: Future[None] | None = None
+        with ThreadPoolExecutor(1, thread_name_prefix="winnow-upsert") as writer:
+            for plan in plans:
+                t = time.perf_counter()
+                vectors = self.embedder.embed([p.search_text for p in plan.todo], query=False)
+                stats.embed_s += time.perf_counter() - t
+                stats.embedded += len(plan.todo)
+                if inflight is not None:
+                    inflight.result()
+                inflight = writer.submit(self.write, plan, vectors, stats)
+                bar.embedded(len(plan.todo))
+            if inflight is not None:
+                inflight.result()
 
 
 def summary_table(stats: IngestStats, count: int | None = None) -> str:

@@ -64,6 +64,22 @@ class Settings(BaseSettings):
         256, ge=16, description="Passage length in embedder tokens (capped by the model's limit)."
     )
     chunk_overlap: int = Field(32, ge=0, description="Tokens shared by consecutive passages.")
+    ingest_engine: Literal["single", "ray"] = Field(
+        "single",
+        description="Ingest engine: single (this process) or ray (Ray Data embedder actors; "
+        "pip install 'winnow[ray]').",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="Ray cluster to join (auto = the cluster this node is in, or head:6379); "
+        "unset = start a local Ray.",
+    )
+    ray_actors: int = Field(
+        1, ge=1, description="Embedder actors of the Ray engine (a model each)."
+    )
+    ray_gpus_per_actor: float = Field(
+        0.0, ge=0, description="GPUs per Ray embedder actor (0 = CPU actors; 0.5 = two per GPU)."
+    )
 
     # --- Search ---------------------------------------------------------------------------------
     top_k: int = Field(50, ge=1, description="Default candidates recalled from Milvus.")
@@ -197,7 +213,7 @@ class Settings(BaseSettings):
 
     log_level: str = Field("INFO", description="Python logging level.")
 
-    @field_validator("milvus_token", "api_key", "rerank_api_key", mode="before")
+    @field_validator("milvus_token", "api_key", "rerank_api_key", "ray_address", mode="before")
     @classmethod
     def _empty_is_unset(cls, v: Any) -> Any:
         return None if v == "" else v
