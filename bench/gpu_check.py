@@ -221,14 +221,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
+    from rerank import _cpu_name  # bench/rerank.py (bench/ is on sys.path above)
+
+    return _cpu_name()
 
 
 def summary(results: dict[str, Any]) -> str:
