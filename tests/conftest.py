@@ -96,6 +96,25 @@ def wait_port(port: int, timeout: float = 60.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
+def wait_healthy(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``url``/health until 200; fail early with its stderr when ``proc`` has exited."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc is not None and proc.poll() is not None:
+            err = proc.stderr.read().decode()[-2000:] if proc.stderr is not None else ""
+            raise RuntimeError(f"server exited: {err}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url}/health did not answer within {timeout:g} s")
+        time.sleep(0.2)
+
+
 class MilvusServer:
     """A ``milvus-lite server`` process: the same gRPC path a Milvus standalone/cluster uses."""
 

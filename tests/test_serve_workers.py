@@ -7,11 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
-from conftest import MilvusServer, free_port
+from conftest import MilvusServer, free_port, wait_healthy
 
 from pipeline.config import Settings
 
@@ -47,16 +46,7 @@ def test_api_key_given_as_flag_guards_every_worker(milvus_server: MilvusServer, 
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.5)
+        wait_healthy(url, 120, proc)
         # several connections so that both workers answer at least once
         for _ in range(12):
             with httpx.Client(timeout=30) as c:

@@ -10,13 +10,11 @@ import importlib.util
 import os
 import re
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
-from conftest import LiveServer, corpus_records, write_jsonl
+from conftest import LiveServer, corpus_records, wait_healthy, write_jsonl
 
 from pipeline.config import Settings
 
@@ -84,16 +82,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, embedder) -> Iterator[LiveSer
     job.run([path], progress=False)
     job.store.close()
     with LiveServer(create_app(settings, embedder=embedder)) as server:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("/health did not answer")
-            time.sleep(0.1)
+        wait_healthy(server.url)
         yield server
 
 
