@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline.rerank import RerankRequest
+from pipeline.rerank.plan import common_prefix_len
 from pipeline.rerank.prompt import (
     body_budget,
     check_head_fits,
@@ -93,14 +94,6 @@ def llm_kwargs(
         "max_model_len": max_model_len,
         "dtype": dtype,
     }
-
-
-def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class VLLMEngine:
@@ -226,7 +219,7 @@ class VLLMEngine:
     ) -> tuple[str, int]:
         """Document text whose body re-tokenizes to ``body`` (the card's cut), and its length."""
         tok = self._tokenizer
-        shared = _common_prefix_len(head_ids, body)
+        shared = common_prefix_len(head_ids, body)
         keep = len(body)
         for _ in range(MAX_CUT_RETRIES):
             text = tok.decode(
