@@ -430,7 +430,14 @@ def test_several_urls_share_the_load_and_skip_a_dead_one() -> None:
         st = r.stats()
         # the dead one: tried, then avoided while it backs off (at most twice per round of 4)
         assert 1 <= st["remote_errors"] == st["remote_retries"] <= 10
-        assert run(r.health()) is True
+
+        async def health() -> bool:
+            try:
+                return await r.health()
+            finally:
+                await r.aclose()
+
+        assert run(health()) is True
 
 
 # ================================================================================================
@@ -451,6 +458,12 @@ def winnow_app(db: Path, embedder: Any, reranker: Any, **kw: Any) -> FastAPI:
     from pipeline.api import create_app
 
     return create_app(winnow_settings(db, **kw), embedder=embedder, reranker=reranker)
+
+
+def remote_winnow_app(db: Path, embedder: Any, url: str, **kw: Any) -> FastAPI:
+    """A Winnow whose remote reranker is built from settings, as ``serve`` builds it, so the app
+    owns it and closes its session on shutdown."""
+    return winnow_app(db, embedder, None, rerank_backend="remote", rerank_url=url, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -485,9 +498,16 @@ def test_remote_scores_equal_the_engine(winnow_a: LiveServer, tiny_engine) -> No
 def test_second_winnow_reranks_through_the_first(
     tmp_path, winnow_a: LiveServer, sample_db, embedder, tiny_engine
 ) -> None:
-    remote = RemoteReranker(f"{winnow_a.url}/v1/rerank", model="tiny-via-a", max_documents=4)
-    app = winnow_app(copy_db(sample_db, tmp_path / "b.db"), embedder, remote)
+    app = remote_winnow_app(
+        copy_db(sample_db, tmp_path / "b.db"),
+        embedder,
+        f"{winnow_a.url}/v1/rerank",
+        rerank_remote_model="tiny-via-a",
+        rerank_remote_max_documents=4,
+    )
     with LiveServer(app) as b:
+        remote = app.state.winnow.runtime.reranker
+        assert isinstance(remote, RemoteReranker) and remote.max_documents == 4
         ready = httpx.get(f"{b.url}/ready").json()
         assert ready["ready"] and ready["rerank_backend"] == "remote"
 
@@ -561,8 +581,12 @@ def test_remote_down_then_back(tmp_path, sample_db, embedder, tiny_engine) -> No
 
 @pytest.mark.slow
 def test_app_answers_503_when_the_remote_is_down(tmp_path, sample_db, embedder) -> None:
-    r = RemoteReranker(f"http://127.0.0.1:{free_port()}/v1/rerank", model="m", timeout=2.0)
-    app = winnow_app(copy_db(sample_db, tmp_path / "b.db"), embedder, r)
+    app = remote_winnow_app(
+        copy_db(sample_db, tmp_path / "b.db"),
+        embedder,
+        f"http://127.0.0.1:{free_port()}/v1/rerank",
+        rerank_remote_timeout=2.0,
+    )
     with LiveServer(app) as b:
         t0 = time.monotonic()
         resp = httpx.post(f"{b.url}/v1/rerank", json={"query": "q", "documents": ["a"]}, timeout=30)

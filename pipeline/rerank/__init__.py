@@ -2,7 +2,7 @@
 
 Backends: ``hf`` (transformers, CPU or GPU) and ``vllm`` (GPU), both engines behind the same
 micro-batcher (admission by work, slices, deadline: :mod:`pipeline.rerank.batcher`), and ``remote`` (any
-/rerank HTTP server; it batches on its side). Heavy imports (torch, transformers, vllm, httpx) happen
+/rerank HTTP server; it batches on its side). Heavy imports (torch, transformers, vllm, aiohttp) happen
 inside the backends, never here.
 """
 
