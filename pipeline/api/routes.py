@@ -35,7 +35,8 @@ T = TypeVar("T")
 router = APIRouter()
 
 
-def app_state(request: Request) -> AppState:
+async def app_state(request: Request) -> AppState:
+    # async: FastAPI runs a plain-def dependency in its thread pool, a thread hop on every request
     return request.app.state.winnow
 
 
