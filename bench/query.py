@@ -20,6 +20,13 @@ latencies and the paired difference (p50/p95), once with an engine that answers 
 alone) and once with the model (use the tiny one so model time does not drown the hop):
 
     python bench/query.py --remote-hop --reranker tiny --hop-docs 20 --hop-iters 300
+
+``--hop-clients`` sends that same 20-document /v1/rerank POST to the instant-engine Winnow with each
+HTTP client in turn (a hand-written HTTP/1.1 exchange on a raw socket as the floor, httpx, httpcore,
+aiohttp), interleaved on one uvloop, and reports each client's p50/p95 and its p50 over the floor:
+the measurement behind the remote backend's choice of client.
+
+    python bench/query.py --hop-clients --reranker tiny --hop-iters 500
 """
 
 from __future__ import annotations
@@ -178,6 +185,15 @@ async def measure_hop(
     return loc, rem
 
 
+def run_like_uvicorn(coro: Any) -> Any:
+    """On uvloop when it is installed, as uvicorn's ``loop="auto"`` runs the API that makes the hop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
 def remote_hop(args: argparse.Namespace) -> dict[str, Any]:
     """Local backend vs remote backend → a local Winnow in another process (loopback), same
     inputs, interleaved; once with an instant engine (the hop alone) and once with the model."""
@@ -210,7 +226,7 @@ def remote_hop(args: argparse.Namespace) -> dict[str, Any]:
             local = BatchedReranker(engine, "bench", batcher)
             remote = RemoteReranker(f"http://127.0.0.1:{port}/v1/rerank", model="bench")
 
-            loc, rem = asyncio.run(
+            loc, rem = run_like_uvicorn(
                 measure_hop(local, remote, queries, docs, iters, args.hop_warmup)
             )
         finally:
@@ -234,6 +250,107 @@ def remote_hop(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+async def measure_clients(
+    url: str, body: bytes, n_docs: int, iters: int, warmup: int
+) -> dict[str, list[float]]:
+    """Milliseconds per POST for each client, the clients taking turns on every iteration."""
+    from urllib.parse import urlsplit
+
+    import aiohttp
+    import httpcore
+    import orjson
+
+    parts = urlsplit(url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    head = (
+        f"POST {parts.path} HTTP/1.1\r\nhost: {parts.netloc}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode()
+    json_headers = {"content-type": "application/json"}
+
+    async def raw() -> bytes:
+        writer.write(head + body)
+        await writer.drain()
+        lines = (await reader.readuntil(b"\r\n\r\n")).split(b"\r\n")
+        length = next(
+            int(h.split(b":")[1]) for h in lines if h.lower().startswith(b"content-length")
+        )
+        return await reader.readexactly(length)
+
+    async with (
+        httpx.AsyncClient() as hx,
+        httpcore.AsyncConnectionPool() as hc,
+        aiohttp.ClientSession() as ah,
+    ):
+
+        async def with_httpx() -> bytes:
+            return (await hx.post(url, content=body, headers=json_headers)).content
+
+        async def with_httpcore() -> bytes:
+            return (await hc.request("POST", url, content=body, headers=json_headers)).content
+
+        async def with_aiohttp() -> bytes:
+            async with ah.post(url, data=body, headers=json_headers) as resp:
+                return await resp.read()
+
+        clients = {
+            "raw socket": raw,
+            "httpx": with_httpx,
+            "httpcore": with_httpcore,
+            "aiohttp": with_aiohttp,
+        }
+        times: dict[str, list[float]] = {name: [] for name in clients}
+        for i in range(warmup + iters):
+            for name, call in clients.items():
+                t0 = time.perf_counter()
+                answer = orjson.loads(await call())
+                if i >= warmup:
+                    times[name].append((time.perf_counter() - t0) * 1000)
+                assert len(answer["results"]) == n_docs, answer
+    writer.close()
+    return times
+
+
+def hop_clients(args: argparse.Namespace) -> dict[str, Any]:
+    import multiprocessing
+    import tempfile
+
+    import orjson
+    from conftest import free_port, wait_port
+
+    from pipeline.rerank.prompt import DEFAULT_INSTRUCTION
+
+    docs = load_docs(args.hop_docs)
+    query = load_queries(1)[0]
+    body = orjson.dumps({"query": query, "documents": docs, "instruction": DEFAULT_INSTRUCTION})
+    port = free_port()
+    db = str(Path(tempfile.mkdtemp()) / "hop.db")
+    model = reranker_dir(args.reranker)
+    ctx = multiprocessing.get_context("spawn")
+    proc = ctx.Process(target=serve_remote, args=(port, "null", model, "auto", 0.0, db))
+    proc.start()
+    try:
+        wait_port(port, timeout=300)
+        url = f"http://127.0.0.1:{port}/v1/rerank"
+        times = run_like_uvicorn(
+            measure_clients(url, body, len(docs), args.hop_iters, args.hop_warmup)
+        )
+    finally:
+        proc.terminate()
+        proc.join(30)
+    floor = pct(times["raw socket"], 0.5)
+    out: dict[str, Any] = {"documents": len(docs), "body_bytes": len(body), "clients": {}}
+    for name, ms in times.items():
+        p50 = pct(ms, 0.5)
+        out["clients"][name] = {
+            "p50_ms": round(p50, 3),
+            "p95_ms": round(pct(ms, 0.95), 3),
+            "over_raw_p50_ms": round(p50 - floor, 3),
+        }
+        print(name, json.dumps(out["clients"][name]), flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--db", help="Milvus Lite file (or server URI) holding SciFact")
@@ -249,18 +366,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-batching", action="store_true", help="one request per engine call")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--remote-hop", action="store_true", help="measure the remote backend's hop")
+    ap.add_argument("--hop-clients", action="store_true", help="compare HTTP clients on the hop")
     ap.add_argument("--hop-docs", type=int, default=20)
     ap.add_argument("--hop-iters", type=int, default=300, help="with the instant engine")
     ap.add_argument("--hop-model-iters", type=int, default=60, help="with the model")
     ap.add_argument("--hop-warmup", type=int, default=20)
     args = ap.parse_args(argv)
-    if args.remote_hop:
-        out = remote_hop(args)
+    if args.remote_hop or args.hop_clients:
+        out = remote_hop(args) if args.remote_hop else hop_clients(args)
         if args.json:
             args.json.write_text(json.dumps(out, indent=1))
         return 0
     if args.db is None:
-        ap.error("--db is required (except with --remote-hop)")
+        ap.error("--db is required (except with --remote-hop and --hop-clients)")
 
     from conftest import LiveServer
 
