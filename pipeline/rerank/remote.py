@@ -354,6 +354,7 @@ class RemoteReranker:
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
                 raise_for_status=False,
+                trust_env=False,  # straight to the URL: no proxy variables, no ~/.netrc per request
             )
             self._loop = loop
         return self._client
