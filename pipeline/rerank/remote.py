@@ -17,15 +17,14 @@ How the Qwen3 instruction travels is the ``format`` (``WINNOW_RERANK_REMOTE_FORM
 
 One pooled ``aiohttp.ClientSession`` per event loop, bodies encoded and decoded with orjson: on
 loopback this client adds 0.6-0.7 ms per 20-document call where httpx added 1.9-3.3 ms
-(docs/benchmarks.md, "Remote reranker hop"), and the hop is the whole cost of this backend.
-Every ``score()`` call has one deadline (``WINNOW_RERANK_REMOTE_TIMEOUT``) that bounds its retries
-too. Connection errors, 429 and 502-504
-are retried with exponential backoff and jitter (429/503 honour ``Retry-After``); past the deadline
-or the retries the call raises :class:`RerankerUnavailable`. Other 4xx raise :class:`RerankerError`
-at once. Long candidate lists go out as concurrent calls of at most ``max_documents`` documents,
-and answers are mapped back by ``index`` and validated (each index exactly once, finite scores).
-Several URLs (comma-separated) are used least-busy first; one that fails is avoided until its
-backoff or ``Retry-After`` has passed.
+(docs/benchmarks.md, "Remote reranker hop"), and the hop is the whole cost of this backend. Every
+``score()`` call has one deadline (``WINNOW_RERANK_REMOTE_TIMEOUT``) that bounds its retries too.
+Connection errors, 429 and 502-504 are retried with exponential backoff and jitter (429/503 honour
+``Retry-After``); past the deadline or the retries the call raises :class:`RerankerUnavailable`.
+Other 4xx raise :class:`RerankerError` at once. Long candidate lists go out as concurrent calls of
+at most ``max_documents`` documents, and answers are mapped back by ``index`` and validated (each
+index exactly once, finite scores). Several URLs (comma-separated) are used least-busy first; one
+that fails is avoided until its backoff or ``Retry-After`` has passed.
 """
 
 from __future__ import annotations
