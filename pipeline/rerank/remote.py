@@ -194,8 +194,8 @@ def describe_refusal(status: int, content: bytes, url: str, model: str | None) -
     """An operator-facing message for a 4xx (it names the URL and settings to fix)."""
     detail = ""
     try:
-        body = orjson.loads(content)
-    except orjson.JSONDecodeError:
+        body = _loads(content)
+    except ValueError:
         body = None
     if isinstance(body, dict):
         err = body.get("error")
@@ -235,6 +235,8 @@ class Endpoint:
 
 async def _all_or_cancel(aws: Sequence[Awaitable[T]]) -> list[T]:
     """Like ``gather``, but the first failure cancels the other calls instead of leaving them running."""
+    if len(aws) == 1:  # the common case: nothing to run alongside, so no task to spawn and join
+        return [await aws[0]]
     tasks = [asyncio.ensure_future(a) for a in aws]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -247,10 +249,6 @@ async def _all_or_cancel(aws: Sequence[Awaitable[T]]) -> list[T]:
             if not t.done():
                 t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _one_list(aw: Awaitable[T]) -> list[T]:
-    return [await aw]
 
 
 class RemoteReranker:
@@ -400,14 +398,10 @@ class RemoteReranker:
             async with gate:
                 return await self._call(client, payload, n, deadline)
 
-        if len(payloads) == 1:  # the common case: no tasks to spawn and join
-            work: Awaitable[list[list[float]]] = _one_list(
-                self._call(client, *payloads[0], deadline)
-            )
-        else:
-            work = _all_or_cancel([one(p, n) for p, n in payloads])
         try:
-            parts = await asyncio.wait_for(work, self.timeout)
+            parts = await asyncio.wait_for(
+                _all_or_cancel([one(p, n) for p, n in payloads]), self.timeout
+            )
         except asyncio.TimeoutError:
             self._counters["remote_unavailable"] += 1
             raise RerankerUnavailable(
