@@ -167,6 +167,14 @@ class Settings(BaseSettings):
         "template (vllm serve without --chat-template); cohere = plain query/documents "
         "(default instruction only).",
     )
+    rerank_tokenizer: str = Field(
+        "auto",
+        description="remote backend: tokenizer (hub id or directory) that cuts each document to "
+        "WINNOW_RERANK_MAX_LENGTH tokens by the model card's rule before it is sent (vllm serve "
+        "refuses longer prompts: set its --max-model-len to at least that); auto = "
+        "WINNOW_RERANK_MODEL's for the qwen3-formatted and cohere formats, none for winnow (the "
+        "remote Winnow cuts); none = send documents uncut.",
+    )
     rerank_remote_timeout: float = Field(
         10.0, gt=0, description="remote backend: seconds per rerank call, retries included."
     )

@@ -48,8 +48,33 @@ def _hub_reachable(timeout: float) -> bool:
     return True
 
 
-def resolve_model(name: str, *, what: str = "model", setting: str = "") -> str:
-    """Return a local directory for ``name`` (hub id or path), downloading only when the hub answers."""
+TOKENIZER_FILES = [
+    "tokenizer*",
+    "vocab*",
+    "merges*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "config.json",
+    "*.jinja",
+]
+
+
+def resolve_tokenizer(name: str, *, setting: str = "") -> str:
+    """A local directory with ``name``'s tokenizer files only (no weights are downloaded)."""
+    return resolve_model(name, what="tokenizer", setting=setting, allow_patterns=TOKENIZER_FILES)
+
+
+def resolve_model(
+    name: str,
+    *,
+    what: str = "model",
+    setting: str = "",
+    allow_patterns: list[str] | None = None,
+) -> str:
+    """Return a local directory for ``name`` (hub id or path), downloading only when the hub answers.
+
+    ``allow_patterns`` limits what is looked up and downloaded (e.g. only the tokenizer's files).
+    """
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path)
@@ -60,7 +85,7 @@ def resolve_model(name: str, *, what: str = "model", setting: str = "") -> str:
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(name, local_files_only=True)
+        return snapshot_download(name, local_files_only=True, allow_patterns=allow_patterns)
     except Exception:  # not in the local cache: try the hub below
         pass
     hint = f"; set {setting} to a local directory" if setting else ""
@@ -71,6 +96,6 @@ def resolve_model(name: str, *, what: str = "model", setting: str = "") -> str:
         )
     log.info("downloading %s %s from the hub", what, name)
     try:
-        return snapshot_download(name)
+        return snapshot_download(name, allow_patterns=allow_patterns)
     except Exception as exc:
         raise ModelUnavailable(f"{what} {name!r} could not be downloaded: {exc}{hint}") from exc

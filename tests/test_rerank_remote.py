@@ -37,6 +37,7 @@ from pipeline.rerank.prompt import (
     DEFAULT_INSTRUCTION,
     PREFIX,
     SUFFIX,
+    PromptTooLong,
     format_body,
     format_document,
     format_pair,
@@ -228,6 +229,20 @@ def test_formatted_sides_tokenize_like_the_card() -> None:
         assert tok(qs + ds, add_special_tokens=True)["input_ids"] == card
 
 
+def test_tokenizer_for_settings() -> None:
+    from pipeline.rerank.remote import tokenizer_for
+
+    base = {"rerank_backend": "remote", "rerank_url": "http://a/v1/rerank", "rerank_model": "m"}
+    for fmt, want in (("qwen3-formatted", "m"), ("cohere", "m"), ("winnow", None)):
+        assert tokenizer_for(Settings(**base, rerank_remote_format=fmt)) == want
+    assert tokenizer_for(Settings(**base, rerank_tokenizer="none")) is None
+    assert tokenizer_for(Settings(**base, rerank_tokenizer="/tok")) == "/tok"
+    r = RemoteReranker.from_settings(
+        Settings(**base, rerank_remote_format="cohere", rerank_max_length=300)
+    )
+    assert (r.tokenizer, r.max_length) == ("m", 300)
+
+
 # ================================================================================================
 # A fake rerank server (Cohere / vllm serve answer shape) for the failure paths
 # ================================================================================================
@@ -331,6 +346,50 @@ def test_vllm_shape_parsed_and_formatted_request(fake) -> None:
     assert (st["rerank_requests"], st["rerank_pairs"], st["remote_calls"]) == (1, 10, 3)
     assert st["remote_retries"] == st["remote_errors"] == 0
     assert st["remote_latency_seconds_count"] == 3 and st["remote_latency_seconds_sum"] > 0
+
+
+@pytest.mark.skipif(not TOKENIZER_DIR.is_dir(), reason="real Qwen3 tokenizer not present")
+def test_long_documents_are_cut_like_the_card_before_they_are_sent(fake) -> None:
+    """vllm serve refuses a prompt over --max-model-len; the client cuts by the card's rule instead:
+    what the server tokenizes is the card's tokens (suffix kept), short documents go out as given."""
+    from transformers import AutoTokenizer
+
+    from pipeline.rerank.prompt import body_budget, encode_fixed
+
+    f, server = fake
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    max_len = 160
+    long = " ".join(f"word{i} alpha beta" for i in range(300))
+    docs = [DOCS[0], long, "北京是中华人民共和国的首都，" * 40, ""]
+    r = RemoteReranker(
+        f"{server.url}/v1/rerank",
+        model="m",
+        fmt="qwen3-formatted",
+        tokenizer=str(TOKENIZER_DIR),
+        max_length=max_len,
+    )
+    r.load()
+    run(score_and_close(r, QUERY, docs, CUSTOM))
+    (body,) = f.bodies
+    prefix, suffix = encode_fixed(tok)
+    budget = body_budget(max_len, prefix, suffix)
+    for sent, doc in zip(body["documents"], docs, strict=True):
+        ids = tok(body["query"] + sent)["input_ids"]
+        card = tok([format_body(QUERY, doc, CUSTOM)], truncation="longest_first", max_length=budget)
+        want = prefix + card["input_ids"][0] + suffix
+        assert len(ids) <= max_len and ids[-len(suffix) :] == suffix
+        if doc is not docs[2]:
+            assert ids == want, doc[:40]
+        else:  # a cut inside a multi-byte character drops at most its 3 trailing byte tokens
+            assert want[: len(ids) - len(suffix)] == ids[: -len(suffix)]
+            assert len(want) - len(ids) <= 3
+    assert body["documents"][0] == format_document(DOCS[0]) and body["documents"][
+        3
+    ] == format_document("")
+    assert r._cutter is not None and r._cutter.cut_documents == 2
+    with pytest.raises(PromptTooLong):  # only documents are cut: an oversized query is refused
+        run(score_and_close(r, "why " * 200, ["a"]))
+    assert f.calls == 1
 
 
 def test_cohere_format_and_api_key() -> None:

@@ -108,7 +108,10 @@ def encode_bodies(tokenizer: Any, bodies: Sequence[str], budget: int) -> list[li
     )["input_ids"]
 
 
-def check_head_fits(head_tokens: int, budget: int, min_doc_tokens: int = 16) -> None:
+MIN_DOC_TOKENS = 16  # the least room for the document a request's head must leave
+
+
+def check_head_fits(head_tokens: int, budget: int, min_doc_tokens: int = MIN_DOC_TOKENS) -> None:
     """Raise :class:`PromptTooLong` unless ``min_doc_tokens`` of document fit after the head."""
     if head_tokens + min_doc_tokens > budget:
         raise PromptTooLong(

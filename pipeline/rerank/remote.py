@@ -15,6 +15,14 @@ How the Qwen3 instruction travels is the ``format`` (``WINNOW_RERANK_REMOTE_FORM
   --chat-template qwen3_reranker.jinja``), which knows only the default instruction, so a custom
   instruction is refused (:class:`InstructionNotSupported`) rather than silently dropped.
 
+``vllm serve`` does not cut a long document the way the card does: it answers 400 for a prompt over
+``--max-model-len``. With a tokenizer (``WINNOW_RERANK_TOKENIZER``, by default the model's for the
+``qwen3-formatted`` and ``cohere`` formats) documents are cut here by the card's rule to
+``WINNOW_RERANK_MAX_LENGTH`` tokens, as text that re-tokenizes to exactly the kept tokens
+(:class:`pipeline.rerank.cut.DocumentCutter`, shared with the vLLM engine), so such a request is
+scored like the card instead of refused. Documents that surely fit (by their UTF-8 length) never reach
+the tokenizer; the others are cut in a worker thread, off the event loop.
+
 One pooled ``aiohttp.ClientSession`` per event loop, bodies encoded and decoded with orjson: on
 loopback this client adds 0.6-0.7 ms per 20-document call where httpx added 1.9-3.3 ms
 (docs/benchmarks.md, "Remote reranker hop"), and the hop is the whole cost of this backend. Every
@@ -45,7 +53,12 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import orjson
 
-from pipeline.rerank import InstructionNotSupported, RerankerError, RerankerUnavailable
+from pipeline.rerank import (
+    InstructionNotSupported,
+    RerankerError,
+    RerankerUnavailable,
+    RerankRequest,
+)
 from pipeline.rerank.prompt import (
     DEFAULT_INSTRUCTION,
     format_document,
@@ -55,6 +68,7 @@ from pipeline.rerank.prompt import (
 
 if TYPE_CHECKING:
     from pipeline.config import Settings
+    from pipeline.rerank.cut import DocumentCutter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -90,6 +104,26 @@ def health_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, "/health", "", ""))
 
 
+def check_instruction(fmt: str, instruction: str | None) -> None:
+    """Raise :class:`InstructionNotSupported` for a custom instruction the format cannot carry."""
+    if fmt == "cohere" and resolve_instruction(instruction) != DEFAULT_INSTRUCTION:
+        raise InstructionNotSupported(
+            "this reranker (WINNOW_RERANK_REMOTE_FORMAT=cohere) takes no instruction: only the "
+            "default one can be scored; use the format winnow or qwen3-formatted for custom "
+            "instructions"
+        )
+
+
+def tokenizer_for(settings: Settings) -> str | None:
+    """The tokenizer that cuts documents before they are sent (``WINNOW_RERANK_TOKENIZER``)."""
+    name = settings.rerank_tokenizer
+    if name == "none":
+        return None
+    if name == "auto":
+        return None if settings.rerank_remote_format == "winnow" else settings.rerank_model
+    return name
+
+
 def build_payload(
     fmt: str,
     query: str,
@@ -111,12 +145,7 @@ def build_payload(
             "documents": [format_document(d) for d in docs],
         }
     elif fmt == "cohere":
-        if resolve_instruction(instruction) != DEFAULT_INSTRUCTION:
-            raise InstructionNotSupported(
-                "this reranker (WINNOW_RERANK_REMOTE_FORMAT=cohere) takes no instruction: only the "
-                "default one can be scored; use the format winnow or qwen3-formatted for custom "
-                "instructions"
-            )
+        check_instruction(fmt, instruction)
         body = {"query": query, "documents": list(docs)}
     else:
         raise ValueError(f"unknown remote format {fmt!r}; expected one of {FORMATS}")
@@ -269,6 +298,8 @@ class RemoteReranker:
         retries: int = 3,
         max_concurrency: int = 8,
         health_timeout: float = HEALTH_TIMEOUT_S,
+        tokenizer: str | None = None,
+        max_length: int = 8192,
     ) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"WINNOW_RERANK_REMOTE_FORMAT: {fmt!r} is not one of {FORMATS}")
@@ -281,6 +312,9 @@ class RemoteReranker:
         self.retries = max(0, retries)
         self.max_concurrency = max(1, max_concurrency)
         self.health_timeout = min(health_timeout, timeout)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self._cutter: DocumentCutter | None = None
         self._api_key = api_key
         self._client: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -317,6 +351,8 @@ class RemoteReranker:
             timeout=settings.rerank_remote_timeout,
             max_documents=settings.rerank_remote_max_documents,
             retries=settings.rerank_remote_retries,
+            tokenizer=tokenizer_for(settings),
+            max_length=settings.rerank_max_length,
         )
 
     @property
@@ -324,14 +360,36 @@ class RemoteReranker:
         return [e.url for e in self.endpoints]
 
     def load(self) -> None:
-        """Nothing to load: the client is created in the event loop that first uses it."""
+        """Load the tokenizer that cuts documents, if any (blocking; the HTTP client is created in
+        the event loop that first uses it). A tokenizer that cannot be had fails here, at start-up."""
+        if self.tokenizer is not None and self._cutter is None:
+            from transformers import AutoTokenizer
+
+            from pipeline.model_files import resolve_tokenizer
+            from pipeline.rerank.cut import DocumentCutter
+
+            path = resolve_tokenizer(self.tokenizer, setting="WINNOW_RERANK_TOKENIZER")
+            self._cutter = DocumentCutter(AutoTokenizer.from_pretrained(path), self.max_length)
         log.info(
-            "remote reranker: %s (format %s, %.1fs deadline, %d documents per call)",
+            "remote reranker: %s (format %s, %.1fs deadline, %d documents per call, %s)",
             ", ".join(self.urls),
             self.format,
             self.timeout,
             self.max_documents,
+            f"documents cut to {self.max_length} tokens by {self.tokenizer}'s tokenizer"
+            if self._cutter is not None
+            else "documents sent uncut",
         )
+
+    async def _cut(self, query: str, docs: Sequence[str], instruction: str | None) -> list[str]:
+        """Documents cut by the card's rule (see the module docstring); as given without a cutter."""
+        cutter = self._cutter
+        if cutter is None:
+            return list(docs)
+        request = RerankRequest(query, docs, instruction)
+        if cutter.fits_uncut(request):
+            return list(docs)
+        return (await asyncio.to_thread(cutter.cut, request, count=False)).docs
 
     def _http(self) -> aiohttp.ClientSession:
         """The pooled session of the running loop (a new loop, e.g. a second ``asyncio.run``, gets
@@ -375,6 +433,8 @@ class RemoteReranker:
     ) -> list[float]:
         if not docs:
             return []
+        check_instruction(self.format, instruction)  # refused before any work
+        docs = await self._cut(query, docs, instruction)
         m = self.max_documents
         # built up front: an unsupported instruction is refused before any network call
         payloads = [

