@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from tiny_qwen import build_bpe_tokenizer, load_real_tokenizer, real_tokenizer_available
 
@@ -96,3 +98,40 @@ def test_real_tokenizer_ids() -> None:
     assert prompt.yes_no_token_ids(tok) == (9693, 2152)
     _, suf = prompt.encode_fixed(tok)
     assert suf == [151645, 198, 151644, 77091, 198, 151667, 271, 151668, 271]
+
+
+TEMPLATE_CASES = [
+    ("capital of China?", "The capital of China is Beijing.", None),
+    ('quotes " and \\ backslash', "北京 {{ not jinja }} {% raw %}", "中文指令"),
+    ("q\n", "\n\nends with newlines\n\n", "custom instruction"),
+    ("", "", None),
+]
+
+
+def test_vllm_chat_template_renders_the_card_prompt() -> None:
+    """What ``vllm serve --chat-template deploy/vllm/qwen3_reranker.jinja`` renders (transformers'
+    chat renderer, as vLLM calls it, and plain Jinja) is ``format_pair``, byte for byte."""
+    import jinja2
+
+    from pipeline.rerank.prompt import format_pair, vllm_chat_template
+
+    template = vllm_chat_template()
+    shipped = Path(__file__).resolve().parents[1] / "deploy" / "vllm" / "qwen3_reranker.jinja"
+    assert shipped.read_text(encoding="utf-8") == template, (
+        "regenerate deploy/vllm/qwen3_reranker.jinja"
+    )
+    tok = None
+    if real_tokenizer_available():
+        tok = load_real_tokenizer()
+    for query, doc, instruction in TEMPLATE_CASES:
+        messages = [{"role": "query", "content": query}, {"role": "document", "content": doc}]
+        kw = {"instruction": instruction} if instruction is not None else {}
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        assert env.from_string(template).render(messages=messages, **kw) == format_pair(
+            query, doc, instruction
+        )
+        if tok is not None:
+            rendered = tok.apply_chat_template(
+                messages, chat_template=template, tokenize=False, **kw
+            )
+            assert rendered == format_pair(query, doc, instruction)
