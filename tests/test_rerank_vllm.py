@@ -2,7 +2,7 @@
 
 The fake stands in for ``vllm.LLM`` only (allowed by issue 10); the tokenizer it hands out is real (the
 Qwen3 tokenizer from ../shared/models when present, else the Qwen-style BPE built in tiny_qwen), and it
-tokenizes the prompts the way vLLM 0.33 does for a cross-encoder without a separator token: the
+tokenizes the prompts the way vLLM 0.32 does for a cross-encoder without a separator token: the
 rendered ``query side + document side`` string in one tokenizer call. One ``gpu`` test runs the real thing.
 """
 

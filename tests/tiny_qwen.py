@@ -19,6 +19,23 @@ QWEN_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# hidden, MLP and attention sizes: "tiny" for the transformers tests, "vllm-cpu" for vLLM's CPU kernels.
+SHAPES: dict[str, dict[str, int]] = {
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+    },
+    "vllm-cpu": {
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 128,
+    },
+}
 _CORPUS = [
     "yes\nno\nyes no Yes No",
     "Judge whether the Document meets the requirements based on the Query and the Instruct provided.",
@@ -118,11 +135,14 @@ def build_tiny_reranker(
     seed: int = 0,
     num_layers: int = 2,
     yes_no_std: float = 3.0,
+    shape: Literal["tiny", "vllm-cpu"] = "tiny",
 ) -> Path:
     """Write a tiny random Qwen3 causal LM + tokenizer to ``out_dir`` and return the path.
 
     ``tokenizer="auto"`` uses the real Qwen tokenizer when the shared files exist, else the BPE one;
     ``"real"`` raises ``FileNotFoundError`` when they are absent (tests skip on that).
+    ``shape="vllm-cpu"``: heads of 128 (the real model's head_dim), because vLLM's CPU attention
+    kernel refuses head_dim 16 ("Unsupported CPU attention configuration: head_dim=16").
     """
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -136,14 +156,11 @@ def build_tiny_reranker(
     else:
         tok = build_bpe_tokenizer()
     vocab = len(tok)
+    dims = SHAPES[shape]
     config = Qwen3Config(
         vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
+        **dims,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
         max_position_embeddings=40960,
         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
         tie_word_embeddings=True,
