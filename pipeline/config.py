@@ -148,6 +148,25 @@ class Settings(BaseSettings):
         description="Refuse up front a rerank request that cannot finish within this many seconds "
         "at the measured throughput (413 alone, 429 behind the queue); 0 = no deadline.",
     )
+    rerank_cache_mb: int = Field(
+        64,
+        ge=0,
+        description="Score cache in MiB: an in-process LRU of exact scores keyed by model, "
+        "instruction, query and document (about 150 bytes a pair); 0 = off.",
+    )
+    rerank_chunks_per_doc: int = Field(
+        1,
+        ge=1,
+        description="Default max_chunks_per_doc: windows a document longer than "
+        "WINNOW_RERANK_MAX_LENGTH is scored in (its score is the best window's); 1 = cut it as "
+        "the model card does.",
+    )
+    rerank_max_chunks_per_doc: int = Field(
+        16, ge=1, description="Largest max_chunks_per_doc a request may ask for (422 above)."
+    )
+    rerank_window_overlap: int = Field(
+        256, ge=0, description="Tokens shared by neighbouring windows of a long document."
+    )
     rerank_url: str | None = Field(
         None,
         description="remote backend: the rerank endpoint, e.g. http://reranker:8000/rerank or "

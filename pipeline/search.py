@@ -19,7 +19,7 @@ from pipeline.config import Settings
 from pipeline.domain import Hit, join_title
 from pipeline.embedding import Embedder
 from pipeline.errors import RequestError, RerankDisabled, TooLarge
-from pipeline.rerank import Reranker
+from pipeline.rerank import Reranker, RerankRequest
 from pipeline.rerank.batcher import WorkTooLarge
 from pipeline.store import MilvusStore
 
@@ -38,6 +38,7 @@ class Result:
     metadata: dict[str, Any]
     chunk: int
     rerank_score: float | None = None
+    best_window: int | None = None  # the window that gave the score (max_chunks_per_doc)
 
 
 @dataclass(slots=True)
@@ -46,6 +47,7 @@ class Ranked:
 
     index: int
     score: float
+    best_window: int | None = None
 
 
 @dataclass(slots=True)
@@ -54,6 +56,7 @@ class RerankResponse:
     documents: int
     model: str
     rerank_ms: float
+    below_min_score: int | None = None  # documents dropped by min_score (None: none asked)
 
 
 @dataclass(slots=True)
@@ -63,13 +66,14 @@ class SearchResponse:
     candidates: int
     reranked: bool
     mode: RecallMode
+    below_min_score: int | None = None  # documents dropped by min_score (None: none asked)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def fold_documents(hits: list[tuple[Hit, float]], top_n: int) -> list[tuple[Hit, float]]:
+def fold_documents(hits: list[tuple[Hit, float]], top_n: int | None) -> list[tuple[Hit, float]]:
     """Best passage per document (max-passage), best first: qrels judge documents, not passages."""
     best: dict[str, tuple[Hit, float]] = {}
     for hit, score in hits:
@@ -77,6 +81,26 @@ def fold_documents(hits: list[tuple[Hit, float]], top_n: int) -> list[tuple[Hit,
         if cur is None or score > cur[1]:
             best[hit.doc_id] = (hit, score)
     return sorted(best.values(), key=lambda hs: hs[1], reverse=True)[:top_n]
+
+
+def best_of_windows(scores: Sequence[float], sizes: Sequence[int]) -> list[tuple[float, int]]:
+    """Per document, (its best window's score, that window's index), from the flat window scores."""
+    out, at = [], 0
+    for n in sizes:
+        part = scores[at : at + n]
+        k = max(range(n), key=part.__getitem__)
+        out.append((part[k], k))
+        at += n
+    return out
+
+
+def above(scores: Sequence[float], min_score: float | None) -> tuple[list[int], int | None]:
+    """Indices best first that reach ``min_score``, and how many fell below (None: no threshold)."""
+    order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
+    if min_score is None:
+        return order, None
+    kept = [i for i in order if scores[i] >= min_score]
+    return kept, len(order) - len(kept)
 
 
 class SearchService:
@@ -121,11 +145,14 @@ class SearchService:
         hybrid: bool | None = None,
         rerank: bool | None = None,
         mode: RecallMode | None = None,
+        max_chunks_per_doc: int | None = None,
+        min_score: float | None = None,
     ) -> SearchResponse:
         s = self.settings
         t_start = time.perf_counter()
         top_k = top_k if top_k is not None else s.top_k
         top_n = top_n if top_n is not None else s.top_n
+        chunks = self._chunks(max_chunks_per_doc)
         self._check_text(query, instruction)
         _at_most("top_k", top_k, s.max_top_k, "WINNOW_MAX_TOP_K")
         _at_most("top_n", top_n, s.max_top_n, "WINNOW_MAX_TOP_N")
@@ -142,26 +169,34 @@ class SearchService:
             raise RerankDisabled()
         hits, embed_ms, recall_ms = await self.recall(query, top_k, mode=mode, filter=filter)
         rerank_ms = 0.0
+        windows: dict[str, int] = {}
         if do_rerank and hits:
-            assert self.reranker is not None
             t0 = time.perf_counter()
             try:
-                scores = await self.reranker.score(
+                best = await self._score(
                     query,
                     [join_title(h.title, h.text) for h in hits],
                     instruction if instruction is not None else s.rerank_instruction,
+                    chunks,
                 )
             except WorkTooLarge as exc:  # the candidates are the work: say which knob to turn
                 raise TooLarge(
-                    f"{exc.message} Here the work is the {len(hits)} recalled candidates: "
-                    "lower top_k.",
+                    f"{exc.message} Here the work is the {len(hits)} recalled candidates "
+                    f"(each in up to {chunks} windows): lower top_k or max_chunks_per_doc.",
                     kind="work_too_large",
                 ) from exc
             rerank_ms = (time.perf_counter() - t0) * 1000
-            scored = list(zip(hits, scores, strict=True))
+            scored = [(h, score) for h, (score, _) in zip(hits, best, strict=True)]
+            if chunks > 1:
+                windows = {h.id: k for h, (_, k) in zip(hits, best, strict=True)}
         else:
             scored = [(h, h.score) for h in hits]
-        ranked = fold_documents(scored, top_n)
+        ranked = fold_documents(scored, None)
+        below = None
+        if min_score is not None:
+            kept = [(h, score) for h, score in ranked if score >= min_score]
+            below, ranked = len(ranked) - len(kept), kept
+        ranked = ranked[:top_n]
         results = [
             Result(
                 id=h.id,
@@ -173,6 +208,7 @@ class SearchService:
                 metadata=h.metadata,
                 chunk=h.chunk,
                 rerank_score=float(score) if do_rerank else None,
+                best_window=windows.get(h.id),
             )
             for h, score in ranked
         ]
@@ -188,6 +224,7 @@ class SearchService:
             candidates=len(hits),
             reranked=bool(do_rerank and hits),
             mode=mode,
+            below_min_score=below,
         )
 
     async def rerank(
@@ -199,11 +236,14 @@ class SearchService:
         instruction: str | None = None,
         truncate: bool = True,
         max_tokens_per_doc: int | None = None,
+        max_chunks_per_doc: int | None = None,
+        min_score: float | None = None,
     ) -> RerankResponse:
-        """Score caller-supplied documents; best first, ``top_n`` kept (all when None)."""
+        """Score caller-supplied documents; best first, ``min_score`` and ``top_n`` applied."""
         s = self.settings
         if self.reranker is None:
             raise RerankDisabled()
+        chunks = self._chunks(max_chunks_per_doc)
         self._check_text(query, instruction)
         if len(documents) > s.max_documents:
             raise TooLarge(
@@ -223,20 +263,63 @@ class SearchService:
         if max_tokens_per_doc is not None:
             limit = min(limit, max_tokens_per_doc * CHARS_PER_TOKEN)
         t0 = time.perf_counter()
-        scores = await self.reranker.score(
+        best = await self._score(
             query,
             [d[:limit] for d in documents],
             instruction if instruction is not None else s.rerank_instruction,
+            chunks,
         )
-        order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
+        order, below = above([score for score, _ in best], min_score)
         if top_n is not None:
             order = order[:top_n]
         return RerankResponse(
-            results=[Ranked(i, float(scores[i])) for i in order],
+            results=[
+                Ranked(i, float(best[i][0]), best[i][1] if chunks > 1 else None) for i in order
+            ],
             documents=len(documents),
             model=self.reranker.model,
             rerank_ms=(time.perf_counter() - t0) * 1000,
+            below_min_score=below,
         )
+
+    async def _score(
+        self, query: str, texts: Sequence[str], instruction: str, chunks: int
+    ) -> list[tuple[float, int]]:
+        """(score, best window) per text: ``chunks`` > 1 scores a long text in windows, all of them
+        in the one reranker call (so they are batched together and count as its work)."""
+        assert self.reranker is not None
+        if chunks <= 1:
+            scores = await self.reranker.score(query, texts, instruction)
+            return [(score, 0) for score in scores]
+        cutter_of = getattr(self.reranker, "document_cutter", None)
+        cutter = cutter_of() if callable(cutter_of) else None
+        if cutter is None:
+            raise RequestError(
+                "max_chunks_per_doc > 1 needs the reranker's tokenizer, which this server's "
+                "reranker has not got (remote backend: set WINNOW_RERANK_TOKENIZER)",
+                kind="windows_unavailable",
+            )
+        s = self.settings
+        windows = await asyncio.to_thread(
+            cutter.windows,
+            RerankRequest(query, list(texts), instruction),
+            chunks,
+            s.rerank_window_overlap,
+        )
+        flat = [w for ws in windows for w in ws]
+        scores = await self.reranker.score(query, flat, instruction)
+        return best_of_windows(scores, [len(ws) for ws in windows])
+
+    def _chunks(self, max_chunks_per_doc: int | None) -> int:
+        s = self.settings
+        chunks = max_chunks_per_doc if max_chunks_per_doc is not None else s.rerank_chunks_per_doc
+        _at_most(
+            "max_chunks_per_doc",
+            chunks,
+            s.rerank_max_chunks_per_doc,
+            "WINNOW_RERANK_MAX_CHUNKS_PER_DOC",
+        )
+        return chunks
 
     def _check_text(self, query: str, instruction: str | None) -> None:
         """Query and instruction have their own caps: only documents are ever cut."""

@@ -170,14 +170,15 @@ class LiveServer:
     """A real uvicorn server on a free loopback port, in a background thread.
 
     It runs with the app's own HTTP settings (header deadline, keep-alive, concurrency), as ``serve`` does.
+    ``port``: a given one, to restart a server where its clients expect it.
     """
 
-    def __init__(self, app: object) -> None:
+    def __init__(self, app: object, port: int | None = None) -> None:
         import uvicorn
 
         from pipeline.api.server import uvicorn_options
 
-        self.port = free_port()
+        self.port = port if port is not None else free_port()
         state = getattr(getattr(app, "state", None), "winnow", None)
         options = uvicorn_options(state.settings) if state is not None else {}
         options.update(host="127.0.0.1", port=self.port, log_level="warning")

@@ -33,6 +33,7 @@ from pipeline.rerank import (
     RerankerUnavailable,
     build_reranker,
 )
+from pipeline.rerank.cache import CachedReranker, unwrap
 from pipeline.rerank.prompt import (
     DEFAULT_INSTRUCTION,
     PREFIX,
@@ -82,10 +83,7 @@ async def score_and_close(r: RemoteReranker, *args: Any) -> list[float]:
 
 def serve_on(app: FastAPI, port: int) -> LiveServer:
     """A LiveServer on a given port (to restart a server where the client expects it)."""
-    server = LiveServer(app)
-    server.port = port
-    server.server.config.port = port
-    return server
+    return LiveServer(app, port=port)
 
 
 # ================================================================================================
@@ -188,7 +186,9 @@ def test_built_from_settings() -> None:
         rerank_remote_max_documents=7,
         rerank_remote_retries=1,
     )
-    r = build_reranker(s)
+    cached = build_reranker(s)
+    assert isinstance(cached, CachedReranker) and isinstance(cached, Reranker)  # score cache on
+    r = unwrap(cached)
     assert isinstance(r, RemoteReranker) and isinstance(r, Reranker)
     assert r.backend == "remote" and r.urls == [
         "http://a:8000/v1/rerank",
@@ -565,7 +565,7 @@ def test_second_winnow_reranks_through_the_first(
         rerank_remote_max_documents=4,
     )
     with LiveServer(app) as b:
-        remote = app.state.winnow.runtime.reranker
+        remote = unwrap(app.state.winnow.runtime.reranker)
         assert isinstance(remote, RemoteReranker) and remote.max_documents == 4
         ready = httpx.get(f"{b.url}/ready").json()
         assert ready["ready"] and ready["rerank_backend"] == "remote"

@@ -22,6 +22,7 @@ from tiny_qwen import build_bpe_tokenizer, load_real_tokenizer, real_tokenizer_a
 
 from pipeline.rerank import Reranker, RerankRequest, build_reranker
 from pipeline.rerank.batcher import BatchedReranker, MicroBatcher, Overloaded
+from pipeline.rerank.cache import unwrap
 from pipeline.rerank.prompt import (
     SUFFIX,
     PromptTooLong,
@@ -161,7 +162,7 @@ def test_llm_kwargs() -> None:
 def test_build_reranker_vllm_is_batched_and_lazy() -> None:
     from pipeline.config import Settings
 
-    r = build_reranker(Settings(rerank_backend="vllm", rerank_max_length=4096))
+    r = unwrap(build_reranker(Settings(rerank_backend="vllm", rerank_max_length=4096)))
     assert isinstance(r, Reranker) and isinstance(r, BatchedReranker)
     assert isinstance(r.engine, VLLMEngine) and not r.engine.loaded
     assert (r.backend, r.engine.max_length) == ("vllm", 4096)

@@ -26,6 +26,7 @@ from stack_files import (
 
 from pipeline.config import Settings
 from pipeline.rerank import build_reranker
+from pipeline.rerank.cache import unwrap
 from pipeline.rerank.remote import RemoteReranker
 from pipeline.rerank.vllm import HF_OVERRIDES
 
@@ -106,7 +107,7 @@ def test_api_reranks_through_the_reranker_service(services: dict[str, Any]) -> N
     settings = Settings(
         **{k.removeprefix("WINNOW_").lower(): v for k, v in env.items() if k in SETTINGS_ENV}
     )
-    reranker = build_reranker(settings)
+    reranker = unwrap(build_reranker(settings))
     assert isinstance(reranker, RemoteReranker)
     assert reranker.urls == ["http://reranker:8000/v1/rerank"]
     assert reranker.remote_model == "Qwen/Qwen3-Reranker-0.6B"

@@ -36,6 +36,10 @@ class _StatsCollector(Collector):
             "rerank_refused_deadline": "requests refused up front: they could not meet the deadline",
             "rerank_too_large": "requests refused with 413: more work than one request may carry",
             "rerank_failed": "requests whose scoring failed",
+            "rerank_cache_hits": "pairs answered from the score cache",
+            "rerank_cache_misses": "pairs the score cache did not hold (scored by the reranker)",
+            "rerank_cache_evictions": "score cache entries dropped to stay within its size",
+            "rerank_cache_invalidations": "times the score cache was emptied (remote model changed)",
             "remote_calls": "HTTP calls to the remote reranker",
             "remote_retries": "remote reranker calls retried",
             "remote_errors": "remote reranker calls that failed",
@@ -56,6 +60,8 @@ class _StatsCollector(Collector):
             "queue_tokens": ("winnow_rerank_queue_tokens", "estimated tokens waiting"),
             "rerank_tokens_per_s": ("winnow_rerank_tokens_per_s", "measured throughput"),
             "last_dispatch_tokens": ("winnow_rerank_last_batch_tokens", "tokens in the last call"),
+            "rerank_cache_entries": ("winnow_rerank_cache_entries", "pairs in the score cache"),
+            "rerank_cache_bytes": ("winnow_rerank_cache_bytes", "score cache size (bytes charged)"),
         }
         for key, (name, doc) in gauges.items():
             if key in s:

@@ -15,6 +15,7 @@ def _limits(settings: Settings) -> dict[str, dict[str, dict[str, int]]]:
     text = {
         "query": {"maxLength": settings.max_query_chars},
         "instruction": {"maxLength": settings.max_instruction_chars},
+        "max_chunks_per_doc": {"maximum": settings.rerank_max_chunks_per_doc},
     }
     return {
         "SearchBody": {

@@ -106,6 +106,8 @@ async def rerank(body: RerankBody, request: Request, st: State) -> RerankOut:
             instruction=body.instruction,
             truncate=body.truncate,
             max_tokens_per_doc=body.max_tokens_per_doc,
+            max_chunks_per_doc=body.max_chunks_per_doc,
+            min_score=body.min_score,
         ),
     )
     st.metrics.stage.labels("rerank").observe(res.rerank_ms / 1000)
@@ -117,11 +119,13 @@ async def rerank(body: RerankBody, request: Request, st: State) -> RerankOut:
                 index=r.index,
                 relevance_score=r.score,
                 document=RerankDocument(text=texts[r.index]) if body.return_documents else None,
+                best_window=r.best_window,
             )
             for r in res.results
         ],
         meta={"api_version": {"version": "2"}, "billed_units": {"search_units": 1}},
         usage={"documents": res.documents},
+        below_min_score=res.below_min_score,
     )
 
 

@@ -20,6 +20,16 @@ def _json_integer(value: Any) -> Any:
 
 
 PositiveInt = Annotated[int, Field(ge=1), BeforeValidator(_json_integer)]
+ChunksPerDoc = Annotated[
+    PositiveInt,
+    Field(
+        description="Score a document longer than the reranker's pair limit "
+        "(WINNOW_RERANK_MAX_LENGTH tokens) in up to this many overlapping windows, each with the "
+        "query and the prompt's suffix; its score is the best window's (best_window says which). "
+        "1 = cut it as the model card does. Default WINNOW_RERANK_CHUNKS_PER_DOC; limit "
+        "WINNOW_RERANK_MAX_CHUNKS_PER_DOC. Windows count as work (413/429)."
+    ),
+]
 
 STRICT = ConfigDict(extra="forbid", strict=True)
 
@@ -34,6 +44,13 @@ class SearchBody(BaseModel):
     filter: str = Field("", description='Milvus filter expression, e.g. doc_id like "docs/%".')
     hybrid: bool | None = Field(None, description="Dense + BM25 (RRF) recall; default from server.")
     rerank: bool | None = Field(None, description="Rerank the candidates; default: when available.")
+    max_chunks_per_doc: ChunksPerDoc | None = None
+    min_score: float | None = Field(
+        None,
+        allow_inf_nan=False,
+        description="Drop documents whose score is below this (the reranker's P(yes) when "
+        "reranked, else the recall score); below_min_score says how many.",
+    )
 
 
 class SearchHit(BaseModel):
@@ -46,6 +63,9 @@ class SearchHit(BaseModel):
     title: str
     metadata: dict[str, Any]
     chunk: int
+    best_window: int | None = Field(
+        None, description="With max_chunks_per_doc > 1: the window of the passage that scored."
+    )
 
 
 class SearchOut(BaseModel):
@@ -54,6 +74,9 @@ class SearchOut(BaseModel):
     candidates: int
     reranked: bool
     mode: Literal["dense", "hybrid", "bm25"]
+    below_min_score: int | None = Field(
+        None, description="Documents dropped by min_score (null when none was sent)."
+    )
 
 
 class RerankDocument(BaseModel):
@@ -77,6 +100,15 @@ class RerankBody(BaseModel):
     instruction: str | None = None
     max_tokens_per_doc: PositiveInt | None = None
     truncate: bool = Field(True, description="Cut over-long documents (false: answer 422).")
+    max_chunks_per_doc: ChunksPerDoc | None = None
+    min_score: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="Drop results whose relevance_score is below this; below_min_score says how "
+        "many.",
+    )
 
     def texts(self) -> list[str]:
         return [d if isinstance(d, str) else d.text for d in self.documents]
@@ -86,6 +118,9 @@ class RerankResult(BaseModel):
     index: int
     relevance_score: float
     document: RerankDocument | None = None
+    best_window: int | None = Field(
+        None, description="With max_chunks_per_doc > 1: the document's window that scored."
+    )
 
 
 class RerankOut(BaseModel):
@@ -94,6 +129,9 @@ class RerankOut(BaseModel):
     results: list[RerankResult]
     meta: dict[str, Any]
     usage: dict[str, Any]
+    below_min_score: int | None = Field(
+        None, description="Results dropped by min_score (absent when none was sent)."
+    )
 
 
 class ErrorDetail(BaseModel):

@@ -70,6 +70,9 @@ class Reranker(Protocol):
         """Counters for /metrics under the same names for every backend (see BatchedReranker)."""
         ...
 
+    # Optional: ``document_cutter() -> DocumentCutter | None`` (the model's tokenizer: windows of
+    # long documents, see pipeline/rerank/cut.py); ``health()`` (remote: /ready asks it).
+
     async def aclose(self) -> None: ...
 
 
@@ -117,7 +120,7 @@ def build_reranker(settings: Settings, model_path: str | None = None) -> Reranke
     if settings.rerank_backend == "remote":
         from pipeline.rerank.remote import RemoteReranker
 
-        return RemoteReranker.from_settings(settings)
+        return with_cache(RemoteReranker.from_settings(settings), settings)
     from pipeline.rerank.batcher import BatchedReranker, MicroBatcher
 
     engine: RerankEngine
@@ -153,4 +156,13 @@ def build_reranker(settings: Settings, model_path: str | None = None) -> Reranke
         deadline_s=settings.rerank_deadline_s,
         max_length=settings.rerank_max_length,
     )
-    return BatchedReranker(engine, settings.rerank_model, batcher)
+    return with_cache(BatchedReranker(engine, settings.rerank_model, batcher), settings)
+
+
+def with_cache(reranker: Reranker, settings: Settings) -> Reranker:
+    """The score cache in front of ``reranker`` when ``WINNOW_RERANK_CACHE_MB`` > 0."""
+    if settings.rerank_cache_mb <= 0:
+        return reranker
+    from pipeline.rerank.cache import CachedReranker, ScoreCache, identity
+
+    return CachedReranker(reranker, ScoreCache(settings.rerank_cache_mb << 20), identity(settings))

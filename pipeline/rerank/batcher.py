@@ -539,6 +539,11 @@ class BatchedReranker:
     ) -> list[float]:
         return await self.batcher.submit(RerankRequest(query, list(docs), instruction))
 
+    def document_cutter(self) -> Any:
+        """The engine's :class:`~pipeline.rerank.cut.DocumentCutter` (windows), if it has one."""
+        fn = getattr(self.engine, "document_cutter", None)
+        return fn() if callable(fn) else None
+
     def stats(self) -> dict[str, int | float]:
         """Batcher + engine counters under the names /metrics exports, the same for every backend."""
         out = self.batcher.counters()

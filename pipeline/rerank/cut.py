@@ -36,6 +36,9 @@ if TYPE_CHECKING:
     from pipeline.rerank import RerankRequest
 
 MAX_CUT_RETRIES = 4  # a UTF-8 character is at most 4 byte tokens
+# Tokens a window leaves free in its pair's budget: a window's text re-tokenized after "<Document>: "
+# may merge or split a token or two at its edges, and it must never need the card's cut.
+WINDOW_SLACK = 8
 
 
 def _at_most_bytes(text: str, limit: int) -> bool:
@@ -105,6 +108,39 @@ class DocumentCutter:
             if tokens is not None:
                 tokens[i] = self.fixed_tokens + kept
         return Cut(docs, tokens)
+
+    def windows(self, request: RerankRequest, max_windows: int, overlap: int) -> list[list[str]]:
+        """Per document, the texts of up to ``max_windows`` overlapping windows that each fit the pair
+        budget beside the query (a document that fits is its own single window, as given).
+
+        Windows are cut from the document's own tokens (their character offsets), ``overlap`` tokens
+        shared by neighbours; a document longer than ``max_windows`` windows is cut after the last,
+        as the card cuts. Raises :class:`~pipeline.rerank.prompt.PromptTooLong` when the query
+        leaves no room for a document.
+        """
+        q, instruction = request.query, request.instruction
+        head_ids = encode_bodies(self.tokenizer, [format_head(q, instruction)], self.budget)[0]
+        check_head_fits(len(head_ids), self.budget)
+        room = max(MIN_DOC_TOKENS, self.budget - len(head_ids) - WINDOW_SLACK)
+        stride = max(1, room - min(max(0, overlap), room // 2))
+        out: list[list[str]] = []
+        for doc in request.docs:
+            if max_windows <= 1 or _at_most_bytes(format_body(q, doc, instruction), self.budget):
+                out.append([doc])
+                continue
+            enc = self.tokenizer(doc, add_special_tokens=False, return_offsets_mapping=True)
+            spans = enc["offset_mapping"]
+            if len(spans) <= room:
+                out.append([doc])
+                continue
+            texts = []
+            for start in range(0, len(spans), stride):
+                stop = min(start + room, len(spans))
+                texts.append(doc[spans[start][0] : spans[stop - 1][1]].lstrip())
+                if stop == len(spans) or len(texts) == max_windows:
+                    break
+            out.append(texts)
+        return out
 
     def _reconstruct(
         self, request: RerankRequest, head_ids: list[int], body: list[int]

@@ -175,6 +175,7 @@ class HFEngine:
         self._lock = threading.Lock()
         self._loaded = False
         self._tokenizer: Any = None
+        self._cutter: Any = None  # DocumentCutter, built on first use
         self._decoder: Any = None
         self._packed: Any = None  # PackedDecoder
         self._packed_fn: Any = None  # the packed forward, compiled or not
@@ -203,6 +204,15 @@ class HFEngine:
     @property
     def loaded(self) -> bool:
         return self._loaded
+
+    def document_cutter(self) -> Any:
+        """The card's cut and the windows of long documents with this model's tokenizer (loaded)."""
+        if self._cutter is None:
+            from pipeline.rerank.cut import DocumentCutter
+
+            self.load()
+            self._cutter = DocumentCutter(self._tokenizer, self.max_length)
+        return self._cutter
 
     def stats(self) -> dict[str, int | float]:
         """Counters as a plain dict (for metrics and /status)."""

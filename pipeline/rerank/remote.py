@@ -314,6 +314,10 @@ class RemoteReranker:
         self.health_timeout = min(health_timeout, timeout)
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.served_model: str | None = None  # the `model` the last answer named
+        # Moves when the server may have restarted or changed its model (unreachable, 502-504, a
+        # failed /health probe, another `model` answered): the score cache is dropped then.
+        self.epoch = 0
         self._cutter: DocumentCutter | None = None
         self._api_key = api_key
         self._client: aiohttp.ClientSession | None = None
@@ -503,6 +507,7 @@ class RemoteReranker:
                     retry_after = resp.headers.get("Retry-After")
             except TRANSPORT_ERRORS as exc:
                 self._counters["remote_errors"] += 1
+                self.epoch += 1
                 ep.failed()
                 last = f"{ep.url}: {type(exc).__name__}"
             else:
@@ -515,6 +520,10 @@ class RemoteReranker:
                     except ValueError:
                         self._counters["remote_errors"] += 1
                         raise RerankerError(f"rerank server {ep.url} answered non-JSON") from None
+                    if isinstance(data, dict) and isinstance(data.get("model"), str):
+                        if self.served_model not in (None, data["model"]):
+                            self.epoch += 1
+                        self.served_model = data["model"]
                     try:
                         return parse_results(data, n)
                     except RerankerError:
@@ -525,6 +534,8 @@ class RemoteReranker:
                     raise RerankerError(
                         describe_refusal(status, content, ep.url, self.remote_model), status
                     )
+                if status != 429:  # 502-504: a balancer with no live server behind it
+                    self.epoch += 1
                 ep.failed(parse_retry_after(retry_after))
                 last = f"{ep.url} answered {status}"
             finally:
@@ -550,6 +561,7 @@ class RemoteReranker:
                 ) as resp:
                     status = resp.status
             except TRANSPORT_ERRORS:
+                self.epoch += 1
                 return False
             ok = status < 300 or status in (404, 405)
             if ok and ep.failures:
@@ -563,6 +575,10 @@ class RemoteReranker:
         except asyncio.TimeoutError:
             return False
         return any(results)
+
+    def document_cutter(self) -> DocumentCutter | None:
+        """The client-side cutter (windows of long documents), when a tokenizer is configured."""
+        return self._cutter
 
     def stats(self) -> dict[str, int | float]:
         """Plain counters for /metrics (read at scrape time)."""

@@ -133,6 +133,13 @@ class VLLMEngine:
     def inexact_cuts(self) -> int:
         return self._cutter.inexact_cuts if self._cutter is not None else 0
 
+    def document_cutter(self) -> DocumentCutter:
+        """The cutter of this model's tokenizer (also makes the windows of long documents)."""
+        if self._cutter is None:
+            self.load()
+        assert self._cutter is not None
+        return self._cutter
+
     def stats(self) -> dict[str, int | float]:
         """Counters; ``forward_passes`` is the number of ``LLM.score`` calls (vLLM plans its forwards)."""
         return {
