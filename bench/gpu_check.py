@@ -8,9 +8,12 @@ Steps, each recorded in ``<out>/results.json`` and summarised in ``<out>/summary
    packed with ``compile=on`` (unless ``--no-compile``);
 2. bench/rerank.py on the real Qwen3-Reranker-0.6B architecture (random weights), SciFact, per
    request and merged, vs the card; engine-only runs of the padded plan and of the varlen kernel;
-3. a torch.profiler summary per plan: op launches, CUDA kernel launches and host syncs per request.
+3. a torch.profiler summary per plan: op launches, CUDA kernel launches and host syncs per request;
+4. bench/peers.py: the same SciFact requests through Winnow's transformers engine (packed plan on
+   CUDA) and vLLM's pooling runner, per request and 8 merged, in one call; where vLLM is not
+   installed its rows say so and the rest of the check stands.
 
-Needs only torch + transformers (+ tokenizers); no network. ``--device cpu --quick`` is the dry run
+Needs only torch + transformers (+ tokenizers, + vllm for step 4's vLLM rows); no network. ``--device cpu --quick`` is the dry run
 that proves the script itself works on a machine without a GPU.
 """
 
@@ -104,11 +107,23 @@ def run_bench(name: str, argv: list[str], out: Path) -> dict[str, Any]:
     """bench/rerank.py main() in-process; its JSON result (or the error)."""
     import rerank
 
+    return run_step(name, rerank.main, argv, out)
+
+
+def run_peers(argv: list[str], out: Path) -> dict[str, Any]:
+    """bench/peers.py (hf vs vLLM, each in its own child process); its JSON result (or the error)."""
+    import peers
+
+    return run_step("peers", peers.main, argv, out)
+
+
+def run_step(name: str, main: Callable[[list[str]], int], argv: list[str], out: Path) -> dict:
+    """One benchmark's ``main`` with ``--json``; its result, or the error, and its wall time."""
     target = out / f"{name}.json"
     t0 = time.perf_counter()
-    print(f"== bench {name}: rerank.py {' '.join(argv)}", file=sys.stderr, flush=True)
+    print(f"== {name}: {' '.join(argv)}", file=sys.stderr, flush=True)
     try:
-        rerank.main([*argv, "--json", str(target)])
+        main([*argv, "--json", str(target)])
         result = json.loads(target.read_text(encoding="utf-8"))
     except Exception as exc:
         traceback.print_exc()
@@ -213,6 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, bench_argv in benches.items():
         results["bench"][name] = run_bench(name, bench_argv, args.out)
         save()
+    peers_argv = ["--device", device, "--dtypes", dtype]
+    if args.quick:
+        peers_argv += ["--queries", "1", "--concurrent", "2", "--docs-per-query", "4"]
+    else:
+        peers_argv += ["--queries", "5", "--concurrent", "8"]
+    results["peers"] = run_peers(peers_argv, args.out)
+    save()
     print(summary(results))
     ok = all(r.get("ok") for r in results["equality"]) and not any(
         "error" in b for b in results["bench"].values()
@@ -281,6 +303,29 @@ def summary(results: dict[str, Any]) -> str:
         if "profile" in eng:
             lines.append(f"\nprofile per request: `{json.dumps(eng['profile'])}`")
         lines.append("")
+    peers = results.get("peers")
+    if peers is not None:
+        lines += ["## bench/peers.py: Winnow hf engine vs vLLM, same requests", ""]
+        if "error" in peers:
+            lines += [f"error: {peers['error']}", ""]
+        else:
+            lines += [
+                f"`{peers.get('command')}` ({peers.get('wall_seconds')} s)",
+                "",
+                "| dtype | engine | mode | s | pairs/s | tokens/s | max abs diff vs hf | hf speed ratio |",
+                "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |",
+            ]
+            for e in peers.get("results", []):
+                if "error" in e:
+                    lines.append(f"| {e['dtype']} | {e['run']} | error: {e['error'][-200:]} |||||")
+                    continue
+                for r in e["rows"]:
+                    lines.append(
+                        f"| {e['dtype']} | {e['engine']} | {r['mode']} | {r['seconds']} | "
+                        f"{r['pairs_per_s']} | {r['tokens_per_s']} | "
+                        f"{fmt(e.get('max_abs_diff_vs_hf', ''))} | {e.get('hf_speed_ratio', '')} |"
+                    )
+            lines.append("")
     return "\n".join(lines) + "\n"
 
 

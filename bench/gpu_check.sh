@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One-command GPU check of the transformers reranker: equality vs the model card (fp32 + bf16, every
-# engine path), bench/rerank.py per request and merged, profile counts (launches, syncs per request).
+# engine path), bench/rerank.py per request and merged, profile counts (launches, syncs per request),
+# and bench/peers.py: the hf engine next to vLLM's pooling runner on the same requests (vLLM rows say
+# "not installed" where it is absent).
 #
 #   bench/gpu_check.sh                       # CUDA; ../shared beside the repo copy
 #   bench/gpu_check.sh /path/to/shared       # shared data/tokenizer elsewhere

@@ -524,22 +524,30 @@ def _tail_tokens(engine: HFEngine, reqs: Sequence[RerankRequest]) -> dict[str, i
 
 def _report(args: argparse.Namespace, argv: Sequence[str] | None, body: dict[str, Any]) -> int:
     """Print (and with --json write) the result with the machine and command that produced it."""
+    return emit({**header("bench/rerank.py", argv), "dtype": args.dtype, **body}, args.json)
+
+
+def header(script: str, argv: Sequence[str] | None) -> dict[str, Any]:
+    """Date, machine, versions and the command line: the head of every benchmark's report."""
     import torch
 
-    result = {
-        "date": time.strftime("%Y-%m-%d"),
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": _cpu_name(),
         "cores": os.cpu_count(),
-        "dtype": args.dtype,
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "command": " ".join(["bench/rerank.py", *(argv if argv is not None else sys.argv[1:])]),
-        **body,
+        "command": " ".join([script, *(argv if argv is not None else sys.argv[1:])]),
     }
-    text = json.dumps(result, indent=2)
+
+
+def emit(report: dict[str, Any], path: Path | None) -> int:
+    """Print the report as JSON and write it to ``path`` when given."""
+    text = json.dumps(report, indent=2)
     print(text)
-    if args.json:
-        args.json.write_text(text + "\n", encoding="utf-8")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n", encoding="utf-8")
     return 0
 
 
