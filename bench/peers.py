@@ -12,7 +12,8 @@ tokenizer. Modes:
   vLLM: one ``LLM.score`` call with all of their pairs (what its scheduler does with concurrent
   requests), plus the same 8 requests through Winnow's vLLM backend (the batcher + ``VLLMEngine``).
 
-vLLM gets the card's vLLM usage: ``LLM(runner="pooling", hf_overrides=…, enable_prefix_caching=True)``
+Each vLLM phase starts with an empty prefix cache (``reset_prefix_cache``) and the warm-ups share no
+pair with a timed request, so no pair is served from an earlier phase. vLLM gets the card's vLLM usage: ``LLM(runner="pooling", hf_overrides=…, enable_prefix_caching=True)``
 and ``score(format_query(q), [format_document(d)…])``, compiled as it compiles by default. On a CPU it
 binds its model threads itself: ``--vllm-bind auto`` (vLLM's default: one core per rank, another kept
 for its scheduler) or ``all`` (every core for the model). tokens/s counts the card's tokens of each
@@ -63,6 +64,12 @@ def requests(args: argparse.Namespace) -> tuple[list[RerankRequest], list[Rerank
     return reqs[: args.queries], reqs[: args.concurrent]
 
 
+# Warm-up text shared with no timed request: vLLM's prefix cache must not hold a timed pair.
+WARM_UP = RerankRequest(
+    "warm-up query", ["a warm-up document about nothing in particular " * 8] * 2
+)
+
+
 def _clock(fn: Any) -> tuple[Any, float]:
     t0 = time.perf_counter()
     out = fn()
@@ -94,7 +101,7 @@ def run_hf(args: argparse.Namespace, path: str) -> dict[str, Any]:
     seq, conc = requests(args)
     engine = HFEngine(path, device=args.device, dtype=args.dtype, max_length=args.max_length)
     _, load_s = _clock(engine.load)
-    engine.score_requests([RerankRequest(seq[0].query, seq[0].docs[:2])])  # warm-up, not timed
+    engine.score_requests([WARM_UP])  # oneDNN primitives, not timed
     per_request = []
     for r in seq:
         scores, s = _clock(lambda r=r: engine.score_requests([r])[0])
@@ -136,12 +143,16 @@ def run_vllm(args: argparse.Namespace, path: str) -> dict[str, Any]:
             at += len(r.docs)
         return out
 
-    score([RerankRequest(seq[0].query, seq[0].docs[:2])])  # warm-up, not timed
+    score([WARM_UP])  # compiled shapes, not timed
     per_request = []
     for r in seq:
         scores, s = _clock(lambda r=r: score([r])[0])
         per_request.append({"seconds": s, "scores": scores})
+    # each phase starts from an empty prefix cache: no pair is served from an earlier phase (within a
+    # phase, the system prompt and each request's query are shared, as in service)
+    llm.reset_prefix_cache()
     merged, merged_s = _clock(lambda: score(conc))
+    llm.reset_prefix_cache()
     # the same concurrent requests through Winnow's vLLM backend (batcher + VLLMEngine)
     engine = VLLMEngine(path, max_model_len=args.max_length, dtype=args.dtype)
     engine._attach(llm)
