@@ -200,9 +200,10 @@ def servers(
         "WINNOW_RERANK_MAX_LENGTH": str(MAX_LEN),
         "WINNOW_EMBED_DEVICE": "cpu",
         "WINNOW_MILVUS_URI": str(logs / "engine.db"),
-        # no up-front refusal from the throughput measured at start-up: the merge test sends one
-        # request as big as a whole engine call
+        # the merge test sends one request as big as a whole engine call: no refusal from the
+        # throughput measured at start-up, and one slice for it, so it runs for seconds
         "WINNOW_RERANK_DEADLINE_S": "0",
+        "WINNOW_RERANK_SLICE_TOKENS": "400000",
     }
     found = {
         "engine": Server(
@@ -323,7 +324,7 @@ def test_engine_merges_requests_that_arrive_during_a_call(
         f"{i} " + "leaf cells split water and release oxygen in the light. " * 40
         for i in range(120)
     ]
-    small = [[d] for d in DOCS[:3]]
+    small = [[f"small request {i}: {d}"] for i, d in enumerate(DOCS[:3])]  # not in the score cache
     before = counters(url)
     answers: dict[int, Any] = {}
 
@@ -356,7 +357,7 @@ def test_engine_merges_requests_that_arrive_during_a_call(
     assert delta["winnow_rerank_forward_passes_total"] == 2  # LLM.score calls
     for i, docs in enumerate(small):
         assert max_diff(by_index(answers[i].json()), card.score(QUERY, docs)) <= TOL
-    assert max_diff(by_index(answers[-1].json()), card.score(QUERY, big)) <= TOL
+    assert max_diff(by_index(answers[-1].json()), card.score(QUERY, big, batch_size=50)) <= TOL
 
 
 # --- vllm serve as the remote backend ---------------------------------------------------------------
@@ -432,24 +433,33 @@ def test_vllm_own_template_drops_the_final_newline(
 def test_vllm_serve_killed_then_back_by_itself(
     servers: dict[str, Server], model: Path, card: CardReference, tmp_path: Path, embedder: Any
 ) -> None:
-    """Runs last on ``plain``: SIGKILL → 503 within the deadline → restart → 200, same app."""
+    """Runs last on ``plain``: SIGKILL → 503 within the deadline → restart → 200, same app.
+
+    The app's score cache is on (the default): pairs it holds are answered without a call while the
+    server is down; the first call that finds the server gone drops the cache, so after the restart
+    those pairs are scored again by the new process.
+    """
     server = servers["plain"].wait()
     deadline_s = 3.0
     settings = remote_app_settings(
         tmp_path, server.url, "qwen3-formatted", model, rerank_remote_timeout=deadline_s
     )
+    assert settings.rerank_cache_mb > 0
     want = card.score(QUERY, DOCS[:3])
     with live_app(settings, embedder) as app:
         assert max_diff(by_index(rerank(app.url, DOCS[:3]).json()), want) <= TOL
         server.kill()
         t0 = time.monotonic()
-        down = rerank(app.url, DOCS[:3])
+        down = rerank(app.url, DOCS[3:6])  # not in the cache: needs the server
         assert time.monotonic() - t0 < deadline_s + 1.5
         assert down.status_code == 503 and "Retry-After" in down.headers
         assert down.json()["error"]["type"] == "reranker_unavailable"
         assert httpx.get(f"{app.url}/ready", timeout=10).status_code == 503
         server.start().wait()
+        misses = counters(app.url)["winnow_rerank_cache_misses_total"]
         back = rerank(app.url, DOCS[:3])
         assert back.status_code == 200, back.text
         assert max_diff(by_index(back.json()), want) <= TOL
+        assert counters(app.url)["winnow_rerank_cache_misses_total"] == misses + 3  # re-scored
+        assert counters(app.url)["winnow_rerank_cache_invalidations_total"] >= 1
         assert httpx.get(f"{app.url}/ready", timeout=10).status_code == 200
