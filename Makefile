@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 QUERY ?= how do plants make oxygen from sunlight?
 
-.PHONY: install demo serve test lint bench-rerank bench-query clean
+.PHONY: install demo crosslingual serve test lint bench-rerank bench-query clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) -m ingest examples/sample
 	$(PY) -m pipeline search "$(QUERY)" --top-n 5
+
+crosslingual: install
+	$(PY) examples/crosslingual/run.py
 
 serve: install
 	$(PY) -m pipeline serve

@@ -168,6 +168,16 @@ def _is_unavailable(exc: BaseException) -> bool:
     return False
 
 
+def _quiet_jieba() -> None:
+    """Milvus Lite segments Chinese with the jieba package in this process; jieba sets its own
+    logger to DEBUG on import and prints its dictionary loading on every first use."""
+    try:
+        import jieba
+    except ImportError:  # pragma: no cover - Lite then refuses the collection with its own message
+        return
+    jieba.setLogLevel(logging.WARNING)
+
+
 class _LiteLockWatch(logging.Filter):
     """Milvus Lite reports a file locked by another process only as a logged traceback.
 
@@ -262,6 +272,8 @@ class MilvusStore:
         self.fusion = fusion
         self.fusion_weights = fusion_weights
         self.is_lite = not uri.startswith(("http://", "https://", "tcp://", "grpc://"))
+        if analyzer == "jieba" and self.is_lite:
+            _quiet_jieba()
         self._client: MilvusClient | None = None
         self._connect_lock = threading.Lock()  # held only while (re)connecting
         self._state_lock = threading.Lock()  # held only to swap self._client; never during I/O
