@@ -61,6 +61,7 @@ class EvalReport:
     ingest_skipped: int = 0
     rerank_model: str | None = None
     unknown_queries: int = 0
+    fusion: str | None = None  # how hybrid recall fused (WINNOW_FUSION), when a mode used it
 
     def result(self, mode: str) -> ModeResult:
         for r in self.results:
@@ -101,6 +102,7 @@ class EvalReport:
             f"Dataset `{self.dataset}`, split `{self.split}`, {self.queries} queries, "
             f"top_k {self.top_k} (the whole ranking is judged), embed model `{self.embed_model}`"
             + (f", rerank model `{self.rerank_model}`" if self.rerank_model else "")
+            + (f", hybrid fusion `{self.fusion}`" if self.fusion else "")
             + f", collection `{self.collection}`.",
             "",
             "| " + " | ".join(self.headers) + " |",
@@ -128,6 +130,7 @@ class EvalReport:
             "top_k": self.top_k,
             "embed_model": self.embed_model,
             "rerank_model": self.rerank_model,
+            "fusion": self.fusion,
             "queries": self.queries,
             "metrics": {r.label: r.metrics for r in self.results},
             "runs": {

@@ -251,6 +251,13 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def fusion_label(self) -> str:
+        """How hybrid recall fuses, in one phrase: ``rrf k=60``, ``weighted 0.7/0.3`` …"""
+        if self.fusion == "rrf":
+            return f"rrf k={self.rrf_k}"
+        return f"{self.fusion} {self.fusion_dense_weight:g}/{self.fusion_bm25_weight:g}"
+
+    @property
     def is_milvus_lite(self) -> bool:
         return not self.milvus_uri.startswith(("http://", "https://", "tcp://", "grpc://"))
 
