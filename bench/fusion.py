@@ -208,6 +208,20 @@ def mean(values: dict[str, float], qids: Sequence[str]) -> float:
     return sum(values[q] for q in qids) / len(qids)
 
 
+def paired(a: dict[str, float], b: dict[str, float], seed: int, n: int = 2000) -> dict:
+    """Mean per-query difference a − b with a 95% bootstrap interval (queries resampled)."""
+    qids = sorted(a)
+    diffs = [a[q] - b[q] for q in qids]
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(diffs, k=len(diffs))) / len(diffs) for _ in range(n))
+    return {
+        "diff": sum(diffs) / len(diffs),
+        "ci95": (means[int(0.025 * n)], means[int(0.975 * n) - 1]),
+        "better": sum(d > 0 for d in diffs),
+        "worse": sum(d < 0 for d in diffs),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("dataset")
@@ -250,6 +264,19 @@ def main(argv: list[str] | None = None) -> int:
             assert all(abs(whole[x] - row[x]) < 1e-9 for x in metrics), (whole, row)
         rows.append(row)
     folds = kfold(per_query, list(qrels), args.folds, args.seed)
+    best = {
+        method: max(
+            (c for c in per_query if c.method == method),
+            key=lambda c: mean(per_query[c], list(qrels)),
+        )
+        for method in ("rrf", "weighted", "weighted-raw", "normalized")
+    }
+    base = Config("rrf", 60)
+    pairs = [(best[m], base) for m in best] + [(best["normalized"], best["rrf"])]
+    comparisons = [
+        {"a": a.label, "b": b.label, **paired(per_query[a], per_query[b], args.seed)}
+        for a, b in pairs
+    ]
     result = {
         "dataset": str(args.dataset),
         "split": args.split,
@@ -257,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         "top_k": args.top_k,
         "rows": rows,
         "folds": folds,
+        "paired": comparisons,
     }
     if args.check:
         result["milvus_check"] = check_against_milvus(args, queries, lists)
@@ -288,6 +316,12 @@ def markdown(result: dict) -> str:
             f"| {f['fold']} | {f['queries']} | {f['pick']} | {f['train']:.4f} | {f['test']:.4f} "
             f"| {f['rrf60_test']:.4f} |"
         )
+    n = len(result["folds"])
+    lines.append(
+        f"| mean | | | {sum(f['train'] for f in result['folds']) / n:.4f} "
+        f"| {sum(f['test'] for f in result['folds']) / n:.4f} "
+        f"| {sum(f['rrf60_test'] for f in result['folds']) / n:.4f} |"
+    )
     lines += [
         "",
         "| fold | "
@@ -301,6 +335,19 @@ def markdown(result: dict) -> str:
             f"{pm[m]['pick']} → {pm[m]['test']:.4f}" for m in ("rrf", "weighted", "normalized")
         ]
         lines.append(f"| {f['fold']} | " + " | ".join(cells) + " |")
+    means = [
+        sum(f["per_method"][m]["test"] for f in result["folds"]) / n
+        for m in ("rrf", "weighted", "normalized")
+    ]
+    lines.append("| mean | " + " | ".join(f"{v:.4f}" for v in means) + " |")
+    lines += ["", "| a − b (nDCG@10, per query) | mean | 95% CI | queries better / worse |"]
+    lines.append("|---|---:|---|---:|")
+    for c in result["paired"]:
+        lo, hi = c["ci95"]
+        lines.append(
+            f"| {c['a']} − {c['b']} | {c['diff']:+.4f} | [{lo:+.4f}, {hi:+.4f}] "
+            f"| {c['better']} / {c['worse']} |"
+        )
     if "milvus_check" in result:
         lines += ["", "| replayed through Milvus | queries | order differs | max score diff |"]
         lines.append("|---|---:|---:|---:|")

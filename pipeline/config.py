@@ -57,7 +57,12 @@ class Settings(BaseSettings):
         "WINNOW_RRF_K), weighted (Milvus WeightedRanker: weighted sum of Milvus-normalised "
         "scores), normalized (weighted sum of per-query min-max normalised scores, fused here).",
     )
-    rrf_k: int = Field(60, ge=1, description="Reciprocal-rank-fusion constant for hybrid recall.")
+    rrf_k: int = Field(
+        5,
+        ge=1,
+        description="Reciprocal-rank-fusion constant for hybrid recall (5: chosen on SciFact "
+        "train, docs/evaluation.md).",
+    )
     fusion_dense_weight: float = Field(
         0.5,
         ge=0,

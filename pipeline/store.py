@@ -254,7 +254,7 @@ class MilvusStore:
         hnsw_m: int = 16,
         hnsw_ef_construction: int = 200,
         hnsw_ef: int = 200,
-        rrf_k: int = 60,
+        rrf_k: int = 5,
         fusion: str = "rrf",
         fusion_weights: tuple[float, float] = (0.5, 0.5),
     ) -> None:

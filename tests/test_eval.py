@@ -282,8 +282,9 @@ def test_rerank_mode_reorders_within_candidates(
 def test_fusion_settings_reach_the_hybrid_mode(ingested, embedder) -> None:
     """--fusion / WINNOW_FUSION is used by eval's hybrid mode (scores tell the rankers apart)."""
     tmp, root, first = ingested
-    assert first.fusion == "rrf k=60"
-    rrf_max = 2 / 61  # RRF k=60: at best rank 1 in both lists
+    k = Settings().rrf_k
+    assert first.fusion == f"rrf k={k}"
+    rrf_max = 2 / (k + 1)  # RRF: at best rank 1 in both lists
     assert max(s for r in first.result("hybrid").runs.values() for _, s in r) <= rrf_max + 1e-6
     dense = first.result("dense").runs
     for fusion, weights in (("weighted", (0.7, 0.3)), ("normalized", (1.0, 0.0))):
