@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from pipeline.config import Settings, SettingsError, add_settings_arguments, settings_from_args
+from pipeline.config import Settings, add_settings_arguments, settings_or_exit
 from pipeline.logs import setup_logging
 from pipeline.store import StoreError
 
@@ -77,16 +77,14 @@ def make_job(settings: Settings) -> IngestJob:
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    try:
-        settings = settings_from_args(
-            args,
-            ingest_batch_size=args.batch_size,
-            ingest_engine=args.engine,
-            ray_actors=args.actors,
-            ray_gpus_per_actor=args.gpus_per_actor,
-        )
-    except SettingsError as exc:  # a bad WINNOW_* variable or flag: one line, no traceback
-        p.error(f"invalid settings: {exc}")
+    settings = settings_or_exit(
+        p,
+        args,
+        ingest_batch_size=args.batch_size,
+        ingest_engine=args.engine,
+        ray_actors=args.actors,
+        ray_gpus_per_actor=args.gpus_per_actor,
+    )
     setup_logging(settings.log_level if not args.quiet else "WARNING")
     settings.log_non_default()
     try:

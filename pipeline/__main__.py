@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any
 
-from pipeline.config import Settings, SettingsError, add_settings_arguments, settings_from_args
+from pipeline.config import Settings, add_settings_arguments, settings_or_exit
 from pipeline.logs import setup_logging
 from pipeline.model_files import ModelUnavailable
 
@@ -160,10 +160,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    try:
-        settings = settings_from_args(args)
-    except SettingsError as exc:  # a bad WINNOW_* variable or flag: one line, no traceback
-        p.error(f"invalid settings: {exc}")
+    settings = settings_or_exit(p, args)
     setup_logging(settings.log_level)
     return int(args.func(args, settings) or 0)
 

@@ -364,3 +364,13 @@ def settings_from_args(ns: argparse.Namespace, **extra: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         raise SettingsError(describe_errors(exc)) from None
+
+
+def settings_or_exit(
+    parser: argparse.ArgumentParser, ns: argparse.Namespace, **extra: Any
+) -> Settings:
+    """:func:`settings_from_args` for a CLI: invalid settings exit 2 with one line, no traceback."""
+    try:
+        return settings_from_args(ns, **extra)
+    except SettingsError as exc:
+        parser.error(f"invalid settings: {exc}")

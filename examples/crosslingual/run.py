@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import Settings, SettingsError, add_settings_arguments, settings_from_args  # noqa: E402
+from pipeline.config import Settings, add_settings_arguments, settings_or_exit  # noqa: E402
 
 MODES = ("dense", "bm25", "hybrid")
 GROUPS = ("en", "zh", "zh+latin")
@@ -178,10 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="write the ranks and the summary as JSON")
     add_settings_arguments(p, only=[n for n in Settings.model_fields if n != "rerank"])
     args = p.parse_args(argv)
-    try:
-        settings = example_settings(settings_from_args(args))
-    except SettingsError as exc:
-        p.error(f"invalid settings: {exc}")
+    settings = example_settings(settings_or_exit(p, args))
     from pipeline.logs import setup_logging
     from pipeline.model_files import ModelUnavailable
 
