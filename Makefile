@@ -15,7 +15,7 @@ VLLM_SDIST ?= https://files.pythonhosted.org/packages/d5/df/5471312c76e335eaa2b8
 VLLM_SDIST_SHA256 ?= d2c957d5eee3d0985012151315ddc62cbe0cd368fc96a5fc3510438d9dddf2ad
 VLLM_TEMPLATE := vllm-0.32.0/examples/pooling/score/template/qwen3_reranker.jinja
 
-.PHONY: install vllm-cpu demo serve test lint bench-rerank bench-query clean
+.PHONY: install vllm-cpu demo crosslingual serve test lint bench-rerank bench-query clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,9 @@ vllm-cpu: $(VLLM_VENV)/.installed
 demo: install
 	$(PY) -m ingest examples/sample
 	$(PY) -m pipeline search "$(QUERY)" --top-n 5
+
+crosslingual: install
+	$(PY) examples/crosslingual/run.py
 
 serve: install
 	$(PY) -m pipeline serve

@@ -111,7 +111,8 @@ def run_eval_cli(args: argparse.Namespace, settings: Settings) -> int:
     out.print(report.table())
     out.print(
         f"ingest {report.ingest_seconds:.1f} s ({report.ingest_embedded} passages embedded) · "
-        f"eval {sum(r.seconds for r in report.results):.1f} s · collection {report.collection}",
+        f"eval {sum(r.seconds for r in report.results):.1f} s · collection {report.collection}"
+        + (f" · hybrid fusion {report.fusion}" if report.fusion else ""),
         highlight=False,
     )
     if report.ingest_skipped:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -60,6 +61,7 @@ class EvalReport:
     ingest_skipped: int = 0
     rerank_model: str | None = None
     unknown_queries: int = 0
+    fusion: str | None = None  # how hybrid recall fused (WINNOW_FUSION), when a mode used it
 
     def result(self, mode: str) -> ModeResult:
         for r in self.results:
@@ -100,6 +102,7 @@ class EvalReport:
             f"Dataset `{self.dataset}`, split `{self.split}`, {self.queries} queries, "
             f"top_k {self.top_k} (the whole ranking is judged), embed model `{self.embed_model}`"
             + (f", rerank model `{self.rerank_model}`" if self.rerank_model else "")
+            + (f", hybrid fusion `{self.fusion}`" if self.fusion else "")
             + f", collection `{self.collection}`.",
             "",
             "| " + " | ".join(self.headers) + " |",
@@ -127,6 +130,7 @@ class EvalReport:
             "top_k": self.top_k,
             "embed_model": self.embed_model,
             "rerank_model": self.rerank_model,
+            "fusion": self.fusion,
             "queries": self.queries,
             "metrics": {r.label: r.metrics for r in self.results},
             "runs": {
@@ -138,25 +142,47 @@ class EvalReport:
         return path
 
 
-def measure(
-    qrels: dict[str, dict[str, int]], runs: dict[str, Ranking], name: str
-) -> dict[str, float]:
-    """ranx measures of exactly the rankings given.
-
-    ranx orders a run by score, so each document gets a rank-derived score (n − rank): ties in the
-    service's scores cannot reorder what is judged. Queries without results count as zeros.
-    """
-    from ranx import Qrels, Run, evaluate
-
-    run = {
+def _ranx_run(runs: dict[str, Ranking]) -> dict[str, dict[str, float]]:
+    """ranx orders a run by score, so each document gets a rank-derived score (n − rank): ties in
+    the service's scores cannot reorder what is judged."""
+    return {
         qid: {doc: float(len(ranking) - i) for i, (doc, _) in enumerate(ranking)}
         for qid, ranking in runs.items()
         if ranking
     }
+
+
+def measure(
+    qrels: dict[str, dict[str, int]], runs: dict[str, Ranking], name: str
+) -> dict[str, float]:
+    """ranx measures of exactly the rankings given (queries without results count as zeros)."""
+    from ranx import Qrels, Run, evaluate
+
+    run = _ranx_run(runs)
     if not run:
         return dict.fromkeys(METRICS, 0.0)
     scores = evaluate(Qrels(qrels), Run(run, name=name), METRICS, make_comparable=True)
     return {m: float(scores[m]) for m in METRICS}
+
+
+def measure_per_query(
+    qrels: dict[str, dict[str, int]], runs: dict[str, Ranking], metrics: Sequence[str] = METRICS
+) -> dict[str, dict[str, float]]:
+    """``{metric: {query id: value}}`` for every judged query, from ranx as :func:`measure`.
+
+    The mean of a subset is that subset's measure: what cross-validation over query folds needs
+    without calling ranx once per fold.
+    """
+    from ranx import Qrels, Run, evaluate
+
+    run = _ranx_run(runs)
+    if not run:
+        return {m: dict.fromkeys(qrels, 0.0) for m in metrics}
+    scores = evaluate(
+        Qrels(qrels), Run(run), list(metrics), return_mean=False, make_comparable=True
+    )
+    order = sorted(qrels)  # ranx returns per-query values in sorted query-id order
+    return {m: dict(zip(order, map(float, scores[m]), strict=True)) for m in metrics}
 
 
 def render(report: EvalReport, width: int = 120) -> str:

@@ -130,6 +130,7 @@ def evaluate(
         ingest_skipped=skipped,
         rerank_model=settings.rerank_model if "rerank" in modes else None,
         unknown_queries=len(data.unknown_queries),
+        fusion=settings.fusion_label if any(m in ("hybrid", "rerank") for m in modes) else None,
     )
 
 

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from pipeline.config import Settings, add_settings_arguments, settings_from_args
+from pipeline.config import Settings, add_settings_arguments, settings_or_exit
 from pipeline.logs import setup_logging
 from pipeline.store import StoreError
 
@@ -75,8 +75,10 @@ def make_job(settings: Settings) -> IngestJob:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    settings = settings_from_args(
+    p = parser()
+    args = p.parse_args(argv)
+    settings = settings_or_exit(
+        p,
         args,
         ingest_batch_size=args.batch_size,
         ingest_engine=args.engine,

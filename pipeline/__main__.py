@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any
 
-from pipeline.config import Settings, add_settings_arguments, settings_from_args
+from pipeline.config import Settings, add_settings_arguments, settings_or_exit
 from pipeline.logs import setup_logging
 from pipeline.model_files import ModelUnavailable
 
@@ -158,8 +158,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    settings = settings_from_args(args)
+    p = parser()
+    args = p.parse_args(argv)
+    settings = settings_or_exit(p, args)
     setup_logging(settings.log_level)
     return int(args.func(args, settings) or 0)
 

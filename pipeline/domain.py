@@ -47,7 +47,7 @@ def join_title(title: str, text: str) -> str:
 
 @dataclass(slots=True)
 class Hit:
-    """A recalled passage; ``score`` is cosine (dense), BM25 (sparse) or RRF (hybrid), larger = better."""
+    """A recalled passage; ``score`` is cosine (dense), BM25 (sparse) or fused (hybrid), larger = better."""
 
     id: str
     doc_id: str

@@ -44,6 +44,8 @@ PING_CACHE_S = 0.5  # a health answer is reused this long (many probes, one RPC)
 # Milvus may legitimately take longer than a query's deadline for; still bounded
 SLOW_OP_TIMEOUT = 120.0
 
+FUSIONS = ("rrf", "weighted", "normalized")  # see MilvusStore.hybrid and pipeline.fusion
+
 ANALYZERS: dict[str, dict[str, Any]] = {
     "standard": {
         "tokenizer": "standard",
@@ -166,6 +168,16 @@ def _is_unavailable(exc: BaseException) -> bool:
     return False
 
 
+def _quiet_jieba() -> None:
+    """Milvus Lite segments Chinese with the jieba package in this process; jieba sets its own
+    logger to DEBUG on import and prints its dictionary loading on every first use."""
+    try:
+        import jieba
+    except ImportError:  # pragma: no cover - Lite then refuses the collection with its own message
+        return
+    jieba.setLogLevel(logging.WARNING)
+
+
 class _LiteLockWatch(logging.Filter):
     """Milvus Lite reports a file locked by another process only as a logged traceback.
 
@@ -242,7 +254,9 @@ class MilvusStore:
         hnsw_m: int = 16,
         hnsw_ef_construction: int = 200,
         hnsw_ef: int = 200,
-        rrf_k: int = 60,
+        rrf_k: int = 5,
+        fusion: str = "rrf",
+        fusion_weights: tuple[float, float] = (0.5, 0.5),
     ) -> None:
         self.uri = uri
         self.collection = collection
@@ -253,7 +267,13 @@ class MilvusStore:
         self.hnsw_ef_construction = hnsw_ef_construction
         self.hnsw_ef = hnsw_ef
         self.rrf_k = rrf_k
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, not {fusion!r}")
+        self.fusion = fusion
+        self.fusion_weights = fusion_weights
         self.is_lite = not uri.startswith(("http://", "https://", "tcp://", "grpc://"))
+        if analyzer == "jieba" and self.is_lite:
+            _quiet_jieba()
         self._client: MilvusClient | None = None
         self._connect_lock = threading.Lock()  # held only while (re)connecting
         self._state_lock = threading.Lock()  # held only to swap self._client; never during I/O
@@ -282,6 +302,8 @@ class MilvusStore:
             hnsw_ef_construction=s.hnsw_ef_construction,
             hnsw_ef=s.hnsw_ef,
             rrf_k=s.rrf_k,
+            fusion=s.fusion,
+            fusion_weights=(s.fusion_dense_weight, s.fusion_bm25_weight),
         )
 
     # --- connection ------------------------------------------------------------------------
@@ -668,9 +690,39 @@ class MilvusStore:
 
         return self._hits(self._guard_filter(run, filter), bm25=True)
 
+    def ranker(self) -> Any:
+        """The Milvus ranker of ``hybrid_search`` for this store's fusion setting.
+
+        ``weighted`` keeps Milvus's own score normalisation (``norm_score=True``): COSINE as
+        ``(1 + s) / 2``, BM25 as ``2·atan(s)/π``, identical in Milvus Lite (which turns its
+        negative BM25 distances positive before fusing) and a Milvus server.
+        """
+        from pymilvus import RRFRanker, WeightedRanker
+
+        if self.fusion == "rrf":
+            return RRFRanker(self.rrf_k)
+        if self.fusion == "weighted":
+            return WeightedRanker(*self.fusion_weights, norm_score=True)
+        raise ValueError(f"fusion {self.fusion!r} is not done by a Milvus ranker")
+
     def hybrid(self, vector: np.ndarray, text: str, k: int, filter: str = "") -> list[Hit]:
-        """Dense + BM25 fused by reciprocal rank (rank-based, so BM25's sign does not matter)."""
-        from pymilvus import AnnSearchRequest, RRFRanker
+        """Dense + BM25 fused by ``fusion``: Milvus's ranker, or min-max fusion of both lists here.
+
+        ``normalized`` needs each list's own minimum and maximum, which no Milvus ranker has
+        (see :mod:`pipeline.fusion`): it runs the two searches and fuses their hits.
+        """
+        if not text.strip():
+            return self.dense(vector, k, filter)
+        if self.fusion == "normalized":
+            from pipeline.fusion import normalized_fusion
+
+            w_dense, w_bm25 = self.fusion_weights
+            return normalized_fusion(
+                self.dense(vector, k, filter), self.bm25(text, k, filter), w_dense, w_bm25, k
+            )
+        from pymilvus import AnnSearchRequest
+
+        ranker = self.ranker()
 
         def run(c: MilvusClient, t: Callable[[], float]) -> Any:
             self._ensure_loaded(c, t)
@@ -693,12 +745,10 @@ class MilvusStore:
             return c.hybrid_search(
                 self.collection,
                 reqs,
-                ranker=RRFRanker(self.rrf_k),
+                ranker=ranker,
                 limit=k,
                 output_fields=OUTPUT_FIELDS,
                 timeout=t(),
             )
 
-        if not text.strip():
-            return self.dense(vector, k, filter)
         return self._hits(self._guard_filter(run, filter))

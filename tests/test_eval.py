@@ -276,3 +276,31 @@ def test_rerank_mode_reorders_within_candidates(
         assert all(0.0 <= s <= 1.0 for s in scores)  # P(yes)
         assert scores == sorted(scores, reverse=True)
     assert rerank.metrics["recall@100"] == pytest.approx(hybrid.metrics["recall@100"])
+
+
+@pytest.mark.slow
+def test_fusion_settings_reach_the_hybrid_mode(ingested, embedder) -> None:
+    """--fusion / WINNOW_FUSION is used by eval's hybrid mode (scores tell the rankers apart)."""
+    tmp, root, first = ingested
+    k = Settings().rrf_k
+    assert first.fusion == f"rrf k={k}"
+    rrf_max = 2 / (k + 1)  # RRF: at best rank 1 in both lists
+    assert max(s for r in first.result("hybrid").runs.values() for _, s in r) <= rrf_max + 1e-6
+    dense = first.result("dense").runs
+    for fusion, weights in (("weighted", (0.7, 0.3)), ("normalized", (1.0, 0.0))):
+        settings = settings_for(
+            tmp, fusion=fusion, fusion_dense_weight=weights[0], fusion_bm25_weight=weights[1]
+        )
+        report = evaluate(
+            settings, root, modes=["hybrid"], embedder=embedder, progress=False, ingest=False
+        )
+        assert report.fusion == f"{fusion} {weights[0]:g}/{weights[1]:g}"
+        assert f"hybrid fusion `{report.fusion}`" in report.markdown()
+        runs = report.result("hybrid").runs
+        top = [r[0][1] for r in runs.values()]
+        assert all(s > rrf_max for s in top)  # weighted / min-max scores, not RRF's
+        if fusion == "normalized":  # BM25 weight 0: the dense order, top score 1.0 each
+            assert all(s == pytest.approx(1.0) for s in top)
+            assert {q: [d for d, _ in r] for q, r in runs.items()} == {
+                q: [d for d, _ in r] for q, r in dense.items()
+            }

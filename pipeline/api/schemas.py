@@ -42,7 +42,10 @@ class SearchBody(BaseModel):
     top_n: PositiveInt | None = Field(None, description="Results returned (documents).")
     instruction: str | None = Field(None, description="Qwen3-Reranker instruction for this query.")
     filter: str = Field("", description='Milvus filter expression, e.g. doc_id like "docs/%".')
-    hybrid: bool | None = Field(None, description="Dense + BM25 (RRF) recall; default from server.")
+    hybrid: bool | None = Field(
+        None,
+        description="Dense + BM25 fused recall (the server's WINNOW_FUSION); default from server.",
+    )
     rerank: bool | None = Field(None, description="Rerank the candidates; default: when available.")
     max_chunks_per_doc: ChunksPerDoc | None = None
     min_score: float | None = Field(
@@ -57,7 +60,9 @@ class SearchHit(BaseModel):
     id: str
     doc_id: str
     score: float = Field(description="Final score: rerank P(yes) when reranked, else recall score.")
-    recall_score: float = Field(description="Cosine (dense) or RRF (hybrid) score from recall.")
+    recall_score: float = Field(
+        description="Cosine (dense) or fused (hybrid: RRF, weighted or min-max, per WINNOW_FUSION) score from recall."
+    )
     rerank_score: float | None
     text: str
     title: str
