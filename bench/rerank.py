@@ -240,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--plan", default="auto", choices=["auto", "padded", "packed"])
     ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
     ap.add_argument("--attention", default="auto", choices=["auto", "gather", "varlen"])
+    ap.add_argument("--cpu-gemm", default="auto", choices=["auto", "torch", "onednn"])
     ap.add_argument(
         "--profile", type=int, default=0, help="torch.profiler over N single requests (counts)"
     )
@@ -281,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan=args.plan,
         compile=args.compile,
         attention=args.attention,
+        cpu_gemm=args.cpu_gemm,
     )
     t_load = time.perf_counter()
     engine.load()

@@ -147,6 +147,11 @@ class Settings(BaseSettings):
         "auto",
         description="Packed-plan attention kernel: auto = gather; varlen = CUDA flash varlen.",
     )
+    rerank_cpu_gemm: Literal["auto", "torch", "onednn"] = Field(
+        "auto",
+        description="hf engine, CPU, fp32: who runs the linear layers. auto = oneDNN when it is "
+        "faster on this CPU (timed at load on the model's MLP shape), else torch's BLAS.",
+    )
     rerank_instruction: str = Field(
         "Given a web search query, retrieve relevant passages that answer the query",
         description="Default Qwen3-Reranker instruction.",

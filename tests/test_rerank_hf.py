@@ -23,7 +23,8 @@ from pipeline.rerank.prompt import PromptTooLong
 
 # (plan, chunked attention): every path the engine can take on a CPU.
 PATHS = {
-    "padded": {"plan": "padded"},
+    "padded": {"plan": "padded", "cpu_gemm": "torch"},
+    "padded-onednn": {"plan": "padded", "cpu_gemm": "onednn"},
     "padded-plain-sdpa": {"plan": "padded", "chunked_attention": False},
     "packed": {"plan": "packed"},
 }
@@ -214,6 +215,15 @@ def test_chosen_path_is_reported(setup: Any) -> None:
         assert not engine.chunked_attention and desc["attention"] == "sdpa"
     else:
         assert desc["attention"] == "gather"
+    want_gemm = engine._requested_cpu_gemm
+    if engine.plan == "packed":
+        assert desc["cpu_gemm"] == "torch"  # the packed plan fuses the weights itself
+    elif want_gemm != "auto":
+        assert desc["cpu_gemm"] == want_gemm
+    else:
+        assert desc["cpu_gemm"] in ("torch", "onednn")  # auto: measured at load
+    linears = {type(m).__name__ for m in engine._decoder.modules() if "Linear" in type(m).__name__}
+    assert linears == ({"OneDNNLinear"} if desc["cpu_gemm"] == "onednn" else {"Linear"})
 
 
 def test_auto_plan_is_padded_on_cpu(model_dir: Path) -> None:
@@ -223,7 +233,7 @@ def test_auto_plan_is_padded_on_cpu(model_dir: Path) -> None:
 
 
 def test_unknown_settings_rejected() -> None:
-    for kw in ({"plan": "fast"}, {"compile": "yes"}, {"attention": "flash"}):
+    for kw in ({"plan": "fast"}, {"compile": "yes"}, {"attention": "flash"}, {"cpu_gemm": "mkl"}):
         with pytest.raises(ValueError):
             HFEngine("/nowhere", **kw)
 

@@ -146,6 +146,7 @@ def build_reranker(settings: Settings, model_path: str | None = None) -> Reranke
             plan=settings.rerank_plan,
             compile=settings.rerank_compile,
             attention=settings.rerank_attention,
+            cpu_gemm=settings.rerank_cpu_gemm,
         )
     batcher = MicroBatcher(
         engine,
