@@ -191,12 +191,9 @@ class SearchService:
                 windows = {h.id: k for h, (_, k) in zip(hits, best, strict=True)}
         else:
             scored = [(h, h.score) for h in hits]
-        ranked = fold_documents(scored, None)
-        below = None
-        if min_score is not None:
-            kept = [(h, score) for h, score in ranked if score >= min_score]
-            below, ranked = len(ranked) - len(kept), kept
-        ranked = ranked[:top_n]
+        folded = fold_documents(scored, None)
+        order, below = above([score for _, score in folded], min_score)
+        ranked = [folded[i] for i in order[:top_n]]
         results = [
             Result(
                 id=h.id,
