@@ -148,6 +148,24 @@ def _is_deadline(exc: BaseException) -> bool:
 _RETRY_TIMEOUT = re.compile(r"\[\w+\] Retry timeout:")
 
 
+def _is_reset(exc: BaseException) -> bool:
+    """gRPC UNAVAILABLE: the connection failed under the call; a new one may well succeed.
+
+    pymilvus wraps a failed connect handshake in its own "Fail connecting" error: the gRPC status
+    is then the cause's.
+    """
+    import grpc
+
+    seen: BaseException | None = exc
+    for _ in range(3):
+        if seen is None:
+            break
+        if _grpc_code(seen) == grpc.StatusCode.UNAVAILABLE:
+            return True
+        seen = seen.__cause__
+    return False
+
+
 def _is_unavailable(exc: BaseException) -> bool:
     """Milvus could not be reached: no connection, a dropped or closed channel.
 
@@ -357,32 +375,41 @@ class MilvusStore:
         gRPC keepalive notices a dead peer); any other connection failure drops it, so the
         next call reconnects. Both become StoreUnavailable, and ``ping()`` answers False from
         then on until its cache expires: with Milvus hung, probes need no RPC of their own.
+
+        A connection reset under the call (gRPC UNAVAILABLE: a GOAWAY, a restarted proxy) gets
+        one new connection within the same deadline: every ``fn`` here is idempotent, and
+        pymilvus retries its RPCs but not its connect handshake, which is where milvus-lite's
+        server resets clients for pinging too often (``too_many_pings``).
         """
         import pymilvus  # noqa: F401  (a first import takes seconds: not Milvus' time)
 
         deadline = _Deadline(timeout if timeout is not None else self.timeout, self.uri)
-        client: MilvusClient | None = None
-        try:
-            client = self._get_client(deadline)
-            out = fn(client, deadline.left)
-        except StoreUnavailable:
-            self._note_health(False)
-            raise
-        except StoreError:
-            raise
-        except Exception as exc:
-            if _is_deadline(exc):
+        for attempt in (1, 2):
+            client: MilvusClient | None = None
+            try:
+                client = self._get_client(deadline)
+                return fn(client, deadline.left)
+            except StoreUnavailable:
                 self._note_health(False)
-                raise StoreUnavailable(
-                    f"Milvus at {self.uri} did not answer within {deadline.seconds:g}s"
-                ) from exc
-            if _is_unavailable(exc):
-                self._note_health(False)
+                raise
+            except StoreError:
+                raise
+            except Exception as exc:
+                if _is_deadline(exc):
+                    self._note_health(False)
+                    raise StoreUnavailable(
+                        f"Milvus at {self.uri} did not answer within {deadline.seconds:g}s"
+                    ) from exc
+                if not _is_unavailable(exc):
+                    raise
                 if client is not None:
                     self._discard(client)
+                if attempt == 1 and _is_reset(exc):
+                    log.info("Milvus at %s reset the connection; reconnecting once", self.uri)
+                    continue
+                self._note_health(False)
                 raise StoreUnavailable(f"Milvus at {self.uri} is not reachable") from exc
-            raise
-        return out
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _note_health(self, ok: bool) -> None:
         self._ping_ok, self._ping_at = ok, time.monotonic()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import struct
+import threading
 import time
 from pathlib import Path
 
@@ -100,3 +104,132 @@ def test_passage_id_is_stable_and_content_addressed() -> None:
     assert p.id == passage_id("a", 0, p.text, "Fox", {"lang": "en"})
     assert p.id != Passage("a", 0, p.text + "!", "Fox", {"lang": "en"}).id
     assert len(p.id) == 40
+
+
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+class CuttingProxy:
+    """A loopback TCP proxy in front of Milvus that resets the connection under the next gRPC call.
+
+    What a Milvus proxy restart, a load balancer or a server's GOAWAY (milvus-lite's gRPC server
+    answers pymilvus' idle keepalive pings with ``too_many_pings``) does to a live connection. When
+    armed, the next HTTP/2 HEADERS frame from the client (a call starting) is not forwarded: both
+    sides of that connection are reset instead, so the call fails with gRPC UNAVAILABLE.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.armed = threading.Event()
+        self.cuts = 0
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            self.conns += [client, server]
+            threading.Thread(target=self._requests, args=(client, server), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client), daemon=True).start()
+
+    def _requests(self, client: socket.socket, server: socket.socket) -> None:
+        """Client → Milvus, frame by frame: the preface, then frames (9-byte header + payload)."""
+        buf, preface = b"", True
+        while True:
+            try:
+                data = client.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                return self._close(client, server, reset=False)
+            buf += data
+            while True:
+                if preface:
+                    size = len(PREFACE)
+                elif len(buf) >= 9:
+                    size = 9 + int.from_bytes(buf[:3], "big")
+                    if buf[3] == 0x1 and self.armed.is_set():  # HEADERS: a call starts
+                        self.armed.clear()
+                        self.cuts += 1
+                        return self._close(client, server, reset=True)
+                else:
+                    break
+                if len(buf) < size:
+                    break
+                frame, buf, preface = buf[:size], buf[size:], False
+                try:
+                    server.sendall(frame)
+                except OSError:
+                    return self._close(client, server, reset=False)
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        while True:
+            try:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+            except OSError:
+                break
+        self._close(src, dst, reset=False)
+
+    @staticmethod
+    def _close(a: socket.socket, b: socket.socket, *, reset: bool) -> None:
+        for s in (a, b):
+            with contextlib.suppress(OSError):
+                if reset:  # RST, not FIN: the peer sees the connection die mid-call
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                else:
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        for s in self.conns:
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+@pytest.mark.parametrize("when", ["connect", "call"])
+def test_a_connection_reset_under_a_call_is_retried_once(
+    milvus_server: MilvusServer, when: str
+) -> None:
+    """A connection that dies under a call (gRPC UNAVAILABLE) is replaced once, within the call's
+    deadline, instead of failing the request: every store call is idempotent. ``connect``: the
+    reset hits pymilvus' Connect handshake (how CI once failed, with milvus-lite's GOAWAY
+    ``too_many_pings``); ``call``: it hits a search on a connection in use."""
+    proxy = CuttingProxy(milvus_server.port)
+    seed = MilvusStore(milvus_server.uri, f"t_reset_{when}", timeout=10)
+    if seed.exists():
+        seed.drop()
+    seed.ensure_collection(DIM, "test-model")
+    seed.upsert(PASSAGES, np.stack([vec(i) for i in range(len(PASSAGES))]))
+    seed.flush()
+    store = MilvusStore(proxy.uri, f"t_reset_{when}", timeout=10)
+    try:
+        if when == "call":
+            assert store.open() == ("test-model", DIM)
+            time.sleep(0.3)  # the connection is quiet
+        proxy.armed.set()
+        t0 = time.monotonic()
+        if when == "connect":
+            assert store.open() == ("test-model", DIM)
+        assert store.dense(vec(2), 1)[0].doc_id == "b"
+        assert proxy.cuts == 1, "the reset hit a call"
+        assert time.monotonic() - t0 < 10
+    finally:
+        store.close()
+        seed.drop()
+        seed.close()
+        proxy.close()
