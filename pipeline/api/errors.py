@@ -75,7 +75,8 @@ def to_response(exc: BaseException) -> JSONResponse:
         return _json(503, exc.kind, exc.message)
     if isinstance(exc, InstructionNotSupported):
         return _json(422, "instruction_not_supported", str(exc))
-    if isinstance(exc, RerankerUnavailable):
+    if isinstance(exc, RerankerUnavailable):  # the cause (URL, deadline) is for the operator's log
+        log.warning("reranker unavailable: %s", exc)
         retry = str(max(1, math.ceil(exc.retry_after)))
         return _json(
             503,
@@ -92,6 +93,7 @@ def to_response(exc: BaseException) -> JSONResponse:
         what = f"the filter {excerpt(expr)!r}" if expr else "the filter"
         return _json(422, "invalid_filter", f"{what} is not a valid expression: {FILTER_HELP}")
     if isinstance(exc, StoreUnavailable):
+        log.warning("vector store unavailable: %s", exc)
         return _json(
             503,
             "milvus_unavailable",
