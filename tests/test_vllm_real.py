@@ -227,6 +227,18 @@ def servers(
         server.kill()
 
 
+def warmed(server: Server) -> Server:
+    """``server`` up and past its first request, sent directly with a long timeout.
+
+    A fresh ``vllm serve`` answers its first request slowly (2.7-4.5 s on 2 cores: set-up done on
+    the first call), longer than a test's short deadline; later ones take ~0.1-0.3 s.
+    """
+    server.wait()
+    body = {"query": "warm-up", "documents": ["warm-up"]}
+    httpx.post(f"{server.url}/v1/rerank", json=body, timeout=120).raise_for_status()
+    return server
+
+
 def rerank(url: str, documents: list[str], instruction: str | None = None, **kw: Any) -> Any:
     body: dict[str, Any] = {"query": QUERY, "documents": documents, **kw}
     if instruction is not None:
@@ -439,7 +451,7 @@ def test_vllm_serve_killed_then_back_by_itself(
     server is down; the first call that finds the server gone drops the cache, so after the restart
     those pairs are scored again by the new process.
     """
-    server = servers["plain"].wait()
+    server = warmed(servers["plain"])
     deadline_s = 3.0
     settings = remote_app_settings(
         tmp_path, server.url, "qwen3-formatted", model, rerank_remote_timeout=deadline_s
@@ -455,7 +467,7 @@ def test_vllm_serve_killed_then_back_by_itself(
         assert down.status_code == 503 and "Retry-After" in down.headers
         assert down.json()["error"]["type"] == "reranker_unavailable"
         assert httpx.get(f"{app.url}/ready", timeout=10).status_code == 503
-        server.start().wait()
+        warmed(server.start())
         misses = counters(app.url)["winnow_rerank_cache_misses_total"]
         back = rerank(app.url, DOCS[:3])
         assert back.status_code == 200, back.text
