@@ -106,7 +106,6 @@ def test_passage_id_is_stable_and_content_addressed() -> None:
     assert len(p.id) == 40
 
 
-
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
