@@ -106,6 +106,15 @@ def clip_utf8(text: str, max_bytes: int) -> str:
     return text if len(raw) <= max_bytes else raw[:max_bytes].decode("utf-8", "ignore")
 
 
+# Milvus Lite serves the file over gRPC from a thread of this process, with gRPC's default server
+# policy: keepalive pings on a connection without calls are abuse. pymilvus pings every 10 s
+# regardless, so an idle Lite store was reset with GOAWAY "too_many_pings" about every 2 minutes
+# (gRPC printing an error line each time; a call starting at that moment failing). In process no
+# peer vanishes unnoticed: no keepalive pings at all. (Servers keep pymilvus' pings: Milvus permits
+# them, and they keep idle connections alive through NAT and load balancers.)
+LITE_GRPC_OPTIONS = {"grpc.keepalive_time_ms": 2**31 - 1, "grpc.keepalive_permit_without_calls": 0}
+
+
 def _close_quietly(client: MilvusClient) -> None:
     with contextlib.suppress(Exception):  # a broken connection has nothing to release
         client.close()
@@ -337,6 +346,8 @@ class MilvusStore:
             self.lite_path.parent.mkdir(parents=True, exist_ok=True)
         # dedicated: our own channel, closed with the client (a shared one outlives close())
         kwargs: dict[str, Any] = {"uri": self.uri, "timeout": timeout, "dedicated": True}
+        if self.is_lite:
+            kwargs["grpc_options"] = LITE_GRPC_OPTIONS
         if self.token:
             kwargs["token"] = self.token
         _LITE_LOCK_WATCH.seen.locked = False

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,6 +21,7 @@ from pipeline.domain import Passage, passage_id
 from pipeline.store import MilvusStore, SchemaMismatch, StoreUnavailable
 
 DIM = 8
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def vec(i: int) -> np.ndarray:
@@ -232,3 +237,57 @@ def test_a_connection_reset_under_a_call_is_retried_once(
         seed.drop()
         seed.close()
         proxy.close()
+
+
+IDLE_SCRIPT = """
+import sys, time
+from pipeline.store import MilvusStore
+path, who, idle_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
+if who == "store":
+    store = MilvusStore(path, "t_idle")
+    store.ensure_collection(8, "m")
+    store.count()
+else:  # the control: a client with pymilvus' own gRPC options
+    from pymilvus import MilvusClient
+    MilvusClient(uri=path, dedicated=True).has_collection("t_idle")
+print("IDLE FROM HERE", file=sys.stderr, flush=True)
+time.sleep(idle_s)
+"""
+
+
+def ping_strikes(trace: str) -> int:
+    """Pings Milvus Lite's gRPC server counted as abuse once the client went idle: received before
+    the server's next allowed ping time (gRPC's own ping trace; a GOAWAY comes after the third)."""
+    idle = trace.split("IDLE FROM HERE", 1)[1]
+    found = re.findall(
+        r"received ping \d+: now=@(\d+)ms .*?next_allowed_ping=@(\S+?)(?:ms)? ", idle
+    )
+    return sum(allowed != "-∞" and int(now) < int(allowed) for now, allowed in found)
+
+
+@pytest.mark.slow
+def test_an_idle_lite_store_sends_milvus_no_keepalive_pings(tmp_path: Path) -> None:
+    """Milvus Lite serves its file over gRPC from a thread of the same process, with gRPC's default
+    server policy: it counts keepalive pings on an idle connection as abuse and, after enough of
+    them (~2 min with pymilvus' 10 s pings), resets the connection with GOAWAY ``too_many_pings``
+    and gRPC prints an error line. The store sends it none; the control, a client with pymilvus'
+    defaults idling beside it, does (read from gRPC's own ping trace of the server)."""
+    env = {**os.environ, "GRPC_TRACE": "http_keepalive", "GRPC_VERBOSITY": "debug"}
+    for who in ("store", "control"):
+        (tmp_path / who).mkdir()
+    procs = {
+        who: subprocess.Popen(
+            [sys.executable, "-c", IDLE_SCRIPT, str(tmp_path / who / "w.db"), who, "25"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
+        for who in ("store", "control")
+    }
+    trace = {who: p.communicate(timeout=180)[1] for who, p in procs.items()}
+    for who, p in procs.items():
+        assert p.returncode == 0 and "IDLE FROM HERE" in trace[who], trace[who][-2000:]
+    assert ping_strikes(trace["control"]) >= 1, "no strike for the control: a new trace format?"
+    assert ping_strikes(trace["store"]) == 0
