@@ -73,6 +73,19 @@ def test_estimate_is_capped_and_grows_with_length() -> None:
     assert mid >= 1000
 
 
+@pytest.mark.parametrize(
+    ("engine_budget", "setting", "expected"),
+    [(1024, None, 8192), (65536, None, 65536), (None, None, 8192), (1024, 300, 300)],
+)
+def test_slice_is_the_engine_budget_at_least_the_default(
+    engine_budget: int | None, setting: int | None, expected: int
+) -> None:
+    # A CPU engine's small forwards must not shrink engine calls: each call reruns every head.
+    engine = ScriptedEngine()
+    engine.max_batch_tokens = engine_budget  # type: ignore[attr-defined]
+    assert MicroBatcher(engine, slice_tokens=setting).slice_tokens == expected
+
+
 def test_sliced_scores_equal_unsliced(tiny_engine: Any) -> None:
     docs = [f"document number {i} about " + "tides and moons " * (i % 5 + 1) for i in range(12)]
     other = ["coffee beans", "volcano ash", "marathon"]

@@ -52,7 +52,10 @@ CHARS_PER_TOKEN = 3.0
 TEMPLATE_CHARS = (
     len(PREFIX) + len(SUFFIX) + len(BODY_TEMPLATE.format(instruction="", query="", doc=""))
 )
-DEFAULT_SLICE_TOKENS = 8192  # when neither the setting nor the engine's max_batch_tokens say
+# Slices (and so engine calls) hold at least this many tokens unless the setting says otherwise: an
+# engine whose forwards are smaller (hf on CPU) cuts them itself, and each request's head runs once per
+# call, so a smaller call would only repeat heads and dispatch overhead.
+DEFAULT_SLICE_TOKENS = 8192
 # Used until the first measurement (BatchedReranker.load() calibrates at once): the real
 # Qwen3-Reranker-0.6B runs ~95-110 tokens/s on a 2-core CPU (docs/benchmarks.md), a GPU far more.
 START_TOKENS_PER_S = 100.0
@@ -141,7 +144,7 @@ class MicroBatcher:
     """Schedules rerank requests onto one engine; see the module docstring for the policy.
 
     ``queue_tokens`` / ``deadline_s`` ``None`` = no such bound; ``slice_tokens`` ``None`` = the engine's
-    ``max_batch_tokens`` when it has one, else ``DEFAULT_SLICE_TOKENS``.
+    ``max_batch_tokens`` when it has one, at least ``DEFAULT_SLICE_TOKENS``.
     """
 
     def __init__(
@@ -201,7 +204,11 @@ class MicroBatcher:
         if self._slice_tokens is not None:
             return self._slice_tokens
         budget = getattr(self.engine, "max_batch_tokens", None)
-        return int(budget) if isinstance(budget, int) and budget > 0 else DEFAULT_SLICE_TOKENS
+        return (
+            max(int(budget), DEFAULT_SLICE_TOKENS)
+            if isinstance(budget, int)
+            else DEFAULT_SLICE_TOKENS
+        )
 
     @property
     def depth(self) -> int:

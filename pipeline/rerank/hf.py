@@ -53,9 +53,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Padded tokens (head KV + tail) per forward pass. CPU: bigger batches stop paying off once the GEMMs
-# are large (measured with bench/rerank.py); GPU: limited by activation memory, not by efficiency.
-DEFAULT_BATCH_TOKENS_CPU = 8192
+# Padded tokens (head KV + tail) per forward pass. CPU: small forwards keep each layer's activations
+# (tokens × 3072 fp32 in the MLP) in cache; 2048 ran ~20% faster than 8192 on the Xeon of
+# docs/benchmarks.md (budget sweep), and the GEMMs are still at peak. GPU: limited by activation memory.
+DEFAULT_BATCH_TOKENS_CPU = 2048
 DEFAULT_BATCH_TOKENS_GPU = 65536
 # The packed plan runs no padding, so a bigger stream costs nothing extra: one forward per 20-document
 # request on a CPU (when forced there) and a merged micro-batch in few forwards on a GPU.
