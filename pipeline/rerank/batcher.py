@@ -204,11 +204,7 @@ class MicroBatcher:
         if self._slice_tokens is not None:
             return self._slice_tokens
         budget = getattr(self.engine, "max_batch_tokens", None)
-        return (
-            max(int(budget), DEFAULT_SLICE_TOKENS)
-            if isinstance(budget, int)
-            else DEFAULT_SLICE_TOKENS
-        )
+        return max(budget if isinstance(budget, int) else 0, DEFAULT_SLICE_TOKENS)
 
     @property
     def depth(self) -> int:
