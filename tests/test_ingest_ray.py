@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import corpus_records, write_jsonl
+from shared_dir import SCIFACT as SCIFACT_DIR
 
 from ingest.job import IngestJob
 from pipeline.config import Settings
 from pipeline.store import MilvusStore, SchemaMismatch, in_list
 
 ROOT = Path(__file__).resolve().parents[1]
-SCIFACT = ROOT.parent / "shared" / "data" / "scifact" / "corpus.jsonl"
+SCIFACT = SCIFACT_DIR / "corpus.jsonl"
 
 
 def test_no_ray_needed_for_import_and_default_job(tmp_path: Path) -> None:

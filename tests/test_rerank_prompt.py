@@ -135,3 +135,32 @@ def test_vllm_chat_template_renders_the_card_prompt() -> None:
                 messages, chat_template=template, tokenize=False, **kw
             )
             assert rendered == format_pair(query, doc, instruction)
+
+
+def _work_estimate_tracks_the_tokenizer(tok) -> None:
+    """The batcher's work estimate follows the tokenizer it will run, not a fixed 3 chars/token."""
+    from pipeline.rerank import RerankRequest
+    from pipeline.rerank.cut import DocumentCutter
+
+    cutter = DocumentCutter(tok, 8192)
+    doc = (
+        "Photosynthesis converts light energy into chemical energy; in 2019, 61% of the 1,204 "
+        "leaves sampled (n = 37 plants) showed the effect. "
+    ) * 12
+    req = RerankRequest("how do plants make oxygen?", [doc])
+    real = len(prompt.encode_bodies(tok, [prompt.format_body(req.query, doc, None)], 8192)[0])
+    real += cutter.fixed_tokens
+    est = cutter.estimate_tokens(req)
+    assert real / 2 <= est <= real * 2, (est, real, cutter.chars_per_token)
+    long = RerankRequest("q", ["word " * 100_000])
+    assert cutter.estimate_tokens(long) == 8192  # capped like the card's cut
+
+
+def test_work_estimate_tracks_the_bpe_tokenizer() -> None:
+    tok = build_bpe_tokenizer()
+    _work_estimate_tracks_the_tokenizer(tok)
+
+
+@needs_real
+def test_work_estimate_tracks_the_real_tokenizer() -> None:
+    _work_estimate_tracks_the_tokenizer(load_real_tokenizer())

@@ -23,6 +23,7 @@ import pytest
 from conftest import LiveServer, batched, free_port
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from shared_dir import QWEN3_TOKENIZER
 
 from pipeline.config import Settings
 from pipeline.domain import join_title
@@ -67,7 +68,7 @@ DOCS = [
     "北京是中国的首都。",
 ]
 CUSTOM = "Given a biology question, retrieve passages that explain the mechanism"
-TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared" / "models" / "qwen3-tokenizer"
+TOKENIZER_DIR = QWEN3_TOKENIZER
 
 
 def run(coro: Any) -> Any:

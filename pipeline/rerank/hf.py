@@ -302,6 +302,10 @@ class HFEngine:
             self._cutter = DocumentCutter(self._tokenizer, self.max_length)
         return self._cutter
 
+    def estimate_tokens(self, request: RerankRequest) -> int:
+        """Work of ``request`` in tokens, by this tokenizer's measured characters per token."""
+        return self.document_cutter().estimate_tokens(request)
+
     def stats(self) -> dict[str, int | float]:
         """Counters as a plain dict (for metrics and /status)."""
         names = [

@@ -140,6 +140,10 @@ class VLLMEngine:
         assert self._cutter is not None
         return self._cutter
 
+    def estimate_tokens(self, request: RerankRequest) -> int:
+        """Work of ``request`` in tokens, by this tokenizer's measured characters per token."""
+        return self.document_cutter().estimate_tokens(request)
+
     def stats(self) -> dict[str, int | float]:
         """Counters; ``forward_passes`` is the number of ``LLM.score`` calls (vLLM plans its forwards)."""
         return {
