@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from pipeline.config import Settings, add_settings_arguments, settings_or_exit
+from pipeline.config import Settings, SettingsError, add_settings_arguments, settings_or_exit
 from pipeline.logs import setup_logging
 from pipeline.store import StoreError
 
@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         return run(args, settings)
     except RayMissing as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except SettingsError as exc:  # a combination only the embedder's limit shows
+        print(f"error: invalid settings: {exc}", file=sys.stderr)
         return 2
     except StoreError as exc:  # Milvus down, a Lite file held by the service, another model's data
         print(f"error: {exc}", file=sys.stderr)

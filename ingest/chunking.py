@@ -1,7 +1,10 @@
 """Token-aware passages with overlap, measured in the embedder's own tokens.
 
-Passages are exact substrings of the document (cut at token offsets, moved back to a word boundary
-when one is near), so what is stored, embedded, BM25-indexed and reranked is the same text.
+Passages are exact substrings of the document, so what is stored, embedded, BM25-indexed and
+reranked is the same text. Both ends of a passage fall between words where the text allows it: a cut
+moves back to the last word start within its lookback, and the next passage (which repeats the last
+``overlap`` tokens) starts at the first word start inside the overlap, so an overlap never begins
+mid-word; it can only get shorter for that, never longer.
 """
 
 from __future__ import annotations
@@ -13,6 +16,11 @@ from pipeline.domain import Passage
 from .sources import Document
 
 BOUNDARY_LOOKBACK = 16  # tokens a cut may move back to land between words
+
+
+def _word_start(offs: list[tuple[int, int]], i: int) -> bool:
+    """Token ``i`` starts a word: white space (or the text's start) comes before it."""
+    return i == 0 or offs[i][0] > offs[i - 1][1]
 
 
 class Chunker:
@@ -47,19 +55,22 @@ class Chunker:
         else:
             spans = []
             start = 0
-            step_overlap = min(self.overlap, size // 2)
+            step_overlap = min(self.overlap, size - 1)  # a title may shrink this document's size
             while start < len(offs):
                 end = min(start + size, len(offs))
                 if end < len(offs):
                     # prefer a cut where the next token starts after a gap (a new word)
                     for cut in range(end, max(start + size // 2, end - BOUNDARY_LOOKBACK), -1):
-                        if offs[cut][0] > offs[cut - 1][1]:
+                        if _word_start(offs, cut):
                             end = cut
                             break
                 spans.append((offs[start][0], offs[end - 1][1]))
                 if end >= len(offs):
                     break
-                start = max(end - step_overlap, start + 1)
+                nxt = max(end - step_overlap, start + 1)
+                while nxt < end and not _word_start(offs, nxt):  # never start inside a word
+                    nxt += 1
+                start = nxt
         return [
             Passage(
                 doc_id=doc.id,

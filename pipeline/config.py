@@ -6,7 +6,10 @@ The object is frozen and passed down explicitly; nothing reads the environment b
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
+import os
+from collections.abc import Mapping
 from typing import Any, Literal, get_args, get_origin
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -290,6 +293,17 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _chunk_overlap_below_size(self) -> Settings:
+        """An overlap as long as the passage would never advance: refuse it, never shrink it."""
+        if self.chunk_overlap >= self.chunk_tokens:
+            raise ValueError(
+                f"WINNOW_CHUNK_OVERLAP ({self.chunk_overlap}) must be below WINNOW_CHUNK_TOKENS "
+                f"({self.chunk_tokens}): consecutive passages share the overlap, so it has to be "
+                "shorter than a passage (e.g. an eighth of it)"
+            )
+        return self
+
     @property
     def fusion_label(self) -> str:
         """How hybrid recall fuses, in one phrase: ``rrf k=60``, ``weighted 0.7/0.3`` …"""
@@ -333,6 +347,52 @@ class Settings(BaseSettings):
         log.info(
             "settings: %s",
             ", ".join(f"{k}={v!r}" for k, v in items.items()) if items else "all defaults",
+        )
+
+
+# WINNOW_* variables read by the project's own tooling rather than by Settings (tests, benchmarks,
+# docker compose): known, so never reported as misspellings.
+TOOLING_ENV = frozenset(
+    {
+        "WINNOW_DATA_DIR",
+        "WINNOW_SHARED_DIR",
+        "WINNOW_REQUIRE_VLLM",
+        "WINNOW_VLLM_PYTHON",
+        "WINNOW_CHROMIUM",
+        "WINNOW_SCHEMATHESIS_EXAMPLES",
+    }
+)
+
+
+def unknown_env(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """``WINNOW_*`` variables that are no setting, each with the closest setting's name (or None).
+
+    pydantic-settings ignores unknown names (``extra="ignore"``), so ``WINNOW_TOPK=5`` would
+    otherwise change nothing without a word.
+    """
+    known = sorted(name.upper() for name in Settings.model_fields)
+    out = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith("WINNOW_") or upper in TOOLING_ENV:
+            continue
+        rest = upper.removeprefix("WINNOW_")
+        if rest in known:
+            continue
+        close = difflib.get_close_matches(
+            rest, known, n=1, cutoff=0.6
+        )  # the prefix would match all
+        out.append((name, f"WINNOW_{close[0]}" if close else None))
+    return out
+
+
+def warn_unknown_env(environ: Mapping[str, str] | None = None) -> None:
+    """Log a warning per ``WINNOW_*`` variable that sets nothing (every CLI command does, at start)."""
+    for name, hint in unknown_env(os.environ if environ is None else environ):
+        log.warning(
+            "%s is not a Winnow setting and is ignored%s",
+            name,
+            f"; did you mean {hint}?" if hint else " (README lists the settings)",
         )
 
 
@@ -404,7 +464,9 @@ def settings_from_args(ns: argparse.Namespace, **extra: Any) -> Settings:
 def settings_or_exit(
     parser: argparse.ArgumentParser, ns: argparse.Namespace, **extra: Any
 ) -> Settings:
-    """:func:`settings_from_args` for a CLI: invalid settings exit 2 with one line, no traceback."""
+    """:func:`settings_from_args` for a CLI: invalid settings exit 2 with one line, no traceback;
+    misspelt ``WINNOW_*`` names are warned about first."""
+    warn_unknown_env()
     try:
         return settings_from_args(ns, **extra)
     except SettingsError as exc:

@@ -6,6 +6,8 @@ status codes, so a condition gets the same status on every route.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 EXCERPT_CHARS = 80
 
 
@@ -38,9 +40,16 @@ class RerankDisabled(RuntimeError):
 
     kind = "rerank_disabled"
 
-    def __init__(self) -> None:
+    # what the caller can do instead, by what was asked: advice must fit the route that refused
+    ADVICE: ClassVar[dict[str, str]] = {
+        "search": "search with rerank=false (recall order), or ask the operator to enable it",
+        "rerank": "this route only reranks, so it cannot answer here: use a server with "
+        "reranking on, or /v1/search with rerank=false for recall order",
+    }
+
+    def __init__(self, asked: str = "search") -> None:
         self.message = (
             "reranking is off on this server (WINNOW_RERANK=off or no reranker model): "
-            "search with rerank=false, or ask the operator to enable it"
+            + self.ADVICE[asked]
         )
         super().__init__(self.message)

@@ -239,7 +239,7 @@ class SearchService:
         """Score caller-supplied documents; best first, ``min_score`` and ``top_n`` applied."""
         s = self.settings
         if self.reranker is None:
-            raise RerankDisabled()
+            raise RerankDisabled("rerank")
         chunks = self._chunks(max_chunks_per_doc)
         self._check_text(query, instruction)
         if len(documents) > s.max_documents:
