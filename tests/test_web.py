@@ -275,3 +275,81 @@ def test_search_from_the_url_waits_for_ready_on_a_recall_only_server(
     expect(page.get_by_test_id("result").first.get_by_test_id("doc-id")).to_have_text("tides")
     expect(page.get_by_test_id("rerank")).to_be_disabled()
     ctx.close()
+
+
+MARKDOWN_DOC = (
+    "# Watering guide\n"
+    "\n"
+    "Water the plants early in the\n"
+    "morning, so that the leaves\n"
+    "dry before noon.\n"
+    "\n"
+    "\n"
+    "In hot weather, water them\n"
+    "twice a day.\n"
+)
+
+
+def test_snippets_flow_as_paragraphs(browser, embedder, tmp_path: Path) -> None:
+    """A hard-wrapped Markdown file reads as paragraphs: a blank line breaks, a single newline does not."""
+    from playwright.sync_api import expect
+
+    from ingest.job import IngestJob
+    from pipeline.api import create_app
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "watering.md").write_text(MARKDOWN_DOC, encoding="utf-8")
+    settings = Settings(milvus_uri=str(tmp_path / "md.db"), embed_device="cpu", rerank=False)
+    job = IngestJob(settings, embedder=embedder)
+    job.run([docs], progress=False)
+    job.store.close()
+    with LiveServer(create_app(settings, embedder=embedder)) as server:
+        wait_healthy(server.url)
+        pg = Page(browser, server, key=None)
+        try:
+            pg.search("when should I water the plants")
+            snippet = pg.tid("result").first.get_by_test_id("snippet")
+            expect(snippet).to_be_visible()
+            shown = snippet.evaluate("el => el.innerText")  # as rendered: breaks the reader sees
+            assert shown == (  # the heading became the title
+                "Water the plants early in the morning, so that the leaves dry before noon.\n\n"
+                "In hot weather, water them twice a day."
+            ), shown
+            # at this width each paragraph is one line: no line holds a lone word from the source
+            lines = snippet.evaluate(
+                "el => { const r = document.createRange(); r.selectNodeContents(el);"
+                " return new Set([...r.getClientRects()].map(b => Math.round(b.top))).size; }"
+            )
+            assert lines <= 3, lines  # 2 paragraphs + the blank line between them
+            pg.page.screenshot(path=str(tmp_path / "web-markdown.png"), full_page=True)
+        finally:
+            pg.close(server)
+
+
+def test_api_docs_render_offline(browser, live: LiveServer, tmp_path: Path) -> None:
+    """/docs loads only from this server (no CDN) and shows the API's routes."""
+    path = "/docs"
+    ctx = browser.new_context(viewport={"width": 1100, "height": 900})
+    page = ctx.new_page()
+    requested: list[str] = []
+    errors: list[str] = []
+    page.on("request", lambda r: requested.append(r.url))
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    # nothing off this server may load: other origins are refused as they would be offline
+    page.route(
+        "**/*",
+        lambda route: (
+            route.continue_() if route.request.url.startswith(live.url + "/") else route.abort()
+        ),
+    )
+    try:
+        page.goto(live.url + path)
+        page.get_by_text("/v1/search").first.wait_for(timeout=30_000)
+        assert page.get_by_text("/v1/rerank").count() > 0
+        page.screenshot(path=str(tmp_path / "docs.png"))
+        offsite = [u for u in requested if not u.startswith(live.url + "/")]
+        assert not offsite, f"/docs requested other origins: {offsite}"
+        assert not errors, errors
+    finally:
+        ctx.close()

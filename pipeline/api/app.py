@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from pipeline import __version__
-from pipeline.api import errors, openapi
+from pipeline.api import docs, errors, openapi
 from pipeline.api.guard import GuardMiddleware
 from pipeline.api.metrics import Metrics
 from pipeline.api.routes import STATIC, router
@@ -96,10 +96,13 @@ def create_app(
         version=__version__,
         description="Two-stage semantic search: Milvus recall + Qwen3-Reranker.",
         lifespan=lifespan,
+        docs_url=None,  # served by pipeline.api.docs from local assets (FastAPI's load a CDN)
+        redoc_url=None,
     )
     app.state.winnow = state
     errors.install(app)
     openapi.install(app, settings)
+    docs.install(app)
     app.add_middleware(GuardMiddleware, settings=settings)  # inner: runs after metrics starts
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.include_router(router)

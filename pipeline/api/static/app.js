@@ -63,6 +63,15 @@
     // sent as typed (0, -3 …) so the server's validation message is what the user sees
     return Number.isInteger(n) ? n : raw;
   }
+  // Source files wrap lines at ~80 columns; the card wraps at its own width. So a single newline is a
+  // space, and only a blank line starts a new paragraph (shown as one blank line: CSS pre-line).
+  function flow(text) {
+    return text
+      .split(/\n[ \t]*(?:\n[ \t]*)+/)
+      .map((para) => para.replace(/\s+/g, " ").trim())
+      .filter((para) => para !== "")
+      .join("\n\n");
+  }
   function snippet(text) {
     if (text.length <= SNIPPET_CHARS) return text;
     const cut = text.slice(0, SNIPPET_CHARS);
@@ -140,7 +149,7 @@
     li.dataset.docId = hit.doc_id;
     li.querySelector(".rank").textContent = String(rank);
     li.querySelector(".title").textContent = hit.title || hit.doc_id || "(untitled)";
-    const text = String(hit.text || "");
+    const text = flow(String(hit.text || ""));
     const p = li.querySelector(".snippet");
     const more = li.querySelector(".more");
     p.textContent = snippet(text);
