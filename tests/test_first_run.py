@@ -3,6 +3,7 @@ ingest figures, advice that fits the route (issue: a fresh clone is green and se
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import subprocess
@@ -63,7 +64,7 @@ def test_an_overlap_not_below_the_passage_size_is_refused(size: int, overlap: in
     import argparse
 
     ns = argparse.Namespace(setting_chunk_tokens=size, setting_chunk_overlap=overlap)
-    with pytest.raises(SettingsError, match="WINNOW_CHUNK_OVERLAP .* must be below"):
+    with pytest.raises(SettingsError, match=r"WINNOW_CHUNK_OVERLAP .* must be below"):
         settings_from_args(ns)
 
 
@@ -94,7 +95,7 @@ def test_passages_start_and_end_between_words(embedder, size: int, overlap: int)
     assert len(passages) > 3
     assert _words_cut(text, passages) == []
     if overlap:  # consecutive passages share text, about `overlap` tokens of it
-        shared = [a[-40:].split()[-1] in b for a, b in zip(passages, passages[1:], strict=False)]
+        shared = [a[-40:].split()[-1] in b for a, b in itertools.pairwise(passages)]
         assert all(shared), passages
 
 
