@@ -23,6 +23,25 @@ from pipeline.embedding import Embedder
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+# What makes a test's behaviour depend on ../shared: the tiny Qwen3 models take the real tokenizer
+# when it is there (else a small BPE), and some tests read the tokenizer or SciFact directly.
+SHARED_FIXTURES = frozenset({"tiny_reranker_dir"})  # tiny_engine and every app over it use this one
+SHARED_NAMES = frozenset(
+    {"build_tiny_reranker", "real_tokenizer_available", "load_real_tokenizer", "QWEN3_TOKENIZER",
+     "SCIFACT", "SCIFACT_DIR", "TOKENIZER_DIR"}
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``uses_shared`` every test whose behaviour can change with ../shared, so CI can run them
+    again with it hidden (``make test-no-shared``), as a user's clone has it."""
+    for item in items:
+        module = getattr(item, "module", None)
+        names = set(vars(module)) if module is not None else set()
+        if SHARED_FIXTURES & set(getattr(item, "fixturenames", ())) or SHARED_NAMES & names:
+            item.add_marker("uses_shared")
+
+
 CORPUS = {
     "photosynthesis": (
         "Photosynthesis",
