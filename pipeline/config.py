@@ -91,7 +91,9 @@ class Settings(BaseSettings):
     chunk_tokens: int = Field(
         256, ge=16, description="Passage length in embedder tokens (capped by the model's limit)."
     )
-    chunk_overlap: int = Field(32, ge=0, description="Tokens shared by consecutive passages.")
+    chunk_overlap: int = Field(
+        32, ge=0, description="Tokens shared by consecutive passages (below WINNOW_CHUNK_TOKENS)."
+    )
     ingest_engine: Literal["single", "ray"] = Field(
         "single",
         description="Ingest engine: single (this process) or ray (Ray Data embedder actors; "
