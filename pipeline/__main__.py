@@ -105,7 +105,10 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
 def print_results(query: str, res: Any) -> None:
     """The ranked table and the stage timings, on stdout."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
+
+    from pipeline.errors import excerpt
 
     table = Table(title=f"{query!r} — {res.mode} recall{' + rerank' if res.reranked else ''}")
     table.add_column("#", justify="right")
@@ -114,8 +117,9 @@ def print_results(query: str, res: Any) -> None:
     table.add_column("doc_id")
     table.add_column("title / text", overflow="fold")
     for i, r in enumerate(res.results, 1):
-        snippet = (r.text[:160] + "…") if len(r.text) > 160 else r.text
-        head = f"[bold]{r.title}[/]\n" if r.title else ""
+        # one flowing line: a source file's own line breaks would break the cell at random words
+        snippet = escape(excerpt(r.text, 160))
+        head = f"[bold]{escape(r.title)}[/]\n" if r.title else ""
         table.add_row(str(i), f"{r.score:.4f}", f"{r.recall_score:.4f}", r.doc_id, head + snippet)
     out = Console()
     out.print(table)

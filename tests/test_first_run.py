@@ -100,11 +100,14 @@ def test_passages_start_and_end_between_words(embedder, size: int, overlap: int)
 
 
 def test_ingest_summary_keeps_the_model_load_out_of_the_rate() -> None:
-    stats = IngestStats(documents=3, passages=12, embedded=12, seconds=18.0, load_s=17.0)
+    stats = IngestStats(
+        documents=3, passages=12, embedded=12, seconds=18.0, load_s=17.0, embed_s=0.5
+    )
     assert stats.passages_per_s == pytest.approx(12.0)
     table = summary_table(stats)
     assert re.search(r"model load \(s\)\s+│?\s*17\.0", table), table
-    assert re.search(r"passages/s \(embedded\)\s+│?\s*12\.0", table), table
+    assert re.search(r"passages/s \(after load\)\s+│?\s*12\.0", table), table
+    assert re.search(r"passages/s \(embedding only\)\s+│?\s*24\.0", table), table
 
 
 def test_rerank_disabled_advice_fits_the_route() -> None:
