@@ -293,14 +293,26 @@ class Settings(BaseSettings):
     )
 
     http_header_timeout: float = Field(
-        10.0, gt=0, description="Seconds a new connection may take to send its request headers."
+        5.0,
+        gt=0,
+        description="Seconds a new connection may take to send its first request's headers "
+        "(then it is closed).",
     )
     http_body_timeout: float = Field(
         30.0, gt=0, description="Seconds a request body may stall between chunks (408)."
     )
     http_keep_alive: float = Field(5.0, gt=0, description="Idle keep-alive seconds per connection.")
     http_max_concurrency: int = Field(
-        1024, ge=1, description="Open connections + running requests before uvicorn answers 503."
+        1024,
+        ge=1,
+        description="Requests in progress at once; more get 429 with Retry-After. Idle "
+        "connections do not count, and /health, /ready and /metrics are never refused.",
+    )
+    http_max_connections: int = Field(
+        4096,
+        ge=1,
+        description="Open client connections per process; past it a new connection closes the "
+        "oldest one with no request in progress. The server raises its open-files limit to fit.",
     )
 
     log_level: str = Field("INFO", description="Python logging level.")
