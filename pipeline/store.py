@@ -449,6 +449,8 @@ class MilvusStore:
     ) -> tuple[Future[T], _Deadline]:
         """Start ``work`` on a store thread under a new deadline, or refuse at once: breaker
         open (StoreUnavailable) or every thread busy (StoreBusy)."""
+        import pymilvus  # noqa: F401  (a first import takes seconds: not Milvus' time)
+
         if record and not self.breaker.allow():
             wait = self.breaker.retry_after()
             raise StoreUnavailable(
@@ -527,8 +529,6 @@ class MilvusStore:
         inline under that call's deadline. ``record=False``: the outcome is not the breaker's
         (health probes, with their own shorter budget).
         """
-        import pymilvus  # noqa: F401  (a first import takes seconds: not Milvus' time)
-
         inline: _Deadline | None = getattr(_IN_CALL, "deadline", None)
         if inline is not None:
             return self._attempts(fn, inline)
