@@ -361,7 +361,14 @@ class MilvusStore:
         # arun() waits (loop, future) that end when the breaker opens
         self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
         self._pool: ThreadPoolExecutor | None = None
-        self.breaker = Breaker("milvus", threshold=breaker_failures, cooldown=breaker_cooldown)
+        # a trial (the probe's, or a call's in half-open) may take a whole call deadline: no
+        # second trial meanwhile, or a request would wait out its deadline beside the probe
+        self.breaker = Breaker(
+            "milvus",
+            threshold=breaker_failures,
+            cooldown=breaker_cooldown,
+            trial_timeout=timeout + 2 * GRACE_S,
+        )
         self._probe: threading.Thread | None = None  # the background prober while open
         self._probe_call: threading.Thread | None = None  # its current call (maybe stuck)
         self._stop = threading.Event()

@@ -346,7 +346,10 @@ class RemoteReranker:
         # failed calls in a row (unreachable, timed out, 502-504) open it: then requests get 503 at
         # once instead of paying the retries; after the cool-down one request tries again
         self.breaker = Breaker(
-            "rerank_remote", threshold=breaker_failures, cooldown=breaker_cooldown
+            "rerank_remote",
+            threshold=breaker_failures,
+            cooldown=breaker_cooldown,
+            trial_timeout=timeout + 1.0,  # the trial request's whole deadline
         )
 
     @classmethod
