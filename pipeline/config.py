@@ -45,6 +45,24 @@ class Settings(BaseSettings):
         description="Deadline in seconds of each Milvus call (connect included); a hung Milvus "
         "turns into 503 within it.",
     )
+    milvus_max_inflight: int = Field(
+        64,
+        ge=1,
+        description="Milvus calls running at once (each on its own thread); more are refused at "
+        "once with 429 rather than queued past their deadline.",
+    )
+    milvus_breaker_failures: int = Field(
+        3,
+        ge=1,
+        description="Failed Milvus calls in a row (unreachable or past the deadline) that open "
+        "the circuit breaker: calls then fail fast with 503 until a background probe succeeds.",
+    )
+    milvus_breaker_cooldown: float = Field(
+        2.0,
+        gt=0,
+        description="Seconds between the background probes of an open Milvus breaker (the "
+        "Retry-After of its 503s).",
+    )
     collection: str = Field("winnow", description="Milvus collection name.")
     analyzer: Literal["standard", "english", "jieba"] = Field(
         "standard",
@@ -243,6 +261,18 @@ class Settings(BaseSettings):
     rerank_remote_retries: int = Field(
         3, ge=0, description="remote backend: retries on connection errors, 429, 502-504."
     )
+    rerank_remote_breaker_failures: int = Field(
+        3,
+        ge=1,
+        description="remote backend: failed calls in a row (connection errors, timeouts, "
+        "502-504) that open the circuit breaker: requests then get 503 at once, without retries.",
+    )
+    rerank_remote_breaker_cooldown: float = Field(
+        2.0,
+        gt=0,
+        description="remote backend: seconds an open breaker refuses calls before one request "
+        "tries the server again (its success closes the breaker).",
+    )
     vllm_gpu_memory_utilization: float = Field(
         0.5, gt=0, le=1, description="Fraction of GPU memory vLLM may take."
     )
@@ -268,14 +298,26 @@ class Settings(BaseSettings):
     )
 
     http_header_timeout: float = Field(
-        10.0, gt=0, description="Seconds a new connection may take to send its request headers."
+        5.0,
+        gt=0,
+        description="Seconds a new connection may take to send its first request's headers "
+        "(then it is closed).",
     )
     http_body_timeout: float = Field(
         30.0, gt=0, description="Seconds a request body may stall between chunks (408)."
     )
     http_keep_alive: float = Field(5.0, gt=0, description="Idle keep-alive seconds per connection.")
     http_max_concurrency: int = Field(
-        1024, ge=1, description="Open connections + running requests before uvicorn answers 503."
+        1024,
+        ge=1,
+        description="Requests in progress at once; more get 429 with Retry-After. Idle "
+        "connections do not count, and /health, /ready and /metrics are never refused.",
+    )
+    http_max_connections: int = Field(
+        4096,
+        ge=1,
+        description="Open client connections per process; past it a new connection closes the "
+        "oldest one with no request in progress. The server raises its open-files limit to fit.",
     )
 
     log_level: str = Field("INFO", description="Python logging level.")

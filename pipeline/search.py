@@ -121,16 +121,18 @@ class SearchService:
     ) -> tuple[list[Hit], float, float]:
         """Candidates and the embed / recall times in ms."""
         t0 = time.perf_counter()
+        self.store.raise_if_open()  # Milvus known down: 503 now, without embedding the query
         vector = None
         if mode != "bm25":
             vector = (await asyncio.to_thread(self.embedder.embed, [query], query=True))[0]
         t1 = time.perf_counter()
+        # on the store's own threads, under a deadline that holds here (see MilvusStore.arun)
         if mode == "dense":
-            hits = await asyncio.to_thread(self.store.dense, vector, top_k, filter)
+            hits = await self.store.arun(self.store.dense, vector, top_k, filter)
         elif mode == "hybrid":
-            hits = await asyncio.to_thread(self.store.hybrid, vector, query, top_k, filter)
+            hits = await self.store.arun(self.store.hybrid, vector, query, top_k, filter)
         else:
-            hits = await asyncio.to_thread(self.store.bm25, query, top_k, filter)
+            hits = await self.store.arun(self.store.bm25, query, top_k, filter)
         t2 = time.perf_counter()
         return hits, (t1 - t0) * 1000, (t2 - t1) * 1000
 

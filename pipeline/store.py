@@ -14,12 +14,14 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from pipeline.breaker import Breaker
 from pipeline.domain import Hit, Passage
 
 if TYPE_CHECKING:
@@ -43,6 +45,10 @@ PING_CACHE_S = 0.5  # a health answer is reused this long (many probes, one RPC)
 # creating a collection with its indexes, flushing, dropping: ingest-side work that a busy
 # Milvus may legitimately take longer than a query's deadline for; still bounded
 SLOW_OP_TIMEOUT = 120.0
+# a caller stops waiting this long after its call's deadline, whatever the call's thread still does
+# (pymilvus' reconnect holds a process-wide lock for its own connect timeout, ignoring ours)
+GRACE_S = 0.25
+MAX_INFLIGHT = 64  # Milvus calls running at once; more are refused (StoreBusy), never queued
 
 FUSIONS = ("rrf", "weighted", "normalized")  # see MilvusStore.hybrid and pipeline.fusion
 
@@ -61,7 +67,24 @@ class StoreError(RuntimeError):
 
 
 class StoreUnavailable(StoreError):
-    """Milvus cannot be reached (or timed out); the service answers 503 and retries later."""
+    """Milvus cannot be reached (or timed out); the service answers 503 and retries later.
+
+    ``retry_after``: seconds after which a retry may succeed (the breaker's cool-down when open).
+    """
+
+    retry_after: float = 5.0
+
+    def __init__(self, message: str = "", *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        if retry_after is not None:
+            self.retry_after = retry_after
+
+
+class StoreBusy(StoreUnavailable):
+    """Every Milvus call slot is taken (WINNOW_MILVUS_MAX_INFLIGHT): refused at once (429), never
+    queued past its deadline behind calls that may be stuck on a hung Milvus."""
+
+    retry_after = 1.0
 
 
 class SchemaMismatch(StoreError):
@@ -261,6 +284,19 @@ class _Deadline:
         return remaining
 
 
+_IN_CALL = threading.local()  # .deadline: set on a store thread while it runs one call
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class MilvusStore:
     """Thread-safe wrapper over ``MilvusClient``; reconnects by itself after Milvus comes back.
 
@@ -268,6 +304,14 @@ class MilvusStore:
     (re)connect and each RPC it makes, so a hung Milvus turns into ``StoreUnavailable`` within the
     timeout. Calls run concurrently on one gRPC channel (the client is thread-safe); only a
     (re)connect is serialised, and waiting for it counts against the caller's own deadline.
+
+    The deadline holds at the caller, not only inside pymilvus: each call runs on one of the
+    store's own ``max_inflight`` threads and its caller stops waiting ``GRACE_S`` after the
+    deadline even when that thread is stuck (pymilvus' ``_recover`` reconnect holds a process-wide
+    lock for its own connect timeout). A call finding every thread busy is refused at once
+    (:class:`StoreBusy`), never queued. A circuit breaker (:class:`pipeline.breaker.Breaker`) opens
+    after ``breaker_failures`` failed calls in a row; while open, calls fail in microseconds and a
+    background probe (one thread, its own deadline) closes it once Milvus answers again.
     """
 
     def __init__(
@@ -284,6 +328,9 @@ class MilvusStore:
         rrf_k: int = 5,
         fusion: str = "rrf",
         fusion_weights: tuple[float, float] = (0.5, 0.5),
+        max_inflight: int = MAX_INFLIGHT,
+        breaker_failures: int = 3,
+        breaker_cooldown: float = 2.0,
     ) -> None:
         self.uri = uri
         self.collection = collection
@@ -308,6 +355,23 @@ class MilvusStore:
         self._ping_at = -1e9
         self._ping_ok = False
         self._ping_pool: ThreadPoolExecutor | None = None
+        self.max_inflight = max(1, max_inflight)
+        self._inflight = 0  # calls holding a store thread (a stuck one too)
+        self._slot_lock = threading.Lock()
+        # arun() waits (loop, future) that end when the breaker opens
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
+        self._pool: ThreadPoolExecutor | None = None
+        # a trial (the probe's, or a call's in half-open) may take a whole call deadline: no
+        # second trial meanwhile, or a request would wait out its deadline beside the probe
+        self.breaker = Breaker(
+            "milvus",
+            threshold=breaker_failures,
+            cooldown=breaker_cooldown,
+            trial_timeout=timeout + 2 * GRACE_S,
+        )
+        self._probe: threading.Thread | None = None  # the background prober while open
+        self._probe_call: threading.Thread | None = None  # its current call (maybe stuck)
+        self._stop = threading.Event()
         self._loaded = False
         self.model: str | None = None
         self.dim: int | None = None
@@ -331,6 +395,9 @@ class MilvusStore:
             rrf_k=s.rrf_k,
             fusion=s.fusion,
             fusion_weights=(s.fusion_dense_weight, s.fusion_bm25_weight),
+            max_inflight=s.milvus_max_inflight,
+            breaker_failures=s.milvus_breaker_failures,
+            breaker_cooldown=s.milvus_breaker_cooldown,
         )
 
     # --- connection ------------------------------------------------------------------------
@@ -377,8 +444,234 @@ class MilvusStore:
         finally:
             self._connect_lock.release()
 
+    # --- deadlines, slots and the breaker ---------------------------------------------------
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._state_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.max_inflight, thread_name_prefix="milvus-io")
+            return self._pool
+
+    def _submit(
+        self, work: Callable[[_Deadline], T], seconds: float, *, record: bool
+    ) -> tuple[Future[T], _Deadline]:
+        """Start ``work`` on a store thread under a new deadline, or refuse at once: breaker
+        open (StoreUnavailable) or every thread busy (StoreBusy)."""
+        import pymilvus  # noqa: F401  (a first import takes seconds: not Milvus' time)
+
+        if record and not self.breaker.allow():
+            wait = self.breaker.retry_after()
+            raise StoreUnavailable(
+                f"Milvus at {self.uri} kept failing: calls refused for {wait:.1f}s more "
+                "while a probe checks it (circuit open)",
+                retry_after=max(1.0, wait),
+            )
+        if not self._take_slot():
+            raise StoreBusy(
+                f"Milvus at {self.uri}: all {self.max_inflight} call slots are busy "
+                "(WINNOW_MILVUS_MAX_INFLIGHT)"
+            )
+        deadline = _Deadline(seconds, self.uri)
+
+        def run() -> T:
+            _IN_CALL.deadline = deadline
+            try:
+                return work(deadline)
+            finally:
+                _IN_CALL.deadline = None
+
+        try:
+            fut = self._executor().submit(run)
+        except BaseException:
+            self._free_slot()
+            raise
+        # the slot is free when the thread is (or the call never started), not when the caller
+        # gives up: a stuck thread keeps counting against max_inflight
+        fut.add_done_callback(lambda _: self._free_slot())
+        return fut, deadline
+
+    def _take_slot(self) -> bool:
+        with self._slot_lock:
+            if self._inflight >= self.max_inflight:
+                return False
+            self._inflight += 1
+            return True
+
+    def _free_slot(self) -> None:
+        with self._slot_lock:
+            self._inflight -= 1
+
+    def _timed_out(self, deadline: _Deadline, record: bool) -> StoreUnavailable:
+        self._note_health(False)
+        if record:
+            self._failed()
+        return StoreUnavailable(f"Milvus at {self.uri} did not answer within {deadline.seconds:g}s")
+
+    def _settle(self, exc: BaseException | None, record: bool) -> None:
+        """Tell the breaker how a call ended: unreachable/timed out, or Milvus answered."""
+        if not record:
+            return
+        if isinstance(exc, StoreUnavailable):
+            self._failed()
+        else:  # an answer, even a refusal (a bad filter), means Milvus is there
+            self.breaker.success()
+
+    def _failed(self) -> None:
+        opened = self.breaker.opened
+        self.breaker.failure()
+        if self.breaker.opened != opened:
+            self._wake_waiters()
+        if self.breaker.state != "closed":
+            self._start_probe()
+
     def _call(
-        self, fn: Callable[[MilvusClient, Callable[[], float]], T], *, timeout: float | None = None
+        self,
+        fn: Callable[[MilvusClient, Callable[[], float]], T],
+        *,
+        timeout: float | None = None,
+        record: bool = True,
+    ) -> T:
+        """Run ``fn(client, left)`` on a store thread under one deadline that holds here.
+
+        On a store thread already (a call made by a method run through :meth:`arun`), ``fn`` runs
+        inline under that call's deadline. ``record=False``: the outcome is not the breaker's
+        (health probes, with their own shorter budget).
+        """
+        inline: _Deadline | None = getattr(_IN_CALL, "deadline", None)
+        if inline is not None:
+            return self._attempts(fn, inline)
+        seconds = timeout if timeout is not None else self.timeout
+        fut, deadline = self._submit(lambda d: self._attempts(fn, d), seconds, record=record)
+        try:
+            result = fut.result(timeout=max(0.0, deadline.end - time.monotonic()) + GRACE_S)
+        except FutureTimeout:
+            raise self._timed_out(deadline, record) from None
+        except BaseException as exc:
+            self._settle(exc, record)
+            raise
+        self._settle(None, record)
+        return result
+
+    async def arun(self, method: Callable[..., T], *args: Any) -> T:
+        """``method(*args)`` (a store method: dense, hybrid, bm25, …) for an event loop.
+
+        The call takes a store thread (no thread of the loop's default pool) and the await ends
+        by the deadline plus ``GRACE_S`` whatever that thread does; every Milvus call ``method``
+        makes shares that one deadline. When the breaker opens meanwhile (other calls kept
+        failing), the wait ends at once: Milvus is down, and waiting out the deadline of every
+        call already in flight would only hold their clients.
+        """
+        fut, deadline = self._submit(lambda _: method(*args), self.timeout, record=True)
+        loop = asyncio.get_running_loop()
+        call = asyncio.wrap_future(fut)
+        call.add_done_callback(_retrieve)  # it may be left behind: never "exception not retrieved"
+        opened: asyncio.Future[None] = loop.create_future()
+        entry = (loop, opened)
+        with self._slot_lock:
+            self._waiters.add(entry)
+        try:
+            done, _ = await asyncio.wait(
+                {call, opened},
+                timeout=max(0.0, deadline.end - time.monotonic()) + GRACE_S,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            with self._slot_lock:
+                self._waiters.discard(entry)
+            opened.cancel()
+        if call not in done:
+            if opened in done and not opened.cancelled():
+                raise StoreUnavailable(
+                    f"Milvus at {self.uri} stopped answering (circuit opened during the call)",
+                    retry_after=max(1.0, self.breaker.retry_after()),
+                )
+            raise self._timed_out(deadline, True)
+        exc = call.exception()
+        self._settle(exc, True)
+        if exc is not None:
+            raise exc
+        return call.result()
+
+    def raise_if_open(self) -> None:
+        """StoreUnavailable at once while the breaker is open: a caller can skip the work it
+        would do before its Milvus call (embedding the query) when that call would be refused."""
+        if self.breaker.state == "open":
+            wait = self.breaker.retry_after()
+            raise StoreUnavailable(
+                f"Milvus at {self.uri} kept failing: calls refused for {wait:.1f}s more "
+                "(circuit open)",
+                retry_after=max(1.0, wait),
+            )
+
+    def _wake_waiters(self) -> None:
+        """The breaker just opened: end every :meth:`arun` wait now."""
+        with self._slot_lock:
+            waiters = list(self._waiters)
+        for loop, opened in waiters:
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits there
+                loop.call_soon_threadsafe(_resolve, opened)
+
+    def _start_probe(self) -> None:
+        """One background prober while the breaker is not closed."""
+        with self._state_lock:
+            if self._probe is not None and self._probe.is_alive():
+                return
+            self._stop.clear()
+            self._probe = threading.Thread(
+                target=self._probe_loop, name="milvus-probe", daemon=True
+            )
+            self._probe.start()
+        log.warning(
+            "Milvus at %s kept failing: circuit open, calls fail fast; probing every %.1fs",
+            self.uri,
+            self.breaker.cooldown,
+        )
+
+    def _probe_loop(self) -> None:
+        while not self._stop.is_set():
+            state = self.breaker.state
+            if state == "closed":
+                return
+            if state == "open":
+                self._stop.wait(max(0.05, self.breaker.retry_after()))
+                continue
+            if not self.breaker.allow():  # another caller holds the trial
+                self._stop.wait(0.1)
+                continue
+            if self._probe_once():
+                self.breaker.success()
+                log.info("Milvus at %s answers again: circuit closed", self.uri)
+                return
+            self.breaker.failure()
+
+    def _probe_once(self) -> bool:
+        """One ``has_collection`` on a thread of its own, waited for until its deadline only; a
+        probe thread still stuck from last time counts as a failure (never two at once)."""
+        if self._probe_call is not None and self._probe_call.is_alive():
+            return False
+        ok: list[bool] = []
+        deadline = _Deadline(self.timeout, self.uri)
+
+        def work() -> None:
+            with contextlib.suppress(Exception):
+                self._attempts(
+                    lambda c, t: c.has_collection(self.collection, timeout=t()), deadline
+                )
+                ok.append(True)
+
+        self._probe_call = threading.Thread(target=work, name="milvus-probe-call", daemon=True)
+        self._probe_call.start()
+        self._probe_call.join(self.timeout + GRACE_S)
+        return bool(ok)
+
+    def stats(self) -> dict[str, int]:
+        """Counters for /metrics: the breaker's and the call slots in use."""
+        return {
+            **self.breaker.stats(),
+            "milvus_inflight": self._inflight,
+        }
+
+    def _attempts(
+        self, fn: Callable[[MilvusClient, Callable[[], float]], T], deadline: _Deadline
     ) -> T:
         """Run ``fn(client, left)`` under one deadline; pass ``timeout=left()`` to every RPC.
 
@@ -392,9 +685,6 @@ class MilvusStore:
         pymilvus retries its RPCs but not its connect handshake, which is where milvus-lite's
         server resets clients for pinging too often (``too_many_pings``).
         """
-        import pymilvus  # noqa: F401  (a first import takes seconds: not Milvus' time)
-
-        deadline = _Deadline(timeout if timeout is not None else self.timeout, self.uri)
         for attempt in (1, 2):
             client: MilvusClient | None = None
             try:
@@ -436,11 +726,14 @@ class MilvusStore:
         threading.Thread(target=_close_quietly, args=(client,), daemon=True).start()
 
     def close(self) -> None:
+        self._stop.set()
         with self._state_lock:
             client, self._client, self._loaded = self._client, None, False
             pool, self._ping_pool = self._ping_pool, None
-        if pool is not None:
-            pool.shutdown(wait=False)
+            io, self._pool = self._pool, None
+        for p in (pool, io):
+            if p is not None:
+                p.shutdown(wait=False)
         if client is not None:
             _close_quietly(client)
 
@@ -454,6 +747,8 @@ class MilvusStore:
         start = time.monotonic()
         if start - self._ping_at < PING_CACHE_S:
             return self._ping_ok
+        if self.breaker.state != "closed":  # failing: the background probe says when it is back
+            return False
         if not self._ping_lock.acquire(timeout=budget):
             return False
         try:
@@ -464,7 +759,9 @@ class MilvusStore:
                 return False
             try:
                 self._call(
-                    lambda c, t: c.has_collection(self.collection, timeout=t()), timeout=left
+                    lambda c, t: c.has_collection(self.collection, timeout=t()),
+                    timeout=left,
+                    record=False,
                 )
             except StoreError:
                 return False

@@ -656,3 +656,58 @@ def test_app_answers_503_when_the_remote_is_down(tmp_path, sample_db, embedder) 
         assert "Retry-After" in resp.headers
         search = httpx.post(f"{b.url}/v1/search", json={"query": "tides"}, timeout=30)
         assert search.status_code == 503
+
+
+@pytest.mark.slow
+def test_a_dead_remote_fails_fast_once_the_breaker_opens_then_recovers(
+    tmp_path, sample_db, embedder, tiny_engine
+) -> None:
+    """Issue 27, item 6: a remote that refuses connections cost each request 3.5-7.2 s of retries.
+    Now the first request opens the breaker, the next ones get 503 in milliseconds (over real HTTP,
+    through a Winnow whose reranker is that remote), and once a real server listens on the port
+    again one request after the cool-down closes the breaker: 200."""
+    port = free_port()
+    cooldown = 1.0
+    app = remote_winnow_app(
+        copy_db(sample_db, tmp_path / "b.db"),
+        embedder,
+        f"http://127.0.0.1:{port}/v1/rerank",
+        rerank_remote_timeout=10.0,
+        rerank_remote_breaker_cooldown=cooldown,
+    )
+    req = {"query": QUERY, "documents": DOCS[:4]}
+    with LiveServer(app) as b, httpx.Client(base_url=b.url, timeout=30) as http:
+        took = []
+        for _ in range(10):
+            t0 = time.monotonic()
+            resp = http.post("/v1/rerank", json=req)
+            took.append(time.monotonic() - t0)
+            assert resp.status_code == 503, resp.text
+            assert resp.json()["error"]["type"] == "reranker_unavailable"
+            assert int(resp.headers["Retry-After"]) >= 1
+        metrics = http.get("/metrics").text
+        assert 'winnow_breaker_state{breaker="rerank_remote"} 2.0' in metrics
+        assert 'winnow_breaker_opened_total{breaker="rerank_remote"} 1.0' in metrics
+
+        db = copy_db(sample_db, tmp_path / "a.db")
+        with serve_on(winnow_app(db, embedder, batched(tiny_engine)), port):
+            back = time.monotonic()
+            while True:
+                resp = http.post("/v1/rerank", json=req)
+                if resp.status_code == 200 or time.monotonic() - back > cooldown + 10:
+                    break
+                time.sleep(0.1)
+            recovered = time.monotonic() - back
+            assert resp.status_code == 200, resp.text
+            want = tiny_engine.score(QUERY, DOCS[:4], None)
+            got = {x["index"]: x["relevance_score"] for x in resp.json()["results"]}
+            assert [got[i] for i in range(4)] == pytest.approx(want, abs=1e-6)
+            assert 'breaker="rerank_remote"} 0.0' in http.get("/metrics").text
+    rest = sorted(took[1:])
+    print(
+        f"\ndead remote: first request {took[0] * 1000:.0f} ms, then median "
+        f"{rest[len(rest) // 2] * 1000:.1f} ms, max {rest[-1] * 1000:.1f} ms; "
+        f"200 again {recovered:.2f}s after the server came back"
+    )
+    assert max(rest) < 0.5  # generous: refused without a single connection attempt
+    assert recovered <= cooldown + 5.0

@@ -19,7 +19,7 @@ from fastapi.staticfiles import StaticFiles
 
 from pipeline import __version__
 from pipeline.api import docs, errors, openapi
-from pipeline.api.guard import GuardMiddleware
+from pipeline.api.guard import GuardMiddleware, RequestLimit
 from pipeline.api.metrics import Metrics
 from pipeline.api.routes import STATIC, router
 from pipeline.api.state import AppState
@@ -103,6 +103,7 @@ def create_app(
     errors.install(app)
     openapi.install(app, settings)
     docs.install(app)
+    app.add_middleware(RequestLimit, settings=settings)  # innermost: counts authorised requests
     app.add_middleware(GuardMiddleware, settings=settings)  # inner: runs after metrics starts
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.include_router(router)

@@ -22,7 +22,7 @@ from pipeline.rerank import InstructionNotSupported, RerankerError, RerankerUnav
 from pipeline.rerank.batcher import Overloaded, WorkTooLarge
 from pipeline.rerank.prompt import PromptTooLong
 from pipeline.runtime import CollectionMissing
-from pipeline.store import InvalidFilter, SchemaMismatch, StoreError, StoreUnavailable
+from pipeline.store import InvalidFilter, SchemaMismatch, StoreBusy, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +92,21 @@ def to_response(exc: BaseException) -> JSONResponse:
         expr = getattr(exc, "expression", None)  # the client's own text, quoted short
         what = f"the filter {excerpt(expr)!r}" if expr else "the filter"
         return _json(422, "invalid_filter", f"{what} is not a valid expression: {FILTER_HELP}")
+    if isinstance(exc, StoreBusy):  # overload: every Milvus call slot is taken
+        log.warning("vector store busy: %s", exc)
+        return _json(
+            429,
+            "milvus_busy",
+            "too many searches are waiting for the vector store (Milvus); retry later",
+            {"Retry-After": str(max(1, math.ceil(exc.retry_after)))},
+        )
     if isinstance(exc, StoreUnavailable):
         log.warning("vector store unavailable: %s", exc)
         return _json(
             503,
             "milvus_unavailable",
             "the vector store (Milvus) is not reachable; retry shortly",
-            {"Retry-After": "5"},
+            {"Retry-After": str(max(1, math.ceil(exc.retry_after)))},
         )
     if isinstance(exc, CollectionMissing):
         return _json(503, "no_collection", str(exc), {"Retry-After": "30"})

@@ -120,3 +120,45 @@ class GuardMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+
+OPS_PATHS = frozenset({"/health", "/ready", "/metrics"})  # never refused: probes must always answer
+
+
+class TooManyRequests(ApiError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            429,
+            "overloaded",
+            f"the server has {limit} requests in progress (WINNOW_HTTP_MAX_CONCURRENCY); retry "
+            "shortly",
+            {"Retry-After": "1"},
+        )
+
+
+class RequestLimit:
+    """At most ``WINNOW_HTTP_MAX_CONCURRENCY`` requests in progress; the next get 429 at once.
+
+    Counted here, per request, rather than by uvicorn's ``limit_concurrency``, which counts open
+    connections: idle sockets that send nothing filled it and turned every request into 503,
+    ``/health`` included (issue 27). The ops routes are not counted and never refused. Runs inside
+    the guard: a request counts once it is authenticated and its body read.
+    """
+
+    def __init__(self, app: Any, settings: Settings) -> None:
+        self.app = app
+        self.limit = settings.http_max_concurrency
+        self.inflight = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in OPS_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.inflight >= self.limit:
+            await _send_error(send, TooManyRequests(self.limit))
+            return
+        self.inflight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.inflight -= 1

@@ -10,6 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from pipeline.breaker import metric_families as breaker_metric_families
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -62,11 +64,13 @@ class _StatsCollector(Collector):
             "last_dispatch_tokens": ("winnow_rerank_last_batch_tokens", "tokens in the last call"),
             "rerank_cache_entries": ("winnow_rerank_cache_entries", "pairs in the score cache"),
             "rerank_cache_bytes": ("winnow_rerank_cache_bytes", "score cache size (bytes charged)"),
+            "milvus_inflight": ("winnow_milvus_inflight", "Milvus calls holding a store thread"),
         }
         for key, (name, doc) in gauges.items():
             if key in s:
                 yield GaugeMetricFamily(name, doc, value=s[key])
         yield from _device_gauges(s)
+        yield from breaker_metric_families(s)
         if "remote_inflight" in s:
             yield GaugeMetricFamily(
                 "winnow_rerank_remote_inflight",

@@ -1,9 +1,15 @@
-"""uvicorn with the service's connection limits: header deadline, keep-alive, concurrency cap.
+"""uvicorn with the service's connection limits: header deadline, keep-alive, connection cap.
 
 uvicorn bounds idle keep-alive connections but not a client that opens a connection and sends its
-headers a byte at a time (slowloris): such connections would be held for as long as the client likes.
-The protocol classes here close a connection whose first request's headers are not complete within
-``WINNOW_HTTP_HEADER_TIMEOUT``. Body reads are bounded by the guard middleware (``WINNOW_HTTP_BODY_TIMEOUT``).
+headers a byte at a time (slowloris), or nothing at all: such connections would be held for as long
+as the client likes. The protocol classes here close a connection whose first request's headers are
+not complete within ``WINNOW_HTTP_HEADER_TIMEOUT``, and keep at most ``WINNOW_HTTP_MAX_CONNECTIONS``
+open: past it, a new connection evicts the oldest one that has no request in progress.
+
+uvicorn's own ``limit_concurrency`` is not used: it counts open connections, so 1,100 sockets that
+send nothing made it answer 503 to everyone, ``/health`` included (issue 27). Requests in progress
+are counted by the app instead (:class:`pipeline.api.guard.RequestLimit`), where an idle
+connection never shows. Body reads are bounded by the guard middleware (``WINNOW_HTTP_BODY_TIMEOUT``).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import time
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -18,22 +25,55 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from pipeline.config import Settings
 
 log = logging.getLogger(__name__)
+FD_RESERVE = 256  # file descriptors kept for everything but client connections (Milvus, models)
 
 
 class _HeaderDeadline:
-    """Mixin: close the connection when no request has started ``header_timeout`` s after it opened."""
+    """Mixin: the header deadline of a connection's first request, and the connection cap.
 
-    header_timeout: float | None = None  # None = read from Settings (worker processes: the env)
+    ``header_timeout`` / ``max_connections`` None = read from Settings (worker processes: the env).
+    """
+
+    header_timeout: float | None = None
+    max_connections: int | None = None
     cycle: Any
+    connections: set[Any]
     transport: asyncio.Transport
     loop: asyncio.AbstractEventLoop
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)  # type: ignore[misc]
-        timeout = type(self).header_timeout
-        if timeout is None:
-            timeout = type(self).header_timeout = Settings().http_header_timeout
-        self._winnow_timer = self.loop.call_later(timeout, self._winnow_deadline)
+        cls = type(self)
+        if cls.header_timeout is None or cls.max_connections is None:
+            settings = Settings()
+            if cls.header_timeout is None:
+                cls.header_timeout = settings.http_header_timeout
+            if cls.max_connections is None:
+                cls.max_connections = settings.http_max_connections
+        self._winnow_opened = time.monotonic()
+        self._winnow_timer = self.loop.call_later(cls.header_timeout, self._winnow_deadline)
+        if len(self.connections) > cls.max_connections:
+            self._winnow_evict()
+
+    def _winnow_idle(self) -> bool:
+        """No request in progress: none started yet, or the last one answered (keep-alive)."""
+        cycle = self.cycle
+        return cycle is None or bool(cycle.response_complete)
+
+    def _winnow_evict(self) -> None:
+        """Over the cap: close the oldest connection without a request in progress (this new one
+        when every other is busy), so idle sockets cannot lock out new clients."""
+        oldest = None
+        for conn in self.connections:
+            if conn is self or conn.transport.is_closing():
+                continue
+            if conn._winnow_idle() and (
+                oldest is None or conn._winnow_opened < oldest._winnow_opened
+            ):
+                oldest = conn
+        victim = oldest if oldest is not None else self
+        victim.connections.discard(victim)  # counted out now; connection_lost comes later
+        victim.transport.close()
 
     def _winnow_deadline(self) -> None:
         if self.cycle is None and not self.transport.is_closing():
@@ -50,10 +90,12 @@ class GuardedH11Protocol(_HeaderDeadline, H11Protocol):
     pass
 
 
-def http_protocol(header_timeout: float | None = None) -> type[asyncio.Protocol]:
+def http_protocol(
+    header_timeout: float | None = None, max_connections: int | None = None
+) -> type[asyncio.Protocol]:
     """httptools when installed (uvicorn[standard]), else h11 — both with the header deadline.
 
-    With ``header_timeout`` the class carries it; without, it reads Settings on first use (worker
+    With the limits given the class carries them; without, it reads Settings on first use (worker
     processes are handed their settings through the environment, and classes travel by name).
     """
     base: type[asyncio.Protocol] = GuardedH11Protocol
@@ -61,27 +103,64 @@ def http_protocol(header_timeout: float | None = None) -> type[asyncio.Protocol]
         from pipeline.api._httptools import GuardedHttpToolsProtocol
 
         base = GuardedHttpToolsProtocol
-    if header_timeout is None:
+    if header_timeout is None and max_connections is None:
         return base
-    return type(base.__name__, (base,), {"header_timeout": header_timeout})
+    limits = {"header_timeout": header_timeout, "max_connections": max_connections}
+    return type(base.__name__, (base,), limits)
 
 
 def uvicorn_options(settings: Settings, *, in_process: bool = True) -> dict[str, Any]:
-    """The uvicorn keyword arguments that carry Winnow's HTTP settings."""
+    """The uvicorn keyword arguments that carry Winnow's HTTP settings.
+
+    No ``limit_concurrency``: it counts idle connections (see the module docstring).
+    """
+    http = (
+        http_protocol(settings.http_header_timeout, settings.http_max_connections)
+        if in_process
+        else http_protocol()
+    )
     return {
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level.lower(),
-        "http": http_protocol(settings.http_header_timeout if in_process else None),
+        "http": http,
         "timeout_keep_alive": max(1, round(settings.http_keep_alive)),
-        "limit_concurrency": settings.http_max_concurrency,
+        "limit_concurrency": None,
     }
+
+
+def raise_fd_limit(connections: int) -> int:
+    """Raise this process's soft open-files limit towards what ``connections`` sockets need (up
+    to the hard limit), so a flood of idle connections meets the cap, not ``EMFILE``; the limit."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return connections
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < want:
+        log.warning(
+            "open-files limit %d is under WINNOW_HTTP_MAX_CONNECTIONS (%d) + %d: raise `ulimit -n` "
+            "or lower the cap, or a flood of connections fails accept() before the cap evicts",
+            soft,
+            connections,
+            FD_RESERVE,
+        )
+    return int(soft)
 
 
 def serve(settings: Settings, app: Any = None) -> None:
     """Run the API: ``app`` in this process, or ``settings.workers`` fresh processes (env-configured)."""
     import uvicorn
 
+    raise_fd_limit(settings.http_max_connections)  # worker processes inherit it
     if settings.workers > 1:
         uvicorn.run(
             "pipeline.api.app:create_app",

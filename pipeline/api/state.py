@@ -42,9 +42,10 @@ class AppState:
         return service
 
     def stats(self) -> dict[str, Any]:
-        """Reranker counters for /metrics, from whichever backend runs (empty when off)."""
+        """Reranker (whichever backend runs) and store counters for /metrics."""
         reranker = self.runtime.reranker
         out: dict[str, Any] = dict(reranker.stats()) if reranker is not None else {}
+        out.update(self.runtime.store.stats())
         out.update(gpu.gpu_stats())
         return out
 

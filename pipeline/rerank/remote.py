@@ -29,7 +29,11 @@ loopback this client adds 0.6-0.7 ms per 20-document call where httpx added 1.9-
 ``score()`` call has one deadline (``WINNOW_RERANK_REMOTE_TIMEOUT``) that bounds its retries too.
 Connection errors, 429 and 502-504 are retried with exponential backoff and jitter (429/503 honour
 ``Retry-After``); past the deadline or the retries the call raises :class:`RerankerUnavailable`.
-Other 4xx raise :class:`RerankerError` at once. Long candidate lists go out as concurrent calls of
+Other 4xx raise :class:`RerankerError` at once. A circuit breaker
+(:class:`pipeline.breaker.Breaker`, ``WINNOW_RERANK_REMOTE_BREAKER_*``) opens after consecutive failed
+calls (connection errors, timeouts, 502-504) across all URLs: requests then get
+:class:`RerankerUnavailable` in microseconds, without retries, and after the cool-down one request
+tries the server again (its success closes the breaker, its failure reopens it). Long candidate lists go out as concurrent calls of
 at most ``max_documents`` documents, and answers are mapped back by ``index`` and validated (each
 index exactly once, finite scores). Several URLs (comma-separated) are used least-busy first; one
 that fails is avoided until its backoff or ``Retry-After`` has passed.
@@ -53,6 +57,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import orjson
 
+from pipeline.breaker import Breaker
 from pipeline.rerank import (
     InstructionNotSupported,
     RerankerError,
@@ -300,6 +305,8 @@ class RemoteReranker:
         health_timeout: float = HEALTH_TIMEOUT_S,
         tokenizer: str | None = None,
         max_length: int = 8192,
+        breaker_failures: int = 3,
+        breaker_cooldown: float = 2.0,
     ) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"WINNOW_RERANK_REMOTE_FORMAT: {fmt!r} is not one of {FORMATS}")
@@ -336,6 +343,14 @@ class RemoteReranker:
             0,
         )
         self._latency_sum = 0.0
+        # failed calls in a row (unreachable, timed out, 502-504) open it: then requests get 503 at
+        # once instead of paying the retries; after the cool-down one request tries again
+        self.breaker = Breaker(
+            "rerank_remote",
+            threshold=breaker_failures,
+            cooldown=breaker_cooldown,
+            trial_timeout=timeout + 1.0,  # the trial request's whole deadline
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RemoteReranker:
@@ -357,6 +372,8 @@ class RemoteReranker:
             retries=settings.rerank_remote_retries,
             tokenizer=tokenizer_for(settings),
             max_length=settings.rerank_max_length,
+            breaker_failures=settings.rerank_remote_breaker_failures,
+            breaker_cooldown=settings.rerank_remote_breaker_cooldown,
         )
 
     @property
@@ -438,6 +455,13 @@ class RemoteReranker:
         if not docs:
             return []
         check_instruction(self.format, instruction)  # refused before any work
+        if not self.breaker.allow():
+            self._counters["remote_unavailable"] += 1
+            wait = self.breaker.retry_after()
+            raise RerankerUnavailable(
+                f"rerank server kept failing: calls refused for {wait:.1f}s more (circuit open)",
+                retry_after=max(1.0, wait),
+            )
         docs = await self._cut(query, docs, instruction)
         m = self.max_documents
         # built up front: an unsupported instruction is refused before any network call
@@ -468,6 +492,7 @@ class RemoteReranker:
             )
         except asyncio.TimeoutError:
             self._counters["remote_unavailable"] += 1
+            self.breaker.failure()
             raise RerankerUnavailable(
                 f"the rerank server did not answer within {self.timeout:g}s "
                 "(WINNOW_RERANK_REMOTE_TIMEOUT)",
@@ -509,10 +534,15 @@ class RemoteReranker:
                 self._counters["remote_errors"] += 1
                 self.epoch += 1
                 ep.failed()
+                self.breaker.failure()
                 last = f"{ep.url}: {type(exc).__name__}"
             else:
                 self._counters["remote_latency_seconds_count"] += 1
                 self._latency_sum += time.perf_counter() - t0
+                if status in (502, 503, 504):  # a balancer with no live server behind it
+                    self.breaker.failure()
+                else:  # an answer (a refusal, or 429: busy, but there)
+                    self.breaker.success()
                 if status == 200:
                     ep.succeeded()
                     try:
@@ -540,10 +570,11 @@ class RemoteReranker:
                 last = f"{ep.url} answered {status}"
             finally:
                 ep.inflight -= 1
-            if attempt >= self.retries:
+            if attempt >= self.retries or self.breaker.state != "closed":
+                wait = max(ep.down_until - time.monotonic(), self.breaker.retry_after())
                 raise RerankerUnavailable(
                     f"rerank server unavailable after {attempt + 1} attempts ({last})",
-                    retry_after=max(1.0, ep.down_until - time.monotonic()),
+                    retry_after=max(1.0, wait),
                 )
             attempt += 1
             self._counters["remote_retries"] += 1
@@ -566,6 +597,8 @@ class RemoteReranker:
             ok = status < 300 or status in (404, 405)
             if ok and ep.failures:
                 ep.succeeded()  # back: stop avoiding it before its backoff ends
+            if ok:
+                self.breaker.success()  # a probe that got an answer: no need to wait the cool-down
             return ok
 
         try:
@@ -586,6 +619,7 @@ class RemoteReranker:
             **self._counters,
             "remote_latency_seconds_sum": self._latency_sum,
             "remote_inflight": sum(e.inflight for e in self.endpoints),
+            **self.breaker.stats(),
         }
 
     async def aclose(self) -> None:
