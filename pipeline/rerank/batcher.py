@@ -63,13 +63,12 @@ DEFAULT_SLICE_TOKENS = 8192
 # Used until the first measurement (BatchedReranker.load() calibrates at once): the real
 # Qwen3-Reranker-0.6B runs ~95-110 tokens/s on a 2-core CPU (docs/benchmarks.md), a GPU far more.
 START_TOKENS_PER_S = 100.0
+UNCAPPED = 1 << 62
 RATE_HALF_LIFE_TOKENS = 65536.0  # older dispatches weigh half after this much newer work
-CALIBRATION_DOCS = 2
-# The start-up profile's long pair: about PROFILE_SECONDS of work at the short pairs' rate, within
-# these bounds and the pair limit (a GPU gets 4,096 tokens in milliseconds; a 2-core CPU 512 in ~5 s).
-PROFILE_SECONDS = 2.0
+# The start-up profile: long pairs from PROFILE_MIN_TOKENS, doubling to the pair limit while the next
+# is predicted to end within PROFILE_SECONDS of the start (the first long pair always runs).
+PROFILE_SECONDS = 4.0
 PROFILE_MIN_TOKENS = 512
-PROFILE_MAX_TOKENS = 4096
 CALIBRATION_TEXT = "calibration text for the reranker scheduler"
 
 
@@ -134,6 +133,7 @@ class _Job:
     est: list[int]
     future: asyncio.Future[list[float]]
     seq: int
+    lens: list[float]  # the cost model's length of each pair
     cost: list[float]  # predicted seconds per document (at admission)
     scores: list[float]
     pending: int  # pairs not scored yet
@@ -189,7 +189,9 @@ class MicroBatcher:
         self._rate_tokens = 0.0  # decayed sums behind tokens_per_s
         self._rate_seconds = 0.0
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="winnow-rerank")
-        self._estimate: Callable[[RerankRequest], list[int]] = self._pick_estimator()
+        self._raw_estimate: Callable[[RerankRequest], list[int]] = self._pick_estimator()
+        # engine tokens per estimated token, measured by the profile (the cost model's unit)
+        self.token_scale = 1.0
         self._reset()
 
     # --- state --------------------------------------------------------------------------------
@@ -205,13 +207,26 @@ class MicroBatcher:
         self._dispatch_no = 0
 
     def _pick_estimator(self) -> Callable[[RerankRequest], list[int]]:
+        """Uncapped estimated tokens per pair (the pair limit is applied by the callers)."""
         est = getattr(self.engine, "estimate_tokens", None)
         if callable(est):
-            return lambda r: [
-                min(self.max_length, int(est(RerankRequest(r.query, [d], r.instruction))))
-                for d in r.docs
-            ]
-        return lambda r: estimate_pair_tokens(r, self.max_length)
+            return lambda r: [int(est(RerankRequest(r.query, [d], r.instruction))) for d in r.docs]
+        return lambda r: estimate_pair_tokens(r, UNCAPPED)
+
+    def _estimate(self, request: RerankRequest) -> list[int]:
+        """Estimated tokens per pair, capped by the pair limit: the unit of the queue bounds."""
+        return [min(self.max_length, n) for n in self._raw_estimate(request)]
+
+    def _work(self, request: RerankRequest) -> tuple[list[int], list[float]]:
+        """(estimated tokens, the cost model's lengths) per pair.
+
+        The lengths are the engine's tokens as the profile measured them against the estimate, and
+        capped where the engine caps: the character heuristic over-counts prose by ~1.5-2× below the
+        cap but not at it, so estimated tokens alone would make capped pairs look cheap.
+        """
+        raw = self._raw_estimate(request)
+        cap = self.max_length
+        return [min(cap, n) for n in raw], [min(cap, n * self.token_scale) for n in raw]
 
     @property
     def slice_tokens(self) -> int:
@@ -252,39 +267,65 @@ class MicroBatcher:
         self._rate_seconds = self._rate_seconds * decay + seconds
 
     def calibrate(self) -> float:
-        """Profile the engine at two pair lengths, synchronously (call off the loop, after ``load()``).
+        """Profile the engine at several pair lengths, synchronously (call off the loop, after load).
 
-        Seeds the cost model's line (``a + b·n`` seconds per token) so the first request is not judged
-        by a guess: a short request (twice: the first call also pays one-off warm-ups; the faster
-        counts) and one long pair of about :data:`PROFILE_SECONDS` at the short rate. Returns the short
-        pairs' tokens per second.
+        Seeds the cost model so the first request is not judged by a guess: a short request (twice:
+        the first call pays one-off warm-ups; the faster counts), then single long pairs of
+        :data:`PROFILE_MIN_TOKENS`, doubling up to the pair limit while the next one is predicted to
+        fit what is left of :data:`PROFILE_SECONDS` (a 2-core CPU with the 0.6B model stops at 512
+        tokens, ~5 s; a GPU reaches the limit in milliseconds). The first long pair also measures
+        :attr:`token_scale` from the engine's ``tokens_scored`` when it counts them. Returns the
+        short pairs' estimated tokens per second.
         """
+        t_start = time.perf_counter()
         short = RerankRequest("calibration query", [" ".join([CALIBRATION_TEXT] * 8)] * 2, None)
         n_short = sum(self._estimate(short)) / len(short.docs)
-        t_short = min(self._timed(short), self._timed(short))
-        rate = n_short * len(short.docs) / t_short
-        want = min(PROFILE_MAX_TOKENS, max(PROFILE_MIN_TOKENS, int(rate * PROFILE_SECONDS)))
-        want = min(want, self.max_length)
+        t_first = self._timed(short)
         fixed = self._estimate(RerankRequest("calibration query", [""]))[0]
-        chars = int(max(1, want - fixed) * CHARS_PER_TOKEN)
-        doc = (CALIBRATION_TEXT + " ") * (1 + chars // (len(CALIBRATION_TEXT) + 1))
-        long = RerankRequest("calibration query", [doc[:chars]])
-        n_long = self._estimate(long)[0]
-        points = [(n_short, t_short / len(short.docs))]
-        if n_long > 2 * n_short:
-            points.append((n_long, self._timed(long)))
+        longs: list[tuple[float, float]] = []
+        want = PROFILE_MIN_TOKENS
+        while True:
+            chars = int(max(1, want / self.token_scale - fixed) * CHARS_PER_TOKEN)
+            doc = (CALIBRATION_TEXT + " ") * (1 + chars // (len(CALIBRATION_TEXT) + 1))
+            long = RerankRequest("calibration query", [doc[:chars]])
+            n_long = self._raw_estimate(long)[0]
+            before = self._engine_tokens()
+            seconds = self._timed(long)
+            after = self._engine_tokens()
+            if not longs and before is not None and after is not None and after > before:
+                self.token_scale = min(2.0, max(0.1, (after - before) / n_long))
+            length = min(self.max_length, n_long * self.token_scale)
+            longs.append((length, seconds))
+            if length >= self.max_length or want >= self.max_length:
+                break
+            want = min(self.max_length, 2 * want)
+            # the next pair, at least 2× longer: at least 2× the time (4× when attention dominates)
+            left = PROFILE_SECONDS - (time.perf_counter() - t_start)
+            if 2 * seconds * want / length > left:
+                break
+        t_short = min(t_first, self._timed(short))
+        points = [(n_short * self.token_scale, t_short / len(short.docs)), *longs]
         a, b = self.cost.set_profile(points)
+        rate = n_short * len(short.docs) / t_short
         log.info(
-            "reranker profile: %.0f estimated tokens/s at %d tokens, %.0f at %d (line a=%.3g s, "
-            "b=%.3g s per token²)",
+            "reranker profile in %.1f s: %.0f estimated tokens/s at %d; pairs of %s engine tokens "
+            "in %s s; %.2f engine tokens per estimated token; line a=%.3g s, b=%.3g s per token²",
+            time.perf_counter() - t_start,
             rate,
             n_short,
-            self.cost.tokens_per_s(n_long),
-            n_long,
+            [round(n) for n, _ in longs],
+            [round(t, 3) for _, t in longs],
+            self.token_scale,
             a,
             b,
         )
         return rate
+
+    def _engine_tokens(self) -> int | None:
+        """Tokens the engine says it ran (None when it does not count them)."""
+        stats = self.engine.stats()
+        value = stats.get("tokens_scored") if isinstance(stats, dict) else None
+        return int(value) if isinstance(value, int | float) else None
 
     def _timed(self, request: RerankRequest) -> float:
         """Seconds of one engine call on ``request``, counted in the throughput figure."""
@@ -395,7 +436,7 @@ class MicroBatcher:
         (a score-cache hit). Raises ``Overloaded`` when some documents would fit an idle queue but
         none fit now: that is overload (429), not a budget too small.
         """
-        est = self._estimate(request) if request.docs else []
+        est, lens = self._work(request)
         if free is not None:
             est = [0 if f else n for n, f in zip(est, free, strict=True)]
         budget = budget_s if self.deadline_s is None else min(budget_s, self.deadline_s)
@@ -404,9 +445,9 @@ class MicroBatcher:
         alone = now = 0
         tokens = seconds = 0.0
         queue_full = len(self._jobs) >= self.queue_size
-        for n in est:
+        for n, length in zip(est, lens, strict=True):
             tokens += n
-            seconds += self.cost.pair_seconds(n) if n else 0.0
+            seconds += self.cost.pair_seconds(length) if n else 0.0
             if seconds > budget or tokens > room_tokens:
                 break
             alone += 1
@@ -418,7 +459,7 @@ class MicroBatcher:
         if now == 0 and alone > 0:
             self.stats.rejected += 1
             self.stats.refused_deadline += not queue_full
-            wait = self._finish(self.cost.pair_seconds(est[0])) - budget
+            wait = self._finish(self.cost.pair_seconds(lens[0])) - budget
             raise Overloaded(
                 self._retry_after(wait),
                 f"the reranker is too busy to score any candidate within {budget:g} s",
@@ -429,8 +470,8 @@ class MicroBatcher:
         if not request.docs:
             return []
         self._ensure_started()
-        est = self._estimate(request)
-        cost = [self.cost.pair_seconds(n) for n in est]
+        est, lens = self._work(request)
+        cost = [self.cost.pair_seconds(n) for n in lens]
         total = sum(est)
         self._admit(est, cost)
         assert self._loop is not None and self._wakeup is not None
@@ -438,6 +479,7 @@ class MicroBatcher:
         job = _Job(
             request=request,
             est=est,
+            lens=lens,
             cost=cost,
             future=self._loop.create_future(),
             seq=self._seq,
@@ -555,7 +597,7 @@ class MicroBatcher:
             )
             elapsed = time.perf_counter() - t0
             self.measure(tokens, elapsed)
-            self.cost.observe([n for p in parts for n in p.job.est[p.start : p.stop]], elapsed)
+            self.cost.observe([n for p in parts for n in p.job.lens[p.start : p.stop]], elapsed)
         except Exception as exc:
             if len(parts) == 1:
                 results = [exc]

@@ -9,7 +9,7 @@ a long one it makes every short request look slow (a burst of ordinary requests 
 So the model is kept per **length bucket** (powers of two of the pair's estimated tokens):
 
 - **Prior**: per-token seconds ``a + b·n``, a line fitted (weighted least squares, ``a, b ≥ 0``) through
-  the start-up profile (two lengths) and through every bucket's measured rate, weighted by how much
+  the start-up profile (pairs of several lengths, each also seeding its own bucket) and through every bucket's measured rate, weighted by how much
   work that bucket has seen. A bucket never measured is predicted by the line.
 - **Buckets**: each keeps decayed sums of the tokens it ran and the seconds attributed to them; its
   per-token cost is those sums blended with the prior (worth :data:`PRIOR_TOKENS` tokens), so the prior
@@ -136,6 +136,11 @@ class CostModel:
     def set_profile(self, points: Sequence[tuple[float, float]]) -> tuple[float, float]:
         """Seed the line from start-up measurements: (pair tokens, seconds per pair); returns (a, b)."""
         self.profile = [(n, s / n) for n, s in points if n > 0 and s > 0]
+        for n, per_token in self.profile:  # each point also seeds its bucket: its own measured rate
+            bucket = self._buckets.setdefault(bucket_of(n), _Bucket())
+            bucket.tokens += n
+            bucket.seconds += n * per_token
+            bucket.pairs += 1
         self._refit()
         return self._line
 
