@@ -272,7 +272,7 @@ def test_profile_seeds_the_cost_model_at_two_lengths(tiny_engine: Any) -> None:
     batcher = MicroBatcher(tiny_engine, start_tokens_per_s=1.0)
     calls = tiny_engine.batches
     rate = batcher.calibrate()
-    assert rate > 1.0 and tiny_engine.batches - calls >= 3  # short twice, long pairs
+    assert rate > 1.0 and tiny_engine.batches - calls >= 2  # a short request, long pairs
     lengths = [n for n, _ in batcher.cost.profile]
     assert lengths[0] < 300 and lengths[1] >= 256 and lengths == sorted(lengths)
     assert 0.3 < batcher.token_scale < 1.5  # the heuristic over-counts this prose

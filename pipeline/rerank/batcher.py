@@ -269,8 +269,9 @@ class MicroBatcher:
     def calibrate(self) -> float:
         """Profile the engine at several pair lengths, synchronously (call off the loop, after load).
 
-        Seeds the cost model so the first request is not judged by a guess: a short request (twice:
-        the first call pays one-off warm-ups; the faster counts), then single long pairs of
+        Seeds the cost model so the first request is not judged by a guess: a short request (twice
+        when it is cheap: the first call pays one-off warm-ups; the faster counts), then single long
+        pairs of
         :data:`PROFILE_MIN_TOKENS`, doubling up to the pair limit while the next one is predicted to
         fit what is left of :data:`PROFILE_SECONDS` (a 2-core CPU with the 0.6B model stops at 512
         tokens, ~5 s; a GPU reaches the limit in milliseconds). The first long pair also measures
@@ -303,7 +304,9 @@ class MicroBatcher:
             left = PROFILE_SECONDS - (time.perf_counter() - t_start)
             if 2 * seconds * want / length > left:
                 break
-        t_short = min(t_first, self._timed(short))
+        t_short = t_first
+        if t_first < PROFILE_SECONDS / 4:  # cheap: run it again without the one-off warm-ups
+            t_short = min(t_first, self._timed(short))
         points = [(n_short * self.token_scale, t_short / len(short.docs)), *longs]
         a, b = self.cost.set_profile(points)
         rate = n_short * len(short.docs) / t_short
