@@ -6,7 +6,8 @@ time per pair length, and how many of a default search's candidates fit its budg
 Builds (once, cached under /tmp) the random-weight Qwen3-Reranker-0.6B-shaped checkpoint of
 bench/rerank.py, loads the hf engine as the server does, times ``MicroBatcher.calibrate()`` (the
 start-up profile), then scores one request per length (``--pairs`` pairs of about that many engine
-tokens) and prints the model's prediction beside the measured seconds; last, how many of
+tokens) and prints the model's prediction beside the measured seconds (each row then teaches the
+model, as a dispatch does); last, how many of
 ``--candidates`` SciFact-sized passages (~``--passage-tokens``) a ``/v1/search`` would rerank within
 ``--budget-s`` on an idle queue. A benchmark, never a test: the host may be shared and noisy.
 """
@@ -77,6 +78,9 @@ def main() -> int:
         t0 = time.perf_counter()
         engine.score_requests([req])
         measured = time.perf_counter() - t0
+        batcher.cost.observe(
+            lens, measured
+        )  # as a dispatch would: the next rows use what it learnt
         row = {
             "engine_tokens": round(lens[0]),
             "pairs": args.pairs,
@@ -86,6 +90,7 @@ def main() -> int:
         }
         out["rows"].append(row)
         print(json.dumps(row), flush=True)
+    out["line_after"] = batcher.cost.line
     passage = doc_of(args.passage_tokens, batcher.token_scale)
     search = RerankRequest("a scientific claim", [passage] * args.candidates)
     fit = batcher.affordable(search, args.budget_s)

@@ -105,3 +105,15 @@ def test_nothing_learnt_from_empty_or_zero_calls() -> None:
     model.observe([], 1.0)
     model.observe([100], 0.0)
     assert model.line == before
+
+
+def test_a_noisy_profile_point_is_forgotten() -> None:
+    """A neighbour's burst during the start-up profile (5× too slow at 256 tokens) fades with work."""
+    model = CostModel()
+    model.set_profile([(100, true_seconds([100])), (256, 5 * true_seconds([256]))])
+    assert model.pair_seconds(256) > 3 * true_seconds([256])
+    for _ in range(40):
+        model.observe([256] * 4, true_seconds([256] * 4))
+        model.observe([100] * 4, true_seconds([100] * 4))
+    assert model.pair_seconds(256) == pytest.approx(true_seconds([256]), rel=0.15)
+    assert model.line[1] < 5 * B  # the steep slope the outlier implied is gone

@@ -6,11 +6,12 @@ tokens-per-second figure cannot hold both: learnt on short pairs it admits long 
 far slower than promised (issue 27: 30 × 8,192-token pairs admitted for 60 s took 77 s), and learnt on
 a long one it makes every short request look slow (a burst of ordinary requests got 429).
 
-So the model is kept per **length bucket** (powers of two of the pair's estimated tokens):
+So the model is kept per **length bucket** (powers of two of the pair's tokens):
 
-- **Prior**: per-token seconds ``a + b·n``, a line fitted (weighted least squares, ``a, b ≥ 0``) through
-  the start-up profile (pairs of several lengths, each also seeding its own bucket) and through every bucket's measured rate, weighted by how much
-  work that bucket has seen. A bucket never measured is predicted by the line.
+- **Prior**: per-token seconds ``a + b·n``, a line fitted (weighted least squares, ``a, b ≥ 0``)
+  through every bucket's measured rate, weighted by how much work that bucket has seen; the start-up
+  profile (pairs of several lengths) seeds the buckets, so newer work decays it like any other. A
+  bucket never measured is predicted by the line.
 - **Buckets**: each keeps decayed sums of the tokens it ran and the seconds attributed to them; its
   per-token cost is those sums blended with the prior (worth :data:`PRIOR_TOKENS` tokens), so the prior
   fades as the bucket's own work accumulates. Newer work outweighs older (half-life
@@ -20,8 +21,9 @@ So the model is kept per **length bucket** (powers of two of the pair's estimate
   each bucket it ran 2× slower. A heavy request thus moves the long buckets, and the short ones only
   through the line (worth :data:`PRIOR_TOKENS` against their own evidence).
 
-Units: "tokens" are the batcher's *estimated* tokens (characters / 3, capped by the pair limit): the
-per-bucket rates absorb the estimator's bias, which differs between short text and capped pairs.
+Units: the batcher passes engine tokens as its start-up profile measured them against its
+character estimate (``MicroBatcher.token_scale``), capped at the pair limit; the per-bucket rates
+absorb what bias is left.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ MIN_BUCKET = (
 MAX_BUCKETS = 16  # up to 64·2^15 = 2M tokens: far past any pair limit
 HALF_LIFE_TOKENS = 32768.0  # a bucket's older measurements weigh half after this much newer work
 PRIOR_TOKENS = 2048.0  # the prior counts as this many tokens of evidence in a bucket
-PROFILE_TOKENS = 8192.0  # weight of each start-up profile point in the line's fit
 
 
 def bucket_of(tokens: float) -> int:
@@ -170,8 +171,9 @@ class CostModel:
         self._refit()
 
     def _refit(self) -> None:
-        points = [(n, s, PROFILE_TOKENS) for n, s in self.profile]
-        points += [
+        # the profile is in its buckets, where newer work decays it: one noisy start-up measurement
+        # (a neighbour's burst on a shared host) must not hold the line forever
+        points = [
             (b.length, b.seconds / b.tokens, b.tokens)
             for b in self._buckets.values()
             if b.tokens > 0
