@@ -43,9 +43,8 @@ class Result:
     chunk: int
     rerank_score: float | None = None
     best_window: int | None = None  # the window that gave the score (max_chunks_per_doc)
-    reranked: bool = (
-        False  # scored by the reranker (else ranked by recall, below every reranked one)
-    )
+    # scored by the reranker (else ranked by recall, below every reranked one)
+    reranked: bool = False
 
 
 @dataclass(slots=True)
@@ -155,7 +154,10 @@ class SearchService:
         max_chunks_per_doc: int | None = None,
         min_score: float | None = None,
         rerank_budget_ms: int | None = None,
+        partial: bool = True,
     ) -> SearchResponse:
+        """``partial=False``: rerank every candidate or refuse (413/429) — for the evaluator, whose
+        rankings must be the model's, never cut by a budget."""
         s = self.settings
         t_start = time.perf_counter()
         top_k = top_k if top_k is not None else s.top_k
@@ -181,7 +183,7 @@ class SearchService:
         scored: list[tuple[Hit, float]] = []
         if do_rerank and hits:
             t0 = time.perf_counter()
-            budget = self._budget_s(rerank_budget_ms)
+            budget = self._budget_s(rerank_budget_ms) if partial else None
             try:
                 best = await self._score(
                     query,

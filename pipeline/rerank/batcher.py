@@ -269,9 +269,9 @@ class MicroBatcher:
     def calibrate(self) -> float:
         """Profile the engine at several pair lengths, synchronously (call off the loop, after load).
 
-        Seeds the cost model so the first request is not judged by a guess: a short request (twice
-        when it is cheap: the first call pays one-off warm-ups; the faster counts), then single long
-        pairs of
+        Seeds the cost model so the first request is not judged by a guess: a one-pair warm-up (the
+        first call pays one-off library and kernel set-up), a short request (twice when it is cheap;
+        the faster counts), then single long pairs of
         :data:`PROFILE_MIN_TOKENS`, doubling up to the pair limit while the next one is predicted to
         fit what is left of :data:`PROFILE_SECONDS` (a 2-core CPU with the 0.6B model stops at 512
         tokens, ~5 s; a GPU reaches the limit in milliseconds). The first long pair also measures
@@ -279,6 +279,8 @@ class MicroBatcher:
         short pairs' estimated tokens per second.
         """
         t_start = time.perf_counter()
+        # one-off costs first (library init, kernel selection): not part of any pair's time
+        self.engine.score_requests([RerankRequest("warm-up", ["warm-up"])])
         short = RerankRequest("calibration query", [" ".join([CALIBRATION_TEXT] * 8)] * 2, None)
         n_short = sum(self._estimate(short)) / len(short.docs)
         t_first = self._timed(short)
