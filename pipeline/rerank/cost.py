@@ -135,8 +135,17 @@ class CostModel:
 
     # --- learning -------------------------------------------------------------------------------
     def set_profile(self, points: Sequence[tuple[float, float]]) -> tuple[float, float]:
-        """Seed the line from start-up measurements: (pair tokens, seconds per pair); returns (a, b)."""
-        self.profile = [(n, s / n) for n, s in points if n > 0 and s > 0]
+        """Seed the buckets (and so the line) from start-up measurements: (pair tokens, seconds per
+        pair); returns (a, b). A point slower than quadratic growth from the one before it allows (a
+        neighbour's burst on a shared host) is cut to that bound."""
+        profile: list[tuple[float, float]] = []
+        for n, s in sorted(p for p in points if p[0] > 0 and p[1] > 0):
+            per_token = s / n
+            if profile:  # a pair's time grows at most with n² (all attention): more is noise
+                prev_n, prev = profile[-1]
+                per_token = min(per_token, prev * n / prev_n)
+            profile.append((n, per_token))
+        self.profile = profile
         for n, per_token in self.profile:  # each point also seeds its bucket: its own measured rate
             bucket = self._buckets.setdefault(bucket_of(n), _Bucket())
             bucket.tokens += n
