@@ -159,8 +159,13 @@ async def _run_modes(
             )
             t0 = time.perf_counter()
             for qid, text in bar:
-                res = await runtime.service.search(
-                    text, top_k=top_k, top_n=top_k, mode=recall, rerank=mode == "rerank"
+                res = await runtime.service.search(  # every candidate reranked, or 413
+                    text,
+                    top_k=top_k,
+                    top_n=top_k,
+                    mode=recall,
+                    rerank=mode == "rerank",
+                    partial=False,
                 )
                 runs[qid] = [(r.doc_id, r.score) for r in res.results]
             seconds = time.perf_counter() - t0

@@ -212,6 +212,21 @@ class Settings(BaseSettings):
         description="Score cache in MiB: an in-process LRU of exact scores keyed by model, "
         "instruction, query and document (about 150 bytes a pair); 0 = off.",
     )
+    rerank_cache_scope: Literal["key", "shared"] = Field(
+        "key",
+        description="Who shares score-cache entries: key = each API key has its own partition "
+        "(a cache hit, visible by its speed, then only tells a caller about its own earlier "
+        "requests); shared = every caller (one tenant; more hits). Without WINNOW_API_KEY all "
+        "callers share one partition. WINNOW_RERANK_CACHE_MB=0 turns the cache off.",
+    )
+    search_rerank_budget_ms: int = Field(
+        0,
+        ge=0,
+        description="Default rerank_budget_ms of /v1/search: the best-recalled candidates that the "
+        "reranker can score within this many milliseconds (queue included, by its cost model) are "
+        "reranked, the rest follow in recall order (marked reranked=false) instead of a 413. "
+        "0 = WINNOW_RERANK_DEADLINE_S.",
+    )
     rerank_chunks_per_doc: int = Field(
         1,
         ge=1,
@@ -281,7 +296,17 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Bind address.")
     port: int = Field(8000, ge=1, le=65535, description="Bind port.")
     workers: int = Field(1, ge=1, description="uvicorn workers (1 per Milvus Lite file).")
-    api_key: SecretStr | None = Field(None, description="Bearer key; unset = open.")
+    api_key: SecretStr | None = Field(
+        None,
+        description="Bearer key of the API (/v1, /v2); several comma-separated keys = one per "
+        "client (each its own score-cache partition, WINNOW_RERANK_CACHE_SCOPE) or for rotation; "
+        "unset = open.",
+    )
+    metrics_api_key: SecretStr | None = Field(
+        None,
+        description="Bearer key of /metrics (give it to the Prometheus scraper); unset = the API "
+        "key(s) when set, else /metrics is open.",
+    )
     max_documents: int = Field(1000, ge=1, description="Documents per rerank request (413).")
     max_query_chars: int = Field(4096, ge=1, description="Longest query accepted (chars).")
     max_document_chars: int = Field(
@@ -322,10 +347,21 @@ class Settings(BaseSettings):
 
     log_level: str = Field("INFO", description="Python logging level.")
 
-    @field_validator("milvus_token", "api_key", "rerank_api_key", "ray_address", mode="before")
+    @field_validator(
+        "milvus_token", "api_key", "metrics_api_key", "rerank_api_key", "ray_address", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, v: Any) -> Any:
         return None if v == "" else v
+
+    @model_validator(mode="after")
+    def _keys_not_blank(self) -> Settings:
+        """A key setting of only commas and spaces would leave the API open while saying it is not."""
+        if self.api_key is not None and not self.api_keys:
+            raise ValueError("WINNOW_API_KEY holds no key (only commas or spaces)")
+        if self.metrics_api_key is not None and not self.metrics_api_key.get_secret_value().strip():
+            raise ValueError("WINNOW_METRICS_API_KEY is blank")
+        return self
 
     @model_validator(mode="after")
     def _fusion_weights(self) -> Settings:
@@ -347,6 +383,20 @@ class Settings(BaseSettings):
                 "shorter than a passage (e.g. an eighth of it)"
             )
         return self
+
+    @property
+    def api_keys(self) -> list[str]:
+        """The API keys (``WINNOW_API_KEY``, comma-separated); empty = the API is open."""
+        if self.api_key is None:
+            return []
+        return [k.strip() for k in self.api_key.get_secret_value().split(",") if k.strip()]
+
+    @property
+    def metrics_keys(self) -> list[str]:
+        """Keys that open /metrics: the metrics key when set, else the API keys; empty = open."""
+        if self.metrics_api_key is not None:
+            return [self.metrics_api_key.get_secret_value()]
+        return self.api_keys
 
     @property
     def fusion_label(self) -> str:

@@ -1,6 +1,9 @@
 """SearchService: the two use cases of Winnow, with their limits and defaults resolved once.
 
 - ``search``: embed → recall (dense | hybrid | bm25) → rerank → fold passages into documents → top_n;
+  when the reranker cannot score every candidate within the budget (``rerank_budget_ms``, else the
+  deadline), the best-recalled candidates that fit are reranked and the rest follow below them in
+  recall order, marked (``reranked`` per result, a count per response), instead of a 413;
 - ``rerank``: score caller-supplied documents against a query (the Cohere-style /v1/rerank).
 
 No FastAPI here: the API, the CLI and the evaluator all call the same code, and request problems are
@@ -10,6 +13,7 @@ raised as :mod:`pipeline.errors` exceptions that the API maps to status codes in
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,6 +43,8 @@ class Result:
     chunk: int
     rerank_score: float | None = None
     best_window: int | None = None  # the window that gave the score (max_chunks_per_doc)
+    # scored by the reranker (else ranked by recall, below every reranked one)
+    reranked: bool = False
 
 
 @dataclass(slots=True)
@@ -64,7 +70,7 @@ class SearchResponse:
     results: list[Result]
     timings_ms: dict[str, float]
     candidates: int
-    reranked: bool
+    reranked: int  # candidates (passages) the reranker scored: the best-recalled `reranked` of them
     mode: RecallMode
     below_min_score: int | None = None  # documents dropped by min_score (None: none asked)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -149,7 +155,11 @@ class SearchService:
         mode: RecallMode | None = None,
         max_chunks_per_doc: int | None = None,
         min_score: float | None = None,
+        rerank_budget_ms: int | None = None,
+        partial: bool = True,
     ) -> SearchResponse:
+        """``partial=False``: rerank every candidate or refuse (413/429) — for the evaluator, whose
+        rankings must be the model's, never cut by a budget."""
         s = self.settings
         t_start = time.perf_counter()
         top_k = top_k if top_k is not None else s.top_k
@@ -172,30 +182,37 @@ class SearchService:
         hits, embed_ms, recall_ms = await self.recall(query, top_k, mode=mode, filter=filter)
         rerank_ms = 0.0
         windows: dict[str, int] = {}
+        scored: list[tuple[Hit, float]] = []
         if do_rerank and hits:
             t0 = time.perf_counter()
+            budget = self._budget_s(rerank_budget_ms) if partial else None
             try:
                 best = await self._score(
                     query,
                     [join_title(h.title, h.text) for h in hits],
                     instruction if instruction is not None else s.rerank_instruction,
                     chunks,
+                    budget,
                 )
-            except WorkTooLarge as exc:  # the candidates are the work: say which knob to turn
+            except WorkTooLarge as exc:  # planned to fit: only a race with the cache gets here
                 raise TooLarge(
                     f"{exc.message} Here the work is the {len(hits)} recalled candidates "
                     f"(each in up to {chunks} windows): lower top_k or max_chunks_per_doc.",
                     kind="work_too_large",
                 ) from exc
             rerank_ms = (time.perf_counter() - t0) * 1000
-            scored = [(h, score) for h, (score, _) in zip(hits, best, strict=True)]
+            scored = [(h, score) for h, (score, _) in zip(hits, best, strict=False)]
             if chunks > 1:
-                windows = {h.id: k for h, (_, k) in zip(hits, best, strict=True)}
-        else:
-            scored = [(h, h.score) for h in hits]
-        folded = fold_documents(scored, None)
-        order, below = above([score for _, score in folded], min_score)
-        ranked = [folded[i] for i in order[:top_n]]
+                windows = {h.id: k for h, (_, k) in zip(hits, best, strict=False)}
+        # reranked documents first by P(yes), then the others by recall (never above them)
+        top = fold_documents(scored, None)
+        seen = {h.doc_id for h, _ in top}
+        rest = [(h, h.score) for h in hits[len(scored) :] if h.doc_id not in seen]
+        folded = [(h, score, True) for h, score in top]
+        folded += [(h, score, False) for h, score in fold_documents(rest, None)]
+        order, below = above([score for _, score, _ in folded], min_score)
+        kept = set(order)
+        ranked = [folded[i] for i in range(len(folded)) if i in kept][:top_n]
         results = [
             Result(
                 id=h.id,
@@ -206,10 +223,11 @@ class SearchService:
                 title=h.title,
                 metadata=h.metadata,
                 chunk=h.chunk,
-                rerank_score=float(score) if do_rerank else None,
+                rerank_score=float(score) if reranked else None,
                 best_window=windows.get(h.id),
+                reranked=reranked,
             )
-            for h, score in ranked
+            for h, score, reranked in ranked
         ]
         total_ms = (time.perf_counter() - t_start) * 1000
         return SearchResponse(
@@ -221,7 +239,7 @@ class SearchService:
                 "total": round(total_ms, 3),
             },
             candidates=len(hits),
-            reranked=bool(do_rerank and hits),
+            reranked=len(scored),
             mode=mode,
             below_min_score=below,
         )
@@ -281,13 +299,35 @@ class SearchService:
             below_min_score=below,
         )
 
+    def _budget_s(self, rerank_budget_ms: int | None) -> float:
+        """The search's rerank budget in seconds: the request's, else the setting, else the deadline."""
+        s = self.settings
+        ms = rerank_budget_ms if rerank_budget_ms is not None else s.search_rerank_budget_ms
+        if ms:
+            return ms / 1000
+        return s.rerank_deadline_s if s.rerank_deadline_s else math.inf
+
     async def _score(
-        self, query: str, texts: Sequence[str], instruction: str, chunks: int
+        self,
+        query: str,
+        texts: Sequence[str],
+        instruction: str,
+        chunks: int,
+        budget_s: float | None = None,
     ) -> list[tuple[float, int]]:
         """(score, best window) per text: ``chunks`` > 1 scores a long text in windows, all of them
-        in the one reranker call (so they are batched together and count as its work)."""
+        in the one reranker call (so they are batched together and count as its work).
+
+        ``budget_s``: only the leading texts whose work fits it are scored (the result is that
+        much shorter); None = all of them (413/429 when they do not fit).
+        """
         assert self.reranker is not None
         if chunks <= 1:
+            if budget_s is not None:
+                fit = await self.reranker.affordable(query, texts, instruction, budget_s)
+                texts = texts[:fit]
+            if not texts:
+                return []
             scores = await self.reranker.score(query, texts, instruction)
             return [(score, 0) for score in scores]
         cutter_of = getattr(self.reranker, "document_cutter", None)
@@ -305,7 +345,18 @@ class SearchService:
             chunks,
             s.rerank_window_overlap,
         )
+        if budget_s is not None:  # whole documents only: all of a document's windows, or none
+            fit = await self.reranker.affordable(
+                query, [w for ws in windows for w in ws], instruction, budget_s
+            )
+            used = docs = 0
+            while docs < len(windows) and used + len(windows[docs]) <= fit:
+                used += len(windows[docs])
+                docs += 1
+            windows = windows[:docs]
         flat = [w for ws in windows for w in ws]
+        if not flat:
+            return []
         scores = await self.reranker.score(query, flat, instruction)
         return best_of_windows(scores, [len(ws) for ws in windows])
 

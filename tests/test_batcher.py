@@ -268,10 +268,83 @@ def test_deadline_refuses_up_front() -> None:
     asyncio.run(batcher.aclose())
 
 
-def test_calibration_seeds_the_rate(tiny_engine: Any) -> None:
+def test_profile_seeds_the_cost_model_at_two_lengths(tiny_engine: Any) -> None:
     batcher = MicroBatcher(tiny_engine, start_tokens_per_s=1.0)
+    calls = tiny_engine.batches
     rate = batcher.calibrate()
-    assert rate > 1.0 and batcher.tokens_per_s == rate
+    assert rate > 1.0 and tiny_engine.batches - calls >= 2  # a short request, long pairs
+    lengths = [n for n, _ in batcher.cost.profile]
+    assert lengths[0] < 300 and lengths[1] >= 256 and lengths == sorted(lengths)
+    assert 0.3 < batcher.token_scale < 1.5  # the heuristic over-counts this prose
+    # measured, not the 1 token/s start: a 500-token pair is predicted far below 500 s
+    assert 0 < batcher.cost.pair_seconds(500) < 50
+
+
+def quadratic_batcher(**kw: Any) -> MicroBatcher:
+    """A batcher whose cost model was profiled on an engine where attention dominates long pairs:
+    1 ms per token plus 0.5 µs per token² (a 2,000-token pair: 2 s + 2 s)."""
+    batcher = MicroBatcher(ScriptedEngine(), max_wait_ms=0, **kw)
+    batcher.cost.set_profile([(n, 1e-3 * n + 5e-7 * n * n) for n in (100, 1000)])
+    return batcher
+
+
+def test_deadline_knows_length() -> None:
+    """About the same tokens: 4 pairs of ~2,100 is refused where 30 of ~220 is admitted."""
+    batcher = quadratic_batcher(deadline_s=10)
+
+    async def go() -> None:
+        with pytest.raises(WorkTooLarge, match="at the measured cost of pairs of its lengths"):
+            await batcher.submit(RerankRequest("long", [doc_of(2000, f"L{i}") for i in range(4)]))
+        short = [doc_of(100, f"S{i}") for i in range(30)]
+        assert len(await batcher.submit(RerankRequest("short", short))) == 30
+
+    asyncio.run(go())
+    # a flat rate from the short profile point (~1.05 ms a token) would have promised ~9 s
+    long_tokens = batcher._estimate(RerankRequest("long", [doc_of(2000, "L")]))[0]
+    assert 4 * long_tokens * 1.05e-3 < 10 < batcher.cost.seconds([long_tokens] * 4)
+    asyncio.run(batcher.aclose())
+
+
+def test_dispatches_teach_the_cost_model_per_length() -> None:
+    batcher = quadratic_batcher()
+
+    async def go() -> None:
+        await batcher.submit(RerankRequest("q", [doc_of(300, f"d{i}") for i in range(5)]))
+
+    before = batcher.cost.snapshot()
+    asyncio.run(go())
+    after = batcher.cost.snapshot()  # the scripted engine is far faster than the profile said
+    assert "bucket_512_tokens_per_s" in after and "bucket_512_tokens_per_s" not in before
+    assert after["bucket_512_tokens_per_s"] > 2 * batcher.cost.tokens_per_s(8192)
+    asyncio.run(batcher.aclose())
+
+
+def test_affordable_counts_leading_documents_that_fit() -> None:
+    batcher = quadratic_batcher(deadline_s=30)
+    docs = [doc_of(1000, f"d{i}") for i in range(10)]  # ~1.6 s each by the model
+    req = RerankRequest("q", docs)
+    one = batcher.cost.pair_seconds(batcher._estimate(req)[0])
+    assert batcher.affordable(req, 3.5 * one) == 3
+    assert batcher.affordable(req, 100.0) == 10  # the budget is at most the deadline: 30 s fits 10
+    assert batcher.affordable(req, 0.5 * one) == 0  # not even one, on an idle queue: no error
+    free = [True, True] + [False] * 8  # cache hits cost nothing
+    assert batcher.affordable(req, 3.5 * one, free) == 5
+
+    async def busy() -> None:
+        engine = batcher.engine
+        engine.gate.clear()
+        running = asyncio.ensure_future(batcher.submit(RerankRequest("big", docs[:8])))
+        await until_started(engine)
+        # the queue ahead leaves no room for one document within 2 of them: overload, not budget
+        with pytest.raises(Overloaded) as exc:
+            batcher.affordable(req, 2 * one)
+        assert exc.value.retry_after >= 1
+        assert batcher.affordable(req, 20.0) < batcher.affordable(req, 30.0) <= 10
+        engine.gate.set()
+        await running
+
+    asyncio.run(busy())
+    asyncio.run(batcher.aclose())
 
 
 def test_failed_merged_call_isolates_the_bad_request() -> None:

@@ -60,6 +60,9 @@ class SpyReranker:
         self.calls.append((query, list(docs)))
         return [1.0 / (1 + len(d)) for d in docs]
 
+    async def affordable(self, query: str, docs, instruction=None, budget_s=0.0, free=None) -> int:
+        return len(docs)  # no cost model: every candidate fits
+
 
 @pytest.fixture(scope="module")
 def outcome(tmp_path_factory: pytest.TempPathFactory, embedder):

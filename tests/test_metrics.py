@@ -11,6 +11,7 @@ def test_counters_gauges_and_device_labels() -> None:
     stats = {
         "rerank_requests": 3,
         "queue_tokens": 1200,
+        "queue_seconds": 4.5,
         "remote_calls": 2,
         "gpu0_memory_used_bytes": 5e9,
         "gpu1_utilization_percent": 40.0,
@@ -20,6 +21,7 @@ def test_counters_gauges_and_device_labels() -> None:
     text = generate_latest(Metrics(lambda: stats).registry).decode()
     assert "winnow_rerank_requests_total 3.0" in text
     assert "winnow_rerank_queue_tokens 1200.0" in text
+    assert "winnow_rerank_queue_seconds 4.5" in text
     assert "winnow_remote_calls_total 2.0" in text
     assert 'winnow_gpu_memory_used_bytes{device="0"} 5e+09' in text
     assert 'winnow_gpu_utilization_percent{device="1"} 40.0' in text

@@ -1,5 +1,12 @@
 """The edge of the service, before any route reads a byte of the body: API key, body size, body pace.
 
+Who needs a key: ``/v1/`` and ``/v2/`` the API key(s) (``WINNOW_API_KEY``, comma-separated); ``/metrics``
+the metrics key (``WINNOW_METRICS_API_KEY``) when set, else the API key(s) — its counters (score-cache
+hits above all) tell about other callers' requests — and only when neither is set are both open.
+``/health``, ``/ready``, ``/`` and ``/docs`` stay open, but ``/ready`` shows no file paths to a caller
+without a valid key (:func:`caller_of`). The API key that matched also names the caller's score-cache
+partition (``WINNOW_RERANK_CACHE_SCOPE=key``), set for the request in :data:`cache.CALLER`.
+
 Pure ASGI (no BaseHTTPMiddleware task per request). Order matters: an unauthenticated client is answered
 401 from its headers alone, and an oversized body 413 from its ``Content-Length`` — or, when it streams
 without one, as soon as the bytes read pass the limit — so neither costs the server the body's memory.
@@ -9,14 +16,19 @@ A body that stalls between chunks for ``WINNOW_HTTP_BODY_TIMEOUT`` gets 408.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import secrets
 from typing import Any
 
 from pipeline.api.errors import ApiError, error_body
 from pipeline.config import Settings
+from pipeline.rerank.cache import CALLER
 
-PROTECTED = ("/v1/", "/v2/")  # the API routes; /health, /ready, /metrics, / and /docs stay open
+PROTECTED = ("/v1/", "/v2/")  # the API routes; /health, /ready, / and /docs stay open
+METRICS = "/metrics"
+READY = "/ready"
+SCOPE_KEY = "winnow_caller"  # in scope["state"]: who the request authenticated as (None: nobody)
 
 
 class BodyTooLarge(ApiError):
@@ -41,6 +53,13 @@ UNAUTHORIZED = ApiError(
     "missing or wrong API key: send 'Authorization: Bearer <WINNOW_API_KEY>'",
     {"WWW-Authenticate": "Bearer"},
 )
+METRICS_UNAUTHORIZED = ApiError(
+    401,
+    "unauthorized",
+    "missing or wrong metrics key: send 'Authorization: Bearer <WINNOW_METRICS_API_KEY>' (or, "
+    "when that is unset, the API key)",
+    {"WWW-Authenticate": "Bearer"},
+)
 
 
 def _header(scope: dict[str, Any], name: bytes) -> bytes | None:
@@ -51,9 +70,32 @@ def _header(scope: dict[str, Any], name: bytes) -> bytes | None:
 
 
 def authorized(scope: dict[str, Any], key: str) -> bool:
+    return matching_key(scope, [key]) is not None
+
+
+def matching_key(scope: dict[str, Any], keys: list[str]) -> str | None:
+    """The key of ``keys`` the request's Bearer token equals (each compared in constant time)."""
     raw = _header(scope, b"authorization") or b""
     scheme, _, token = raw.partition(b" ")
-    return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), key.encode())
+    if scheme.lower() != b"bearer":
+        return None
+    token = token.strip()
+    found = None
+    for key in keys:  # no early exit: the time does not say which key matched
+        if secrets.compare_digest(token, key.encode()):
+            found = key
+    return found
+
+
+def caller_of(scope: dict[str, Any]) -> str | None:
+    """The partition name of the key the request authenticated with (None: no valid key sent)."""
+    state = scope.get("state")
+    return state.get(SCOPE_KEY) if isinstance(state, dict) else None
+
+
+def key_name(key: str) -> str:
+    """A short, non-reversible name for a key: what the cache partition and state carry."""
+    return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
 
 
 async def _send_error(send: Any, exc: ApiError) -> None:
@@ -67,17 +109,39 @@ async def _send_error(send: Any, exc: ApiError) -> None:
 class GuardMiddleware:
     def __init__(self, app: Any, settings: Settings) -> None:
         self.app = app
-        self.key = settings.api_key.get_secret_value() if settings.api_key is not None else None
+        self.keys = settings.api_keys
+        self.metrics_keys = settings.metrics_keys
+        self.any_keys = self.keys + [k for k in self.metrics_keys if k not in self.keys]
+        self.per_key_cache = settings.rerank_cache_scope == "key"
         self.limit = settings.max_body_bytes
         self.body_timeout = settings.http_body_timeout
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(PROTECTED):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.key is not None and not authorized(scope, self.key):
-            await _send_error(send, UNAUTHORIZED)
+        path = scope["path"]
+        if path == METRICS:
+            if self.metrics_keys and matching_key(scope, self.metrics_keys) is None:
+                await _send_error(send, METRICS_UNAUTHORIZED)
+                return
+        elif path == READY:  # open, but paths only for a caller with a key (routes.ready)
+            key = matching_key(scope, self.any_keys) if self.any_keys else None
+            scope.setdefault("state", {})[SCOPE_KEY] = key_name(key) if key is not None else None
+        elif path.startswith(PROTECTED):
+            key = matching_key(scope, self.keys) if self.keys else None
+            if self.keys and key is None:
+                await _send_error(send, UNAUTHORIZED)
+                return
+            token = CALLER.set(key_name(key) if key is not None and self.per_key_cache else "")
+            try:
+                await self._guarded(scope, receive, send)
+            finally:
+                CALLER.reset(token)
             return
+        await self.app(scope, receive, send)
+
+    async def _guarded(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         length = _header(scope, b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             await _send_error(send, BodyTooLarge(self.limit))

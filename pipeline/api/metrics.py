@@ -60,6 +60,10 @@ class _StatsCollector(Collector):
             )
         gauges = {
             "queue_tokens": ("winnow_rerank_queue_tokens", "estimated tokens waiting"),
+            "queue_seconds": (
+                "winnow_rerank_queue_seconds",
+                "predicted seconds of rerank work waiting or running (the cost model)",
+            ),
             "rerank_tokens_per_s": ("winnow_rerank_tokens_per_s", "measured throughput"),
             "last_dispatch_tokens": ("winnow_rerank_last_batch_tokens", "tokens in the last call"),
             "rerank_cache_entries": ("winnow_rerank_cache_entries", "pairs in the score cache"),

@@ -17,6 +17,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pipeline.api.errors import ApiError
+from pipeline.api.guard import caller_of
 from pipeline.api.schemas import (
     ERROR_RESPONSES,
     ReadyOut,
@@ -64,8 +65,9 @@ async def health() -> dict[str, str]:
 
 
 @router.get("/ready", tags=["ops"], response_model=ReadyOut, responses={503: {"model": ReadyOut}})
-async def ready(st: State) -> JSONResponse:
-    ok, body = await st.readiness()
+async def ready(request: Request, st: State) -> JSONResponse:
+    # file paths only for a caller with a key (the guard says who authenticated)
+    ok, body = await st.readiness(detail=caller_of(request.scope) is not None)
     return JSONResponse(body, status_code=200 if ok else 503)
 
 

@@ -54,6 +54,13 @@ class SearchBody(BaseModel):
         description="Drop documents whose score is below this (the reranker's P(yes) when "
         "reranked, else the recall score); below_min_score says how many.",
     )
+    rerank_budget_ms: PositiveInt | None = Field(
+        None,
+        description="Most milliseconds the reranking may take, queue included: the best-recalled "
+        "candidates the reranker can score within it (by its measured cost) are reranked, the rest "
+        "follow in recall order with reranked=false. Default WINNOW_SEARCH_RERANK_BUDGET_MS "
+        "(0 = the reranker's deadline, WINNOW_RERANK_DEADLINE_S).",
+    )
 
 
 class SearchHit(BaseModel):
@@ -71,13 +78,20 @@ class SearchHit(BaseModel):
     best_window: int | None = Field(
         None, description="With max_chunks_per_doc > 1: the window of the passage that scored."
     )
+    reranked: bool = Field(
+        description="Scored by the reranker. Reranked results come first, by score (P(yes)); "
+        "the others follow in recall order, their score the recall score."
+    )
 
 
 class SearchOut(BaseModel):
     results: list[SearchHit]
     timings_ms: dict[str, float]
-    candidates: int
-    reranked: bool
+    candidates: int = Field(description="Passages recalled.")
+    reranked: int = Field(
+        description="Of those, how many the reranker scored (the best-recalled ones; fewer than "
+        "candidates when the rest would not fit rerank_budget_ms; 0 with rerank off)."
+    )
     mode: Literal["dense", "hybrid", "bm25"]
     below_min_score: int | None = Field(
         None, description="Documents dropped by min_score (null when none was sent)."

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pipeline.api.errors import NotReady
@@ -49,8 +50,12 @@ class AppState:
         out.update(gpu.gpu_stats())
         return out
 
-    async def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Models loaded, Milvus answering, collection usable, remote reranker healthy; ≤ ~1 s."""
+    async def readiness(self, detail: bool = True) -> tuple[bool, dict[str, Any]]:
+        """Models loaded, Milvus answering, collection usable, remote reranker healthy; ≤ ~1 s.
+
+        ``detail=False`` (a caller without a key): no file paths — a model given as a local
+        directory shows its last part, a collection problem its kind, not its message.
+        """
         rt = self.runtime
         milvus = collection = None
         if rt.loaded:
@@ -75,7 +80,21 @@ class AppState:
             "embed_model": self.settings.embed_model,
             "gpu": gpu.gpu_summary(),
         }
+        if not detail:
+            body["rerank_model"] = public_name(body["rerank_model"])
+            body["embed_model"] = public_name(body["embed_model"])
+            if collection not in (None, "ok", "timeout"):
+                body["collection"] = "unavailable"
         return ok, body
+
+
+def public_name(model: str | None) -> str | None:
+    """A model name without its directory: ``/srv/models/qwen3`` → ``qwen3``; hub ids unchanged."""
+    if model is None:
+        return None
+    if Path(model).is_absolute() or model.startswith((".", "~")) or Path(model).exists():
+        return Path(model.rstrip("/\\")).name or "local"
+    return model
 
 
 def _collection_state(rt: Runtime) -> str:

@@ -8,6 +8,7 @@ inside the backends, never here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -65,6 +66,19 @@ class Reranker(Protocol):
     async def score(
         self, query: str, docs: Sequence[str], instruction: str | None = None
     ) -> list[float]: ...
+
+    async def affordable(
+        self,
+        query: str,
+        docs: Sequence[str],
+        instruction: str | None = None,
+        budget_s: float = math.inf,
+        free: Sequence[bool] | None = None,
+    ) -> int:
+        """How many leading ``docs`` could be scored within ``budget_s`` seconds now, queue included
+        (``free[i]``: a cache hit, no work); raises ``Overloaded`` when the queue alone is the reason
+        none fit. A backend without a cost model (remote: its own timeout) answers ``len(docs)``."""
+        ...
 
     def stats(self) -> dict[str, int | float]:
         """Counters for /metrics under the same names for every backend (see BatchedReranker)."""

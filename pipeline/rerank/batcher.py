@@ -6,10 +6,13 @@ Every backend (transformers, vLLM) sits behind this one scheduler:
   (the engine's ``estimate_tokens`` when it has one, else :func:`estimate_pair_tokens`: characters /
   ``CHARS_PER_TOKEN`` capped by ``max_length``; no tokenizer runs on the event loop). The queue is
   bounded in tokens (``queue_tokens``) and in requests (``queue_size``); past either → ``Overloaded``.
-- **Deadline.** Throughput is measured in estimated tokens per second (a decayed, token-weighted
-  average over recent dispatches), so the estimator's bias cancels out. A request that alone would
-  take longer than ``deadline_s`` is refused with ``WorkTooLarge``; one that would miss it because of
-  the work ahead of it gets ``Overloaded`` with a Retry-After from the measured rate.
+- **Deadline, from a cost model that knows length.** Each pair's time is predicted from its estimated
+  tokens by :class:`~pipeline.rerank.cost.CostModel` (``a·n + b·n²``, rates learnt per length bucket
+  from every engine call, seeded by a start-up profile at two lengths), so the estimator's bias cancels
+  out and one heavy request does not make short ones look slow. A request that alone would take longer
+  than ``deadline_s`` is refused with ``WorkTooLarge``; one that would miss it because of the work ahead
+  of it gets ``Overloaded`` with a Retry-After from the predicted seconds. :meth:`MicroBatcher.affordable`
+  tells a caller how many leading documents fit a budget (``/v1/search`` reranks those).
 - **Slices, fair round-robin.** Requests are cut into slices of consecutive documents (at most
   ``slice_tokens`` each) and served round by round: each active request gets at most one slice per
   round, and a newcomer joins the current round ahead of requests already served in it. So a short
@@ -41,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.rerank import RerankEngine, RerankRequest
+from pipeline.rerank.cost import CostModel
 from pipeline.rerank.prompt import BODY_TEMPLATE, PREFIX, SUFFIX, resolve_instruction
 
 log = logging.getLogger(__name__)
@@ -59,8 +63,13 @@ DEFAULT_SLICE_TOKENS = 8192
 # Used until the first measurement (BatchedReranker.load() calibrates at once): the real
 # Qwen3-Reranker-0.6B runs ~95-110 tokens/s on a 2-core CPU (docs/benchmarks.md), a GPU far more.
 START_TOKENS_PER_S = 100.0
+UNCAPPED = 1 << 62
 RATE_HALF_LIFE_TOKENS = 65536.0  # older dispatches weigh half after this much newer work
-CALIBRATION_DOCS = 2
+# The start-up profile: long pairs from PROFILE_MIN_TOKENS, doubling to the pair limit while the next
+# is predicted to end within PROFILE_SECONDS of the start (the first long pair always runs).
+PROFILE_SECONDS = 4.0
+PROFILE_MIN_TOKENS = 512
+CALIBRATION_TEXT = "calibration text for the reranker scheduler"
 
 
 class Overloaded(RuntimeError):
@@ -124,9 +133,12 @@ class _Job:
     est: list[int]
     future: asyncio.Future[list[float]]
     seq: int
+    lens: list[float]  # the cost model's length of each pair
+    cost: list[float]  # predicted seconds per document (at admission)
     scores: list[float]
     pending: int  # pairs not scored yet
     waiting_tokens: int  # estimated tokens not dispatched yet
+    waiting_seconds: float  # predicted seconds of the documents not dispatched yet
     next_doc: int = 0  # first document not dispatched yet
     rounds: int = 0  # round-robin rounds served
     last_served: float = -1.0  # dispatch number of its last slice (newcomers: just before)
@@ -138,6 +150,7 @@ class _Part:
     start: int
     stop: int
     tokens: int
+    seconds: float  # predicted
 
 
 class MicroBatcher:
@@ -171,11 +184,14 @@ class MicroBatcher:
         self.max_pairs = max_pairs_per_dispatch
         self.max_requests = max_requests_per_dispatch  # None = no limit; 1 = no merging
         self.start_tokens_per_s = start_tokens_per_s
+        self.cost = CostModel(start_tokens_per_s)
         self.stats = BatcherStats()
         self._rate_tokens = 0.0  # decayed sums behind tokens_per_s
         self._rate_seconds = 0.0
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="winnow-rerank")
-        self._estimate: Callable[[RerankRequest], list[int]] = self._pick_estimator()
+        self._raw_estimate: Callable[[RerankRequest], list[int]] = self._pick_estimator()
+        # engine tokens per estimated token, measured by the profile (the cost model's unit)
+        self.token_scale = 1.0
         self._reset()
 
     # --- state --------------------------------------------------------------------------------
@@ -186,18 +202,31 @@ class MicroBatcher:
         self._ring: list[_Job] = []  # admitted jobs with documents not dispatched yet
         self._jobs: set[_Job] = set()  # admitted, unfinished
         self._waiting_tokens = 0
-        self._inflight_tokens = 0
+        self._inflight_seconds = 0.0
         self._seq = 0
         self._dispatch_no = 0
 
     def _pick_estimator(self) -> Callable[[RerankRequest], list[int]]:
+        """Uncapped estimated tokens per pair (the pair limit is applied by the callers)."""
         est = getattr(self.engine, "estimate_tokens", None)
         if callable(est):
-            return lambda r: [
-                min(self.max_length, int(est(RerankRequest(r.query, [d], r.instruction))))
-                for d in r.docs
-            ]
-        return lambda r: estimate_pair_tokens(r, self.max_length)
+            return lambda r: [int(est(RerankRequest(r.query, [d], r.instruction))) for d in r.docs]
+        return lambda r: estimate_pair_tokens(r, UNCAPPED)
+
+    def _estimate(self, request: RerankRequest) -> list[int]:
+        """Estimated tokens per pair, capped by the pair limit: the unit of the queue bounds."""
+        return [min(self.max_length, n) for n in self._raw_estimate(request)]
+
+    def _work(self, request: RerankRequest) -> tuple[list[int], list[float]]:
+        """(estimated tokens, the cost model's lengths) per pair.
+
+        The lengths are the engine's tokens as the profile measured them against the estimate, and
+        capped where the engine caps: the character heuristic over-counts prose by ~1.5-2× below the
+        cap but not at it, so estimated tokens alone would make capped pairs look cheap.
+        """
+        raw = self._raw_estimate(request)
+        cap = self.max_length
+        return [min(cap, n) for n in raw], [min(cap, n * self.token_scale) for n in raw]
 
     @property
     def slice_tokens(self) -> int:
@@ -217,8 +246,14 @@ class MicroBatcher:
         return self._waiting_tokens
 
     @property
+    def waiting_seconds(self) -> float:
+        """Predicted seconds of the work queued and not dispatched yet."""
+        return sum(j.waiting_seconds for j in self._ring)
+
+    @property
     def tokens_per_s(self) -> float:
-        """Measured throughput in estimated tokens per second (start value before any)."""
+        """Measured throughput in estimated tokens per second over all lengths (for /metrics; the
+        deadline uses the cost model, which knows length)."""
         if self._rate_seconds <= 0:
             return self.start_tokens_per_s
         return max(self._rate_tokens / self._rate_seconds, 1e-3)
@@ -232,17 +267,78 @@ class MicroBatcher:
         self._rate_seconds = self._rate_seconds * decay + seconds
 
     def calibrate(self) -> float:
-        """Score a small synthetic request synchronously (call off the loop, after ``load()``).
+        """Profile the engine at several pair lengths, synchronously (call off the loop, after load).
 
-        Seeds the throughput estimate so the deadline check starts from a measurement; a small
-        request runs below peak throughput, so the seed errs on the conservative side.
+        Seeds the cost model so the first request is not judged by a guess: a one-pair warm-up (the
+        first call pays one-off library and kernel set-up), a short request (twice when it is cheap;
+        the faster counts), then single long pairs of
+        :data:`PROFILE_MIN_TOKENS`, doubling up to the pair limit while the next one is predicted to
+        fit what is left of :data:`PROFILE_SECONDS` (a 2-core CPU with the 0.6B model stops at 512
+        tokens, ~5 s; a GPU reaches the limit in milliseconds). The first long pair also measures
+        :attr:`token_scale` from the engine's ``tokens_scored`` when it counts them. Returns the
+        short pairs' estimated tokens per second.
         """
-        doc = " ".join(["calibration text for the reranker scheduler"] * 8)
-        req = RerankRequest("calibration query", [doc] * CALIBRATION_DOCS, None)
+        t_start = time.perf_counter()
+        # one-off costs first (library init, kernel selection): not part of any pair's time
+        self.engine.score_requests([RerankRequest("warm-up", ["warm-up"])])
+        short = RerankRequest("calibration query", [" ".join([CALIBRATION_TEXT] * 8)] * 2, None)
+        n_short = sum(self._estimate(short)) / len(short.docs)
+        t_first = self._timed(short)
+        fixed = self._estimate(RerankRequest("calibration query", [""]))[0]
+        longs: list[tuple[float, float]] = []
+        want = PROFILE_MIN_TOKENS
+        while True:
+            chars = int(max(1, want / self.token_scale - fixed) * CHARS_PER_TOKEN)
+            doc = (CALIBRATION_TEXT + " ") * (1 + chars // (len(CALIBRATION_TEXT) + 1))
+            long = RerankRequest("calibration query", [doc[:chars]])
+            n_long = self._raw_estimate(long)[0]
+            before = self._engine_tokens()
+            seconds = self._timed(long)
+            after = self._engine_tokens()
+            if not longs and before is not None and after is not None and after > before:
+                self.token_scale = min(2.0, max(0.1, (after - before) / n_long))
+            length = min(self.max_length, n_long * self.token_scale)
+            longs.append((length, seconds))
+            if length >= self.max_length or want >= self.max_length:
+                break
+            want = min(self.max_length, 2 * want)
+            # the next pair, at least 2× longer: at least 2× the time (4× when attention dominates)
+            left = PROFILE_SECONDS - (time.perf_counter() - t_start)
+            if 2 * seconds * want / length > left:
+                break
+        t_short = t_first
+        if t_first < PROFILE_SECONDS / 4:  # cheap: run it again without the one-off warm-ups
+            t_short = min(t_first, self._timed(short))
+        points = [(n_short * self.token_scale, t_short / len(short.docs)), *longs]
+        a, b = self.cost.set_profile(points)
+        rate = n_short * len(short.docs) / t_short
+        log.info(
+            "reranker profile in %.1f s: %.0f estimated tokens/s at %d; pairs of %s engine tokens "
+            "in %s s; %.2f engine tokens per estimated token; line a=%.3g s, b=%.3g s per token²",
+            time.perf_counter() - t_start,
+            rate,
+            n_short,
+            [round(n) for n, _ in longs],
+            [round(t, 3) for _, t in longs],
+            self.token_scale,
+            a,
+            b,
+        )
+        return rate
+
+    def _engine_tokens(self) -> int | None:
+        """Tokens the engine says it ran (None when it does not count them)."""
+        stats = self.engine.stats()
+        value = stats.get("tokens_scored") if isinstance(stats, dict) else None
+        return int(value) if isinstance(value, int | float) else None
+
+    def _timed(self, request: RerankRequest) -> float:
+        """Seconds of one engine call on ``request``, counted in the throughput figure."""
         t0 = time.perf_counter()
-        self.engine.score_requests([req])
-        self.measure(sum(self._estimate(req)), time.perf_counter() - t0)
-        return self.tokens_per_s
+        self.engine.score_requests([request])
+        seconds = time.perf_counter() - t0
+        self.measure(sum(self._estimate(request)), seconds)
+        return seconds
 
     def counters(self) -> dict[str, int | float]:
         """Batcher counters under the /metrics names (engine counters are merged by the reranker)."""
@@ -265,6 +361,7 @@ class MicroBatcher:
             "last_dispatch_pairs": st.last_dispatch_pairs,
             "last_dispatch_tokens": st.last_dispatch_tokens,
             "rerank_tokens_per_s": round(self.tokens_per_s, 3),
+            "queue_seconds": round(self.waiting_seconds + self._inflight_seconds, 3),
         }
 
     # --- admission ----------------------------------------------------------------------------
@@ -276,72 +373,125 @@ class MicroBatcher:
             self._wakeup = asyncio.Event()
             self._task = loop.create_task(self._run(), name="rerank-batcher")
 
-    def _admit(self, tokens: int) -> None:
-        """Raise WorkTooLarge / Overloaded unless a request of ``tokens`` can be queued now."""
-        st, rate = self.stats, self.tokens_per_s
-        limits: list[tuple[int, str]] = []
-        if self.queue_tokens is not None:
-            limits.append((self.queue_tokens, "WINNOW_RERANK_QUEUE_TOKENS"))
-        if self.deadline_s is not None:
-            limits.append(
-                (
-                    int(self.deadline_s * rate),
-                    f"{self.deadline_s:g} s at the measured {rate:.0f} tokens/s, "
-                    "WINNOW_RERANK_DEADLINE_S",
-                )
+    def _admit(self, est: list[int], cost: list[float]) -> None:
+        """Raise WorkTooLarge / Overloaded unless a request of this work can be queued now."""
+        st = self.stats
+        tokens, seconds = sum(est), sum(cost)
+        if self.queue_tokens is not None and tokens > self.queue_tokens:
+            st.too_large += 1
+            raise WorkTooLarge(
+                f"this request is about {tokens} tokens of reranking work; this server accepts "
+                f"at most about {self.queue_tokens} per request (WINNOW_RERANK_QUEUE_TOKENS): "
+                "split the documents over several requests or send shorter documents",
+                tokens=tokens,
+                limit=self.queue_tokens,
             )
-        for limit, why in limits:
-            if tokens > limit:
-                st.too_large += 1
-                raise WorkTooLarge(
-                    f"this request is about {tokens} tokens of reranking work; this server accepts "
-                    f"at most about {limit} per request ({why}): split the documents over several "
-                    "requests or send shorter documents",
-                    tokens=tokens,
-                    limit=limit,
-                )
+        if self.deadline_s is not None and seconds > self.deadline_s:
+            st.too_large += 1
+            limit = round(tokens * self.deadline_s / seconds)
+            raise WorkTooLarge(
+                f"this request is about {tokens} tokens of reranking work, about {seconds:.0f} s "
+                "at the measured cost of pairs of its lengths; this server accepts at most about "
+                f"{limit} such tokens per request ({self.deadline_s:g} s, "
+                "WINNOW_RERANK_DEADLINE_S): split the documents over several requests or send "
+                "shorter documents",
+                tokens=tokens,
+                limit=limit,
+            )
         if len(self._jobs) >= self.queue_size:
             st.rejected += 1
-            ahead = self._waiting_tokens / max(1, len(self._jobs))
-            raise Overloaded(self._retry_after(ahead, rate), "the reranker queue is full")
+            ahead = (self.waiting_seconds + self._inflight_seconds) / max(1, len(self._jobs))
+            raise Overloaded(self._retry_after(ahead), "the reranker queue is full")
         if self.queue_tokens is not None and self._waiting_tokens + tokens > self.queue_tokens:
             st.rejected += 1
             excess = self._waiting_tokens + tokens - self.queue_tokens
-            raise Overloaded(self._retry_after(excess, rate), "the reranker queue is full")
+            raise Overloaded(
+                self._retry_after(excess * seconds / tokens), "the reranker queue is full"
+            )
         if self.deadline_s is not None:
-            # Round-robin: until this request is done, every other one gets at most as much work.
-            ahead = self._inflight_tokens + sum(min(j.waiting_tokens, tokens) for j in self._ring)
-            finish = (ahead + tokens) / rate
+            finish = self._finish(seconds)
             if finish > self.deadline_s:
                 st.rejected += 1
                 st.refused_deadline += 1
                 raise Overloaded(
-                    self._retry_after(finish * rate - self.deadline_s * rate, rate),
+                    self._retry_after(finish - self.deadline_s),
                     f"the reranker is too busy to finish this request within "
                     f"{self.deadline_s:g} s (WINNOW_RERANK_DEADLINE_S)",
                 )
 
-    def _retry_after(self, tokens: float, rate: float) -> float:
+    def _finish(self, seconds: float) -> float:
+        """Predicted seconds until a newcomer of ``seconds`` of work is done.
+
+        Round-robin: until it is done, every request ahead gets at most as much work as it does.
+        """
+        ahead = self._inflight_seconds + sum(min(j.waiting_seconds, seconds) for j in self._ring)
+        return ahead + seconds
+
+    def _retry_after(self, seconds: float) -> float:
         cap = self.deadline_s if self.deadline_s is not None else 60.0
-        return max(1.0, min(cap, tokens / rate))
+        return max(1.0, min(cap, seconds))
+
+    def affordable(
+        self, request: RerankRequest, budget_s: float, free: Sequence[bool] | None = None
+    ) -> int:
+        """How many leading documents of ``request`` could be scored within ``budget_s`` now.
+
+        The queue ahead counts as in :meth:`_admit` (round-robin), and so do the queue bounds and the
+        deadline (the budget is at most ``deadline_s``). ``free[i]``: document ``i`` costs nothing
+        (a score-cache hit). Raises ``Overloaded`` when some documents would fit an idle queue but
+        none fit now: that is overload (429), not a budget too small.
+        """
+        est, lens = self._work(request)
+        if free is not None:
+            est = [0 if f else n for n, f in zip(est, free, strict=True)]
+        budget = budget_s if self.deadline_s is None else min(budget_s, self.deadline_s)
+        room_tokens = self.queue_tokens if self.queue_tokens is not None else math.inf
+        busy_room = room_tokens - self._waiting_tokens
+        alone = now = 0
+        tokens = seconds = 0.0
+        queue_full = len(self._jobs) >= self.queue_size
+        for n, length in zip(est, lens, strict=True):
+            tokens += n
+            seconds += self.cost.pair_seconds(length) if n else 0.0
+            if seconds > budget or tokens > room_tokens:
+                break
+            alone += 1
+            if now == alone - 1 and (
+                tokens == 0  # cache hits so far: nothing to queue
+                or (not queue_full and tokens <= busy_room and self._finish(seconds) <= budget)
+            ):
+                now = alone
+        if now == 0 and alone > 0:
+            self.stats.rejected += 1
+            self.stats.refused_deadline += not queue_full
+            wait = self._finish(self.cost.pair_seconds(lens[0])) - budget
+            raise Overloaded(
+                self._retry_after(wait),
+                f"the reranker is too busy to score any candidate within {budget:g} s",
+            )
+        return now
 
     async def submit(self, request: RerankRequest) -> list[float]:
         if not request.docs:
             return []
         self._ensure_started()
-        est = self._estimate(request)
+        est, lens = self._work(request)
+        cost = [self.cost.pair_seconds(n) for n in lens]
         total = sum(est)
-        self._admit(total)
+        self._admit(est, cost)
         assert self._loop is not None and self._wakeup is not None
         ring_rounds = min((j.rounds for j in self._ring), default=0)
         job = _Job(
             request=request,
             est=est,
+            lens=lens,
+            cost=cost,
             future=self._loop.create_future(),
             seq=self._seq,
             scores=[0.0] * len(request.docs),
             pending=len(request.docs),
             waiting_tokens=total,
+            waiting_seconds=sum(cost),
             rounds=ring_rounds,  # joins the current round: after those still waiting in it,
             last_served=self._dispatch_no - 0.5,  # before those served by the call in flight
         )
@@ -364,6 +514,7 @@ class MicroBatcher:
             self.stats.dropped += 1
             self.stats.dropped_pairs += len(job.request.docs) - job.next_doc
         job.waiting_tokens = 0
+        job.waiting_seconds = 0.0
         job.next_doc = len(job.request.docs)
 
     # --- dispatch -----------------------------------------------------------------------------
@@ -396,13 +547,16 @@ class MicroBatcher:
                     stop += 1
                 if stop == start:
                     continue
+                seconds = sum(job.cost[start:stop])
                 prev = parts.get(job)
                 if prev is not None:
                     prev.stop, prev.tokens = stop, prev.tokens + tokens
+                    prev.seconds += seconds
                 else:
-                    parts[job] = _Part(job, start, stop, tokens)
+                    parts[job] = _Part(job, start, stop, tokens, seconds)
                 job.next_doc = stop
                 job.waiting_tokens -= tokens
+                job.waiting_seconds -= seconds
                 self._waiting_tokens -= tokens
                 job.rounds += 1
                 job.last_served = self._dispatch_no
@@ -440,13 +594,15 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         requests = [self._sub_request(p) for p in parts]
         tokens = sum(p.tokens for p in parts)
-        self._inflight_tokens = tokens
+        self._inflight_seconds = sum(p.seconds for p in parts)
         t0 = time.perf_counter()
         try:
             results: list[list[float] | BaseException] = list(
                 await loop.run_in_executor(self._executor, self.engine.score_requests, requests)
             )
-            self.measure(tokens, time.perf_counter() - t0)
+            elapsed = time.perf_counter() - t0
+            self.measure(tokens, elapsed)
+            self.cost.observe([n for p in parts for n in p.job.lens[p.start : p.stop]], elapsed)
         except Exception as exc:
             if len(parts) == 1:
                 results = [exc]
@@ -462,7 +618,7 @@ class MicroBatcher:
                     except Exception as single:
                         results.append(single)
         finally:
-            self._inflight_tokens = 0
+            self._inflight_seconds = 0.0
             self.stats.last_dispatch_s = time.perf_counter() - t0
         self._record(parts)
         for p, res in zip(parts, results, strict=True):
@@ -531,11 +687,25 @@ class BatchedReranker:
         self._load_lock = threading.Lock()
 
     def load(self) -> None:
-        """Load the engine and seed the throughput estimate (blocking; call off the event loop)."""
+        """Load the engine and profile it for the cost model (blocking; call off the event loop)."""
         with self._load_lock:
             self.engine.load()
-            rate = self.batcher.calibrate()
-            log.info("reranker calibrated at ~%.0f estimated tokens/s", rate)
+            t0 = time.perf_counter()
+            self.batcher.calibrate()
+            log.info("reranker profiled in %.1f s", time.perf_counter() - t0)
+
+    async def affordable(
+        self,
+        query: str,
+        docs: Sequence[str],
+        instruction: str | None = None,
+        budget_s: float = math.inf,
+        free: Sequence[bool] | None = None,
+    ) -> int:
+        """Leading documents that could be scored within ``budget_s`` now (see the batcher)."""
+        return self.batcher.affordable(
+            RerankRequest(query, list(docs), instruction), budget_s, free
+        )
 
     async def score(
         self, query: str, docs: Sequence[str], instruction: str | None = None

@@ -13,6 +13,10 @@ request reach the batcher (so only they count as queued work).
   its ``epoch`` whenever it sees the server unreachable (a failed call or ``/ready`` probe, 502-504)
   or its answers name another ``model``, and the cache is dropped then (``invalidations``); the hits
   of a request are re-scored when its own call is the one that saw the change.
+- **Partitioned by caller** (``WINNOW_RERANK_CACHE_SCOPE=key``, the default): the key also holds
+  :data:`CALLER`, a hash of the API key the request came with (set by the API's guard), so a hit —
+  which is visible by its speed — only ever tells a caller about pairs it asked itself. ``shared``:
+  one partition for everyone (a single tenant). docs/limits.md "Metrics and cache privacy".
 - **Bounded in bytes**: each entry is charged :data:`ENTRY_BYTES` (digest + float + the ordered
   dict's node, measured with tracemalloc in tests); past ``max_bytes`` the least recently used go.
 """
@@ -22,9 +26,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import sys
 from collections import OrderedDict
 from collections.abc import Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from pipeline.rerank.prompt import resolve_instruction
@@ -40,6 +46,9 @@ DIGEST_BYTES = 16
 # (tracemalloc measures ~148 at 20,000 entries: tests/test_rerank_cache.py)
 ENTRY_BYTES = sys.getsizeof(b"\0" * DIGEST_BYTES) + sys.getsizeof(0.5) + 80
 HASH_IN_THREAD_CHARS = 1 << 20  # hash requests larger than this off the event loop
+# The score-cache partition of the request being served ("" = shared): a hash of the caller's API key,
+# set per request by pipeline/api/guard.py; tasks the request starts inherit it.
+CALLER: ContextVar[str] = ContextVar("winnow_cache_caller", default="")
 
 
 def identity(settings: Settings) -> str:
@@ -73,6 +82,10 @@ class ScoreCache:
     @property
     def bytes(self) -> int:
         return len(self._data) * ENTRY_BYTES
+
+    def __contains__(self, key: bytes) -> bool:
+        """Held, without counting a hit or a miss or touching the LRU order (for planning)."""
+        return key in self._data
 
     def get(self, key: bytes) -> float | None:
         value = self._data.get(key)
@@ -145,10 +158,7 @@ class CachedReranker:
     ) -> list[float]:
         if not docs:
             return []
-        if sum(len(d) for d in docs) > HASH_IN_THREAD_CHARS:
-            keys = await asyncio.to_thread(pair_keys, self.ident, query, docs, instruction)
-        else:
-            keys = pair_keys(self.ident, query, docs, instruction)
+        keys = await self._keys(query, docs, instruction)
         self._sync_epoch()
         scores: list[float | None] = [self.cache.get(k) for k in keys]
         todo = [i for i, value in enumerate(scores) if value is None]
@@ -163,6 +173,33 @@ class CachedReranker:
                 scores[i] = value
                 self.cache.put(keys[i], value)
         return [float(value) for value in scores if value is not None]
+
+    async def affordable(
+        self,
+        query: str,
+        docs: Sequence[str],
+        instruction: str | None = None,
+        budget_s: float = math.inf,
+        free: Sequence[bool] | None = None,
+    ) -> int:
+        """The inner reranker's answer, with the pairs this cache holds counted as free."""
+        if not docs:
+            return 0
+        keys = await self._keys(query, docs, instruction)
+        held = [k in self.cache for k in keys]
+        if free is not None:
+            held = [h or f for h, f in zip(held, free, strict=True)]
+        return await self.inner.affordable(query, docs, instruction, budget_s, held)
+
+    async def _keys(self, query: str, docs: Sequence[str], instruction: str | None) -> list[bytes]:
+        """The pairs' keys in the caller's partition (large requests hashed off the event loop)."""
+        ident = self.ident
+        caller = CALLER.get()
+        if caller:
+            ident = f"{ident}\x1fcaller={caller}"
+        if sum(len(d) for d in docs) > HASH_IN_THREAD_CHARS:
+            return await asyncio.to_thread(pair_keys, ident, query, docs, instruction)
+        return pair_keys(ident, query, docs, instruction)
 
     def _sync_epoch(self) -> bool:
         """Drop the cache when the backend's ``epoch`` moved (remote: restart or another model)."""

@@ -613,6 +613,17 @@ class RemoteReranker:
         """The client-side cutter (windows of long documents), when a tokenizer is configured."""
         return self._cutter
 
+    async def affordable(
+        self,
+        query: str,
+        docs: Sequence[str],
+        instruction: str | None = None,
+        budget_s: float = math.inf,
+        free: Sequence[bool] | None = None,
+    ) -> int:
+        """All of them: the remote has no cost model here; its calls keep their own deadline."""
+        return len(docs)
+
     def stats(self) -> dict[str, int | float]:
         """Plain counters for /metrics (read at scrape time)."""
         return {

@@ -189,7 +189,10 @@
       "embed " + fmtMs(t.embed) + " · recall " + fmtMs(t.recall) +
       " · rerank " + (body.reranked ? fmtMs(t.rerank) : "off") + " · total " + fmtMs(t.total) +
       "  —  " + results.length + " of " + body.candidates + " candidates, " + body.mode +
-      (body.reranked ? ", reranked" : ", not reranked");
+      (!body.reranked ? ", not reranked"
+        : body.reranked < body.candidates
+          ? ", best " + body.reranked + " reranked (rest by recall, within the rerank budget)"
+          : ", reranked");
     timingsEl.hidden = false;
   }
 
