@@ -19,11 +19,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import LiveServer, batched
+from conftest import CORPUS, LiveServer, batched
 from test_api import app_settings, copy_db
 
 from pipeline.api import create_app
 from pipeline.domain import join_title
+from pipeline.rerank import RerankRequest
 from pipeline.rerank.cost import CostModel
 
 pytestmark = pytest.mark.slow
@@ -140,16 +141,17 @@ def test_long_documents_refused_up_front_and_short_ones_not_poisoned(profiled: L
 
 # --- issue 30 item 1: search within a budget -----------------------------------------------------
 
-SLOW_MS_PER_TOKEN = (
-    1.0  # the calibration says: 1 ms per estimated token (a ~180-token pair: ~0.18 s)
-)
+PAIR_S = 0.25  # what the calibration says one candidate pair costs (6 pairs: 1.5 s)
 
 
-def look_slow(server: LiveServer, ms_per_token: float = SLOW_MS_PER_TOKEN) -> None:
-    """Profile the reranker as a slow machine would measure it (fresh model: nothing learnt yet)."""
+def look_slow(server: LiveServer, query: str, docs: list[str], pair_s: float = PAIR_S) -> None:
+    """Profile the reranker as a slow machine would measure it (fresh model: nothing learnt yet):
+    each of these pairs costs about ``pair_s``, whatever unit the batcher's estimate uses."""
     batcher = server.server.config.app.state.winnow.runtime.reranker.batcher
+    _, lengths = batcher._work(RerankRequest(query, docs))
+    per_token_s = pair_s / (sum(lengths) / len(lengths))
     batcher.cost = CostModel()
-    batcher.cost.set_profile([(n, n * ms_per_token / 1000) for n in (100, 1000)])
+    batcher.cost.set_profile([(n, n * per_token_s) for n in (100, 1000)])
 
 
 @pytest.fixture(scope="module")
@@ -196,32 +198,33 @@ def test_search_reranks_what_fits_the_budget(budgeted: LiveServer, tiny_engine) 
     recall_order = [r["doc_id"] for r in recall["results"]]
     assert len(recall_order) == 6
 
-    look_slow(budgeted)  # 6 candidates × ~0.18 s > a 500 ms budget
+    docs = [join_title(x["title"], x["text"]) for x in recall["results"]]
+
+    look_slow(budgeted, q, docs)  # 6 candidates × ~0.25 s > a 500 ms budget
     r = httpx.post(url, json={"query": q, "top_k": 6, "top_n": 6, "rerank_budget_ms": 500})
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["reranked"] in (1, 2, 3), body["reranked"]
     check_partial(body, recall_order, tiny_engine, q)
 
-    look_slow(budgeted)  # no budget sent: the deadline (1 s) is the budget
+    look_slow(budgeted, q, docs)  # no budget sent: the deadline (1 s) is the budget
     body = httpx.post(url, json={"query": q, "top_k": 6, "top_n": 6}).json()
     check_partial(body, recall_order, tiny_engine, q)
 
-    look_slow(budgeted, ms_per_token=0.1)  # a machine 10× faster fits all 6 in 500 ms
+    look_slow(budgeted, q, docs, pair_s=PAIR_S / 10)  # a machine 10× faster fits all 6 in 500 ms
     body = httpx.post(
         url, json={"query": q, "top_k": 6, "top_n": 3, "rerank_budget_ms": 500}
     ).json()
     assert body["reranked"] == 6 and all(x["reranked"] for x in body["results"])
 
-    look_slow(budgeted)  # /v1/rerank: the caller chose the documents, 413 stays
-    docs = [join_title(x["title"], x["text"]) for x in recall["results"]]
+    look_slow(budgeted, q, docs)  # /v1/rerank: the caller chose the documents, 413 stays
     rr = httpx.post(f"{budgeted.url}/v1/rerank", json={"query": q, "documents": docs})
     assert rr.status_code == 413 and rr.json()["error"]["type"] == "work_too_large"
 
 
 def test_budget_below_one_candidate_is_recall_order(budgeted: LiveServer) -> None:
-    look_slow(budgeted)
     q = "a drink made from roasted beans"
+    look_slow(budgeted, q, [text for _, text in CORPUS.values()])
     body = httpx.post(
         f"{budgeted.url}/v1/search", json={"query": q, "top_k": 4, "rerank_budget_ms": 1}
     ).json()

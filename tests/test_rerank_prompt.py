@@ -153,7 +153,7 @@ def _work_estimate_tracks_the_tokenizer(tok) -> None:
     est = cutter.estimate_tokens(req)
     assert real / 2 <= est <= real * 2, (est, real, cutter.chars_per_token)
     long = RerankRequest("q", ["word " * 100_000])
-    assert cutter.estimate_tokens(long) == 8192  # capped like the card's cut
+    assert cutter.estimate_tokens(long) > 8192  # uncapped: the batcher caps where the engine cuts
 
 
 def test_work_estimate_tracks_the_bpe_tokenizer() -> None:

@@ -88,14 +88,11 @@ class DocumentCutter:
 
     def estimate_tokens(self, request: RerankRequest) -> int:
         """Prompt tokens of ``request``'s pairs without tokenizing them (cheap: the batcher calls it
-        on the event loop): this tokenizer's measured characters per token, each pair capped at
-        ``max_length`` as the card's cut would."""
+        on the event loop), by this tokenizer's measured characters per token. Uncapped: the caller
+        applies ``max_length`` where the engine would cut (the cost model needs to see the cap)."""
         head = len(format_body(request.query, "", request.instruction))
         return sum(
-            min(
-                self.max_length,
-                self.fixed_tokens + math.ceil((head + len(d)) / self.chars_per_token),
-            )
+            self.fixed_tokens + math.ceil((head + len(d)) / self.chars_per_token)
             for d in request.docs
         )
 
