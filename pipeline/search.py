@@ -20,7 +20,7 @@ from pipeline.domain import Hit, join_title
 from pipeline.embedding import Embedder
 from pipeline.errors import RequestError, RerankDisabled, TooLarge
 from pipeline.rerank import Reranker, RerankRequest
-from pipeline.rerank.batcher import WorkTooLarge
+from pipeline.rerank.batcher import WorkTooLarge, estimate_pair_tokens
 from pipeline.store import MilvusStore
 
 RecallMode = Literal["dense", "hybrid", "bm25"]
@@ -57,6 +57,16 @@ class RerankResponse:
     model: str
     rerank_ms: float
     below_min_score: int | None = None  # documents dropped by min_score (None: none asked)
+    tokens: int = 0  # prompt tokens of the pairs scored (usage; cached pairs count in full)
+
+
+@dataclass(slots=True)
+class ScoreResponse:
+    """Scores of (query, document) pairs in input order (vLLM's /score)."""
+
+    scores: list[float]
+    model: str
+    tokens: int
 
 
 @dataclass(slots=True)
@@ -115,6 +125,7 @@ class SearchService:
         self.embedder = embedder
         self.store = store
         self.reranker = reranker
+        self._counter: Any = None  # TokenCounter, built on first use (usage of rerank answers)
 
     async def recall(
         self, query: str, top_k: int, *, mode: RecallMode, filter: str = ""
@@ -173,7 +184,7 @@ class SearchService:
         if do_rerank and hits:
             t0 = time.perf_counter()
             try:
-                best = await self._score(
+                best, _ = await self._score(
                     query,
                     [join_title(h.title, h.text) for h in hits],
                     instruction if instruction is not None else s.rerank_instruction,
@@ -260,14 +271,20 @@ class SearchService:
         if max_tokens_per_doc is not None:
             limit = min(limit, max_tokens_per_doc * CHARS_PER_TOKEN)
         t0 = time.perf_counter()
-        best = await self._score(
-            query,
-            [d[:limit] for d in documents],
-            instruction if instruction is not None else s.rerank_instruction,
-            chunks,
-        )
+        texts = [d[:limit] for d in documents]
+        instruction = instruction if instruction is not None else s.rerank_instruction
+        if chunks <= 1:  # the count runs beside the scoring (its own thread and tokenizer)
+            (best, _), tokens = await _all_or_none(
+                [
+                    self._score(query, texts, instruction, chunks),
+                    self._prompt_tokens(query, texts, instruction),
+                ]
+            )
+        else:
+            best, scored = await self._score(query, texts, instruction, chunks)
+            tokens = await self._prompt_tokens(query, scored, instruction)
         order, below = above([score for score, _ in best], min_score)
-        if top_n is not None:
+        if top_n:  # None or 0: all (vLLM's top_n=0)
             order = order[:top_n]
         return RerankResponse(
             results=[
@@ -277,17 +294,88 @@ class SearchService:
             model=self.reranker.model,
             rerank_ms=(time.perf_counter() - t0) * 1000,
             below_min_score=below,
+            tokens=tokens,
         )
+
+    async def score_pairs(
+        self,
+        queries: Sequence[str],
+        documents: Sequence[str],
+        *,
+        instruction: str | None = None,
+        max_tokens_per_doc: int | None = None,
+    ) -> ScoreResponse:
+        """vLLM's /score: one query against N documents (1:N), or N pairs (N:N), in input order.
+
+        The pairs of each distinct query go to the reranker as one request (its admission, deadline,
+        cache and limits), the queries concurrently; the first failure cancels the rest.
+        """
+        if self.reranker is None:
+            raise RerankDisabled()
+        if not queries or not documents:
+            raise RequestError("send at least one query and one document to score")
+        if len(queries) > 1 and len(queries) != len(documents):
+            raise RequestError(
+                f"{len(queries)} queries and {len(documents)} documents: send one query and N "
+                "documents (1:N) or as many queries as documents (N:N, scored pairwise)"
+            )
+        if len(documents) > self.settings.max_documents:
+            raise TooLarge(
+                f"{len(documents)} pairs; the limit is {self.settings.max_documents} per request "
+                "(WINNOW_MAX_DOCUMENTS): split the request",
+                kind="too_many_documents",
+            )
+        groups: dict[str, list[int]] = {}
+        for i in range(len(documents)):
+            groups.setdefault(queries[i] if len(queries) > 1 else queries[0], []).append(i)
+        calls = [
+            self.rerank(
+                q,
+                [documents[i] for i in idx],
+                instruction=instruction,
+                max_tokens_per_doc=max_tokens_per_doc,
+            )
+            for q, idx in groups.items()
+        ]
+        answers = await _all_or_none(calls)
+        scores = [0.0] * len(documents)
+        for idx, res in zip(groups.values(), answers, strict=True):
+            for r in res.results:
+                scores[idx[r.index]] = r.score
+        return ScoreResponse(scores, self.reranker.model, sum(a.tokens for a in answers))
+
+    async def _prompt_tokens(self, query: str, texts: Sequence[str], instruction: str) -> int:
+        """Prompt tokens of the pairs as the model reads them: the card's cut applied, prefix and
+        suffix included, every pair counted (a cached pair as if scored: usage does not tell whether
+        someone sent the pair before). Estimated (characters / 4) without the model's tokenizer."""
+        request = RerankRequest(query, list(texts), instruction)
+        counter = await self._token_counter()
+        if counter is None:
+            return sum(estimate_pair_tokens(request, self.settings.rerank_max_length))
+        return sum(await asyncio.to_thread(counter.pair_tokens, request))
+
+    async def _token_counter(self) -> Any:
+        if self._counter is None and self.reranker is not None:
+            cutter_of = getattr(self.reranker, "document_cutter", None)
+            cutter = cutter_of() if callable(cutter_of) else None
+            if cutter is not None:
+                from pipeline.rerank.cut import TokenCounter
+
+                self._counter = await asyncio.to_thread(
+                    TokenCounter, cutter.tokenizer, cutter.max_length
+                )
+        return self._counter
 
     async def _score(
         self, query: str, texts: Sequence[str], instruction: str, chunks: int
-    ) -> list[tuple[float, int]]:
-        """(score, best window) per text: ``chunks`` > 1 scores a long text in windows, all of them
-        in the one reranker call (so they are batched together and count as its work)."""
+    ) -> tuple[list[tuple[float, int]], list[str]]:
+        """(score, best window) per text, and the texts the reranker read: ``chunks`` > 1 scores a
+        long text in windows, all of them in the one reranker call (so they are batched together
+        and count as its work)."""
         assert self.reranker is not None
         if chunks <= 1:
             scores = await self.reranker.score(query, texts, instruction)
-            return [(score, 0) for score in scores]
+            return [(score, 0) for score in scores], list(texts)
         cutter_of = getattr(self.reranker, "document_cutter", None)
         cutter = cutter_of() if callable(cutter_of) else None
         if cutter is None:
@@ -305,7 +393,7 @@ class SearchService:
         )
         flat = [w for ws in windows for w in ws]
         scores = await self.reranker.score(query, flat, instruction)
-        return best_of_windows(scores, [len(ws) for ws in windows])
+        return best_of_windows(scores, [len(ws) for ws in windows]), flat
 
     def _chunks(self, max_chunks_per_doc: int | None) -> int:
         s = self.settings
@@ -335,6 +423,17 @@ class SearchService:
                 f"{s.max_instruction_chars} (WINNOW_MAX_INSTRUCTION_CHARS)",
                 kind="instruction_too_long",
             )
+
+
+async def _all_or_none(calls: Sequence[Any]) -> list[Any]:
+    """Await all; on the first failure cancel the others and raise it (not an ExceptionGroup)."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
 
 
 def _at_most(name: str, value: int, limit: int, setting: str) -> None:

@@ -16,7 +16,9 @@ from typing import Any
 from pipeline.api.errors import ApiError, error_body
 from pipeline.config import Settings
 
-PROTECTED = ("/v1/", "/v2/")  # the API routes; /health, /ready, /metrics, / and /docs stay open
+# the API routes, each dialect's paths included (/rerank, /score: vLLM, TEI, Infinity; /info: TEI);
+# /health, /ready, /metrics, / and /docs stay open
+PROTECTED = ("/v1/", "/v2/", "/rerank", "/score", "/info")
 
 
 class BodyTooLarge(ApiError):
