@@ -30,9 +30,10 @@ def _limits(settings: Settings) -> dict[str, dict[str, dict[str, int]]]:
         **{
             name: {
                 "instruction": text["instruction"],
-                **{f: {"maxItems": settings.max_documents} for f in fields},
+                first: {"maxItems": settings.max_documents, "maxLength": settings.max_query_chars},
+                second: {"maxItems": settings.max_documents},
             }
-            for name, fields in {
+            for name, (first, second) in {
                 "ScoreTextBody": ("text_1", "text_2"),
                 "ScoreQueriesBody": ("queries", "documents"),
                 "ScoreItemsBody": ("queries", "items"),
@@ -43,10 +44,19 @@ def _limits(settings: Settings) -> dict[str, dict[str, dict[str, int]]]:
 
 
 def _apply(prop: dict[str, Any], extra: dict[str, int]) -> None:
-    """Put the keywords on the property, or on each non-null branch of an ``anyOf``."""
+    """Put the keywords on the property, or on each non-null branch of an ``anyOf``: ``maxItems`` on
+    arrays, ``maxLength`` on strings (an array's items included), others on every branch."""
     branches = [b for b in prop.get("anyOf", [prop]) if b.get("type") != "null"]
     for b in branches:
-        b.update(extra)
+        is_array = b.get("type") == "array"
+        for key, value in extra.items():
+            if key == "maxItems":
+                if is_array:
+                    b[key] = value
+            elif key == "maxLength":
+                (b.get("items", {}) if is_array else b)[key] = value
+            else:
+                b[key] = value
 
 
 def _any_dialect(op: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ Settings (top_k, lengths, documents) are checked by SearchService and written in
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -161,7 +162,8 @@ class RerankBody(Body):
     @model_validator(mode="before")
     @classmethod
     def _rank_fields(cls, data: Any) -> Any:
-        """Cohere v1: object documents become the text of their ``rank_fields``."""
+        """Cohere v1: an object document's text is the values of its ``rank_fields`` (those it has,
+        in that order, one per line; a value that is not a string as JSON), else its ``text``."""
         if not isinstance(data, dict) or not data.get("rank_fields"):
             return data
         fields, docs = data["rank_fields"], data.get("documents")
@@ -174,15 +176,19 @@ class RerankBody(Body):
             if not isinstance(doc, dict):
                 out.append(doc)
                 continue
-            parts = []
-            for f in fields:
-                value = doc.get(f)
-                if not isinstance(value, str):
-                    raise ValueError(
-                        f"documents[{i}] has no string field {f!r} named in rank_fields"
-                    )
-                parts.append(value)
-            out.append("\n".join(parts))
+            parts = [
+                v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+                for v in (doc[f] for f in fields if f in doc)
+            ]
+            if parts:
+                out.append("\n".join(parts))
+            elif "text" in doc:
+                out.append(doc)
+            else:
+                raise ValueError(
+                    f"documents[{i}] has none of the rank_fields and no text: name fields the "
+                    "documents have"
+                )
         return {**data, "documents": out}
 
     def texts(self) -> list[str]:
@@ -263,6 +269,7 @@ class TeiRank(BaseModel):
 
 
 ScoreText = str | Annotated[list[str], Field(min_length=1)]
+ScoreQuery = Query | Annotated[list[Query], Field(min_length=1)]
 
 
 class _ScoreCommon(Body):
@@ -285,22 +292,22 @@ class _ScoreCommon(Body):
 
 
 class ScoreTextBody(_ScoreCommon):
-    text_1: ScoreText = Field(description="The query (or N queries, scored pairwise).")
+    text_1: ScoreQuery = Field(description="The query (or N queries, scored pairwise).")
     text_2: ScoreText = Field(description="The documents.")
 
 
 class ScoreQueriesBody(_ScoreCommon):
-    queries: ScoreText
+    queries: ScoreQuery
     documents: ScoreText
 
 
 class ScoreItemsBody(_ScoreCommon):
-    queries: ScoreText
+    queries: ScoreQuery
     items: ScoreText
 
 
 class ScoreDataBody(_ScoreCommon):
-    data_1: ScoreText
+    data_1: ScoreQuery
     data_2: ScoreText
 
 
