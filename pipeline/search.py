@@ -10,6 +10,7 @@ raised as :mod:`pipeline.errors` exceptions that the API maps to status codes in
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,9 @@ from pipeline.store import MilvusStore
 
 RecallMode = Literal["dense", "hybrid", "bm25"]
 CHARS_PER_TOKEN = 4  # for max_tokens_per_doc: a character cap first, the model then cuts exactly
+# Unicode White_Space: what the schemas' pattern "\S" (pydantic's regex) calls blank; str.strip() also
+# strips control characters such as \x1e, which the schema accepts (one rule, or a valid body gets 422)
+BLANK = re.compile("[\t\n\v\f\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*")
 
 
 @dataclass(slots=True)
@@ -304,6 +308,7 @@ class SearchService:
         *,
         instruction: str | None = None,
         max_tokens_per_doc: int | None = None,
+        max_chunks_per_doc: int | None = None,
     ) -> ScoreResponse:
         """vLLM's /score: one query against N documents (1:N), or N pairs (N:N), in input order.
 
@@ -334,6 +339,7 @@ class SearchService:
                 [documents[i] for i in idx],
                 instruction=instruction,
                 max_tokens_per_doc=max_tokens_per_doc,
+                max_chunks_per_doc=max_chunks_per_doc,
             )
             for q, idx in groups.items()
         ]
@@ -409,7 +415,7 @@ class SearchService:
     def _check_text(self, query: str, instruction: str | None) -> None:
         """Query and instruction have their own caps: only documents are ever cut."""
         s = self.settings
-        if not query.strip():
+        if BLANK.fullmatch(query):
             raise RequestError("query is empty: send the text to search for", kind="empty_query")
         if len(query) > s.max_query_chars:
             raise RequestError(

@@ -103,6 +103,39 @@ def test_cohere_v1_rank_fields(client: httpx.Client) -> None:
     assert missing.status_code == 422 and "rank_fields" in missing.json()["detail"]
 
 
+def test_cohere_v1_sdk_with_rank_fields(live: LiveServer) -> None:
+    """The cohere SDK's v1 Client (POST /v1/rerank) with object documents and rank_fields."""
+    import cohere
+
+    co = cohere.Client(base_url=live.url, api_key=KEY)
+    records = corpus_records()
+    objs = [{"title": r["title"], "body": r["text"]} for r in records]
+    resp = co.rerank(model="m", query=QUERY, documents=objs, rank_fields=["title", "body"], top_n=2)
+    with httpx.Client(base_url=live.url, headers=AUTH, timeout=60) as c:
+        expect = direct(c, QUERY, [f"{r['title']}\n{r['text']}" for r in records])
+    assert [r.index for r in resp.results] == sorted(expect, key=expect.get, reverse=True)[:2]
+    for r in resp.results:
+        assert r.relevance_score == pytest.approx(expect[r.index], abs=1e-6)
+
+
+def test_windows_on_every_dialect(client: httpx.Client) -> None:
+    long = "filler words about nothing much. " * 1500 + "The moon's gravity drives ocean tides."
+    docs = [long, DOCS[0]]
+    ref = client.post(
+        "/v1/rerank", json={"query": "tides", "documents": docs, "max_chunks_per_doc": 4}
+    ).json()
+    expect = {x["index"]: x["relevance_score"] for x in ref["results"]}
+    assert any("best_window" in x for x in ref["results"])
+    tei = client.post(
+        "/rerank", json={"query": "tides", "texts": docs, "max_chunks_per_doc": 4}
+    ).json()
+    assert {x["index"]: x["score"] for x in tei} == pytest.approx(expect, abs=1e-6)
+    score = client.post(
+        "/score", json={"text_1": "tides", "text_2": docs, "max_chunks_per_doc": 4}
+    ).json()
+    assert {d["index"]: d["score"] for d in score["data"]} == pytest.approx(expect, abs=1e-6)
+
+
 def test_infinity_raw_scores(client: httpx.Client) -> None:
     expect = direct(client, QUERY, DOCS)
     r = client.post("/rerank", json={"query": QUERY, "documents": DOCS, "raw_scores": True})

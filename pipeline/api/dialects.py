@@ -79,7 +79,7 @@ def rerank_call(body: RerankBody | TeiRerankBody) -> RerankCall:
             instruction=body.instruction,
             truncate=body.truncate is not False,  # absent = TEI's --auto-truncate
             max_tokens_per_doc=None,
-            max_chunks_per_doc=None,
+            max_chunks_per_doc=body.max_chunks_per_doc,
             min_score=None,
             raw=body.raw_scores,
             return_texts=body.return_text,
@@ -147,6 +147,7 @@ class ScoreCall:
     documents: list[str]
     instruction: str | None
     max_tokens_per_doc: int | None
+    max_chunks_per_doc: int | None
     raw: bool
 
 
@@ -170,6 +171,7 @@ def score_call(
         documents=_as_list(second),
         instruction=body.instruction,
         max_tokens_per_doc=body.max_tokens_per_doc or None,  # vLLM: 0 = no cut of its own
+        max_chunks_per_doc=body.max_chunks_per_doc,
         raw=body.use_activation is False,
     )
 

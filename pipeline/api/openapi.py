@@ -26,10 +26,11 @@ def _limits(settings: Settings) -> dict[str, dict[str, dict[str, int]]]:
             "filter": {"maxLength": settings.max_filter_chars},
         },
         "RerankBody": {**text, "documents": {"maxItems": settings.max_documents}},
-        "TeiRerankBody": {**text, "texts": {"maxItems": settings.max_documents}},
+        "TeiRerankBody": {**text, "texts": {"maxItems": settings.max_documents}},  # text: query…
         **{
             name: {
                 "instruction": text["instruction"],
+                "max_chunks_per_doc": text["max_chunks_per_doc"],
                 first: {"maxItems": settings.max_documents, "maxLength": settings.max_query_chars},
                 second: {"maxItems": settings.max_documents},
             }

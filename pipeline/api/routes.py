@@ -125,6 +125,7 @@ async def score(body: AnyScoreBody, request: Request, st: State) -> JSONResponse
             call.documents,
             instruction=call.instruction,
             max_tokens_per_doc=call.max_tokens_per_doc,
+            max_chunks_per_doc=call.max_chunks_per_doc,
         ),
     )
     body_out = dialects.score_answer(

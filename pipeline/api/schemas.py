@@ -214,6 +214,7 @@ class TeiRerankBody(Body):
         description="Only right (keep the start): the model card cuts a document's end.",
     )
     instruction: str | None = None
+    max_chunks_per_doc: ChunksPerDoc | None = None
 
 
 def _rerank_dialect(value: Any) -> str:
@@ -289,6 +290,7 @@ class _ScoreCommon(Body):
     truncation_side: Literal["right"] | None = Field(
         None, description="Only right: the model card cuts a document's end."
     )
+    max_chunks_per_doc: ChunksPerDoc | None = None
 
 
 class ScoreTextBody(_ScoreCommon):
