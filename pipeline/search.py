@@ -10,7 +10,9 @@ raised as :mod:`pipeline.errors` exceptions that the API maps to status codes in
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,6 +26,7 @@ from pipeline.rerank import Reranker, RerankRequest
 from pipeline.rerank.batcher import WorkTooLarge, estimate_pair_tokens
 from pipeline.store import MilvusStore
 
+log = logging.getLogger(__name__)
 RecallMode = Literal["dense", "hybrid", "bm25"]
 CHARS_PER_TOKEN = 4  # for max_tokens_per_doc: a character cap first, the model then cuts exactly
 # Unicode White_Space: what the schemas' pattern "\S" (pydantic's regex) calls blank; str.strip() also
@@ -129,7 +132,9 @@ class SearchService:
         self.embedder = embedder
         self.store = store
         self.reranker = reranker
-        self._counter: Any = None  # TokenCounter, built on first use (usage of rerank answers)
+        self._counter: Any = None  # TokenCounter (usage of answers), built on first use
+        self._counter_built = False
+        self._counter_lock = threading.Lock()
 
     async def recall(
         self, query: str, top_k: int, *, mode: RecallMode, filter: str = ""
@@ -361,16 +366,28 @@ class SearchService:
         return sum(await asyncio.to_thread(counter.pair_tokens, request))
 
     async def _token_counter(self) -> Any:
-        if self._counter is None and self.reranker is not None:
-            cutter_of = getattr(self.reranker, "document_cutter", None)
-            cutter = cutter_of() if callable(cutter_of) else None
-            if cutter is not None:
-                from pipeline.rerank.cut import TokenCounter
+        """The counter over the reranker's tokenizer, built once for all requests (None: estimate).
 
-                self._counter = await asyncio.to_thread(
-                    TokenCounter, cutter.tokenizer, cutter.max_length
-                )
-        return self._counter
+        Built in a thread under a lock (concurrent first requests wait for the same build, on any
+        event loop: a runtime may serve several apps)."""
+        if self._counter_built:
+            return self._counter
+        return await asyncio.to_thread(self._build_counter)
+
+    def _build_counter(self) -> Any:
+        with self._counter_lock:
+            if not self._counter_built:
+                cutter_of = getattr(self.reranker, "document_cutter", None)
+                cutter = cutter_of() if callable(cutter_of) else None
+                if cutter is not None:
+                    from pipeline.rerank.cut import TokenCounter
+
+                    try:
+                        self._counter = TokenCounter(cutter.tokenizer, cutter.max_length)
+                    except Exception:  # usage falls back to the estimate; scoring is unaffected
+                        log.warning("cannot copy the reranker's tokenizer: usage is estimated")
+                self._counter_built = True
+            return self._counter
 
     async def _score(
         self, query: str, texts: Sequence[str], instruction: str, chunks: int
