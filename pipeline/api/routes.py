@@ -101,8 +101,10 @@ async def search(body: SearchBody, request: Request, st: State) -> dict[str, Any
     return res.as_dict()
 
 
-async def rerank(body: AnyRerankBody, request: Request, st: State) -> Any:
-    """Every rerank dialect: the body picks it (``texts``: TEI; ``documents``: the others)."""
+async def rerank(body: AnyRerankBody, request: Request, st: State) -> JSONResponse:
+    """Every rerank dialect: the body picks it (``texts``: TEI; ``documents``: the others).
+
+    The answer is written by ``dialects`` (its schema is the union in ``response_model``)."""
     call = dialects.rerank_call(body)
     st.metrics.batch_pairs.observe(len(call.texts))
     res = await until_disconnect(
