@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.domain import invalid_unicode_at
+
 TEXT_SUFFIXES = {".txt", ".md", ".markdown"}
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 CSV_SUFFIXES = {".csv"}
@@ -41,7 +43,20 @@ class Problem:
 
     def __str__(self) -> str:
         where = f"{self.path}:{self.line}" if self.line is not None else self.path
-        return f"{where}: {self.reason}"
+        return f"{printable(where)}: {self.reason}"
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print or log: a file name's undecodable bytes (or a lone surrogate) as
+    ``\\xNN`` escapes instead of an encoding error."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # how Python decodes file names
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+INVALID_UNICODE = "is not valid Unicode (a lone UTF-16 surrogate such as \\ud800)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +115,9 @@ def record_to_item(record: Any, fields: FieldMap, path: str, line: int) -> Item:
     """Map one JSON/CSV record to a Document, or explain why it cannot be one."""
     if not isinstance(record, dict):
         return Problem(path, line, f"expected a JSON object, got {type(record).__name__}")
+    where = invalid_unicode_at(record)
+    if where is not None:  # nothing downstream (hash, tokenizer, Milvus) takes it: skip the record
+        return Problem(path, line, f"field {where} {INVALID_UNICODE}; record skipped")
     id_key = _pick(record, fields.id, ID_FIELDS)
     text_key = _pick(record, fields.text, TEXT_FIELDS)
     if id_key is None:
@@ -190,6 +208,11 @@ def read_text_file(path: Path, root: Path) -> Iterator[Item]:
         yield Problem(name, None, f"cannot read: {exc.strerror or exc}")
         return
     rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+    if invalid_unicode_at(rel) is not None:  # the id would be the name: it must be text
+        yield Problem(
+            name, None, "the file name is not valid UTF-8 (it is the document id): rename it"
+        )
+        return
     title = ""
     if path.suffix.lower() != ".txt":
         title, text = _markdown_title(text)

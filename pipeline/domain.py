@@ -56,3 +56,37 @@ class Hit:
     text: str
     metadata: dict[str, Any]
     score: float
+
+
+def _has_surrogate(text: str) -> int | None:
+    """Position of the first lone UTF-16 surrogate in ``text`` (None: it is valid Unicode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+def invalid_unicode_at(value: Any, where: str = "") -> str | None:
+    """Where (``documents[3]``, ``metadata.lang``) the first string that is not valid Unicode sits.
+
+    A JSON text may carry ``"\\ud800"``: a lone surrogate, which Python decodes into a ``str`` that
+    no tokenizer, hash or JSON encoder downstream accepts. The API (every request body) and ingest
+    (every record) call this one check and refuse the value, naming where it is; None means valid.
+    """
+    if isinstance(value, str):
+        at = _has_surrogate(value)
+        return None if at is None else f"{where or 'value'} (character {at})"
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if isinstance(k, str) and _has_surrogate(k) is not None:
+                return f"a key of {where or 'the object'}"  # never quote the bad key itself
+            found = invalid_unicode_at(v, f"{where}.{k}" if where else str(k))
+            if found:
+                return found
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            found = invalid_unicode_at(v, f"{where}[{i}]")
+            if found:
+                return found
+    return None

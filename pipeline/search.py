@@ -13,7 +13,10 @@ raised as :mod:`pipeline.errors` exceptions that the API maps to status codes in
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+import re
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,11 +27,15 @@ from pipeline.domain import Hit, join_title
 from pipeline.embedding import Embedder
 from pipeline.errors import RequestError, RerankDisabled, TooLarge
 from pipeline.rerank import Reranker, RerankRequest
-from pipeline.rerank.batcher import WorkTooLarge
+from pipeline.rerank.batcher import WorkTooLarge, estimate_pair_tokens
 from pipeline.store import MilvusStore
 
+log = logging.getLogger(__name__)
 RecallMode = Literal["dense", "hybrid", "bm25"]
 CHARS_PER_TOKEN = 4  # for max_tokens_per_doc: a character cap first, the model then cuts exactly
+# Unicode White_Space: what the schemas' pattern "\S" (pydantic's regex) calls blank; str.strip() also
+# strips control characters such as \x1e, which the schema accepts (one rule, or a valid body gets 422)
+BLANK = re.compile("[\t\n\v\f\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*")
 
 
 @dataclass(slots=True)
@@ -63,6 +70,16 @@ class RerankResponse:
     model: str
     rerank_ms: float
     below_min_score: int | None = None  # documents dropped by min_score (None: none asked)
+    tokens: int = 0  # prompt tokens of the pairs scored (usage; cached pairs count in full)
+
+
+@dataclass(slots=True)
+class ScoreResponse:
+    """Scores of (query, document) pairs in input order (vLLM's /score)."""
+
+    scores: list[float]
+    model: str
+    tokens: int
 
 
 @dataclass(slots=True)
@@ -121,6 +138,9 @@ class SearchService:
         self.embedder = embedder
         self.store = store
         self.reranker = reranker
+        self._counter: Any = None  # TokenCounter (usage of answers), built on first use
+        self._counter_built = False
+        self._counter_lock = threading.Lock()
 
     async def recall(
         self, query: str, top_k: int, *, mode: RecallMode, filter: str = ""
@@ -187,7 +207,7 @@ class SearchService:
             t0 = time.perf_counter()
             budget = self._budget_s(rerank_budget_ms) if partial else None
             try:
-                best = await self._score(
+                best, _ = await self._score(
                     query,
                     [join_title(h.title, h.text) for h in hits],
                     instruction if instruction is not None else s.rerank_instruction,
@@ -280,14 +300,20 @@ class SearchService:
         if max_tokens_per_doc is not None:
             limit = min(limit, max_tokens_per_doc * CHARS_PER_TOKEN)
         t0 = time.perf_counter()
-        best = await self._score(
-            query,
-            [d[:limit] for d in documents],
-            instruction if instruction is not None else s.rerank_instruction,
-            chunks,
-        )
+        texts = [d[:limit] for d in documents]
+        instruction = instruction if instruction is not None else s.rerank_instruction
+        if chunks <= 1:  # the count runs beside the scoring (its own thread and tokenizer)
+            (best, _), tokens = await _all_or_none(
+                [
+                    self._score(query, texts, instruction, chunks),
+                    self._prompt_tokens(query, texts, instruction),
+                ]
+            )
+        else:
+            best, scored = await self._score(query, texts, instruction, chunks)
+            tokens = await self._prompt_tokens(query, scored, instruction)
         order, below = above([score for score, _ in best], min_score)
-        if top_n is not None:
+        if top_n:  # None or 0: all (vLLM's top_n=0)
             order = order[:top_n]
         return RerankResponse(
             results=[
@@ -297,6 +323,7 @@ class SearchService:
             model=self.reranker.model,
             rerank_ms=(time.perf_counter() - t0) * 1000,
             below_min_score=below,
+            tokens=tokens,
         )
 
     def _budget_s(self, rerank_budget_ms: int | None) -> float:
@@ -307,6 +334,89 @@ class SearchService:
             return ms / 1000
         return s.rerank_deadline_s if s.rerank_deadline_s else math.inf
 
+    async def score_pairs(
+        self,
+        queries: Sequence[str],
+        documents: Sequence[str],
+        *,
+        instruction: str | None = None,
+        max_tokens_per_doc: int | None = None,
+        max_chunks_per_doc: int | None = None,
+    ) -> ScoreResponse:
+        """vLLM's /score: one query against N documents (1:N), or N pairs (N:N), in input order.
+
+        The pairs of each distinct query go to the reranker as one request (its admission, deadline,
+        cache and limits), the queries concurrently; the first failure cancels the rest.
+        """
+        if self.reranker is None:
+            raise RerankDisabled("rerank")
+        if not queries or not documents:
+            raise RequestError("send at least one query and one document to score")
+        if len(queries) > 1 and len(queries) != len(documents):
+            raise RequestError(
+                f"{len(queries)} queries and {len(documents)} documents: send one query and N "
+                "documents (1:N) or as many queries as documents (N:N, scored pairwise)"
+            )
+        if len(documents) > self.settings.max_documents:
+            raise TooLarge(
+                f"{len(documents)} pairs; the limit is {self.settings.max_documents} per request "
+                "(WINNOW_MAX_DOCUMENTS): split the request",
+                kind="too_many_documents",
+            )
+        groups: dict[str, list[int]] = {}
+        for i in range(len(documents)):
+            groups.setdefault(queries[i] if len(queries) > 1 else queries[0], []).append(i)
+        calls = [
+            self.rerank(
+                q,
+                [documents[i] for i in idx],
+                instruction=instruction,
+                max_tokens_per_doc=max_tokens_per_doc,
+                max_chunks_per_doc=max_chunks_per_doc,
+            )
+            for q, idx in groups.items()
+        ]
+        answers = await _all_or_none(calls)
+        scores = [0.0] * len(documents)
+        for idx, res in zip(groups.values(), answers, strict=True):
+            for r in res.results:
+                scores[idx[r.index]] = r.score
+        return ScoreResponse(scores, self.reranker.model, sum(a.tokens for a in answers))
+
+    async def _prompt_tokens(self, query: str, texts: Sequence[str], instruction: str) -> int:
+        """Prompt tokens of the pairs as the model reads them: the card's cut applied, prefix and
+        suffix included, every pair counted (a cached pair as if scored: usage does not tell whether
+        someone sent the pair before). Estimated (characters / 4) without the model's tokenizer."""
+        request = RerankRequest(query, list(texts), instruction)
+        counter = await self._token_counter()
+        if counter is None:
+            return sum(estimate_pair_tokens(request, self.settings.rerank_max_length))
+        return sum(await asyncio.to_thread(counter.pair_tokens, request))
+
+    async def _token_counter(self) -> Any:
+        """The counter over the reranker's tokenizer, built once for all requests (None: estimate).
+
+        Built in a thread under a lock (concurrent first requests wait for the same build, on any
+        event loop: a runtime may serve several apps)."""
+        if self._counter_built:
+            return self._counter
+        return await asyncio.to_thread(self._build_counter)
+
+    def _build_counter(self) -> Any:
+        with self._counter_lock:
+            if not self._counter_built:
+                cutter_of = getattr(self.reranker, "document_cutter", None)
+                cutter = cutter_of() if callable(cutter_of) else None
+                if cutter is not None:
+                    from pipeline.rerank.cut import TokenCounter
+
+                    try:
+                        self._counter = TokenCounter(cutter.tokenizer, cutter.max_length)
+                    except Exception:  # usage falls back to the estimate; scoring is unaffected
+                        log.warning("cannot copy the reranker's tokenizer: usage is estimated")
+                self._counter_built = True
+            return self._counter
+
     async def _score(
         self,
         query: str,
@@ -314,9 +424,10 @@ class SearchService:
         instruction: str,
         chunks: int,
         budget_s: float | None = None,
-    ) -> list[tuple[float, int]]:
-        """(score, best window) per text: ``chunks`` > 1 scores a long text in windows, all of them
-        in the one reranker call (so they are batched together and count as its work).
+    ) -> tuple[list[tuple[float, int]], list[str]]:
+        """(score, best window) per text, and the texts the reranker read: ``chunks`` > 1 scores a
+        long text in windows, all of them in the one reranker call (so they are batched together
+        and count as its work).
 
         ``budget_s``: only the leading texts whose work fits it are scored (the result is that
         much shorter); None = all of them (413/429 when they do not fit).
@@ -327,9 +438,9 @@ class SearchService:
                 fit = await self.reranker.affordable(query, texts, instruction, budget_s)
                 texts = texts[:fit]
             if not texts:
-                return []
+                return [], []
             scores = await self.reranker.score(query, texts, instruction)
-            return [(score, 0) for score in scores]
+            return [(score, 0) for score in scores], list(texts)
         cutter_of = getattr(self.reranker, "document_cutter", None)
         cutter = cutter_of() if callable(cutter_of) else None
         if cutter is None:
@@ -356,9 +467,9 @@ class SearchService:
             windows = windows[:docs]
         flat = [w for ws in windows for w in ws]
         if not flat:
-            return []
+            return [], []
         scores = await self.reranker.score(query, flat, instruction)
-        return best_of_windows(scores, [len(ws) for ws in windows])
+        return best_of_windows(scores, [len(ws) for ws in windows]), flat
 
     def _chunks(self, max_chunks_per_doc: int | None) -> int:
         s = self.settings
@@ -374,7 +485,7 @@ class SearchService:
     def _check_text(self, query: str, instruction: str | None) -> None:
         """Query and instruction have their own caps: only documents are ever cut."""
         s = self.settings
-        if not query.strip():
+        if BLANK.fullmatch(query):
             raise RequestError("query is empty: send the text to search for", kind="empty_query")
         if len(query) > s.max_query_chars:
             raise RequestError(
@@ -388,6 +499,17 @@ class SearchService:
                 f"{s.max_instruction_chars} (WINNOW_MAX_INSTRUCTION_CHARS)",
                 kind="instruction_too_long",
             )
+
+
+async def _all_or_none(calls: Sequence[Any]) -> list[Any]:
+    """Await all; on the first failure cancel the others and raise it (not an ExceptionGroup)."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
 
 
 def _at_most(name: str, value: int, limit: int, setting: str) -> None:

@@ -172,7 +172,18 @@ def test_concurrent_requests_share_batches(live: LiveServer) -> None:
     assert "winnow_rerank_tokens_total" in metrics
 
 
-def test_queue_full_is_429(tmp_path: Path, sample_db, embedder, tiny_engine) -> None:
+@pytest.mark.parametrize(
+    ("path", "first", "second"),
+    [
+        ("/v1/rerank", "query", "documents"),
+        ("/rerank", "query", "texts"),
+        ("/score", "text_1", "text_2"),
+    ],
+)
+def test_queue_full_is_429(
+    tmp_path: Path, sample_db, embedder, tiny_engine, path: str, first: str, second: str
+) -> None:
+    """Every dialect goes through the same admission: Cohere/Jina, TEI and vLLM's /score."""
     db = copy_db(sample_db, tmp_path)
     app = create_app(
         app_settings(db), embedder=embedder, reranker=batched(tiny_engine, queue_size=1)
@@ -183,10 +194,7 @@ def test_queue_full_is_429(tmp_path: Path, sample_db, embedder, tiny_engine) -> 
         async def fire() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
                 return await asyncio.gather(
-                    *(
-                        client.post("/v1/rerank", json={"query": f"q{i}", "documents": docs})
-                        for i in range(12)
-                    )
+                    *(client.post(path, json={first: f"q{i}", second: docs}) for i in range(12))
                 )
 
         rs = asyncio.run(fire())
@@ -194,7 +202,7 @@ def test_queue_full_is_429(tmp_path: Path, sample_db, embedder, tiny_engine) -> 
     assert 200 in codes and 429 in codes, codes
     limited = next(r for r in rs if r.status_code == 429)
     assert int(limited.headers["Retry-After"]) >= 1
-    assert limited.json()["error"]["type"] == "overloaded"
+    assert limited.json()["error"]["type"] == "overloaded" and limited.json()["detail"]
 
 
 def test_api_key(tmp_path: Path, sample_db, embedder) -> None:

@@ -66,16 +66,21 @@ def post_head(path: str, length: int | None, auth: bool, chunked: bool = False) 
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-def test_auth_is_checked_before_the_body_is_read(guarded: LiveServer) -> None:
+BODY_PATHS = ["/v1/rerank", "/rerank", "/rerank/", "/v2/rerank", "/score", "/v1/score"]
+
+
+@pytest.mark.parametrize("path", BODY_PATHS)
+def test_auth_is_checked_before_the_body_is_read(guarded: LiveServer, path: str) -> None:
     """100 MB announced, nothing sent: the 401 comes from the headers alone."""
     t0 = time.monotonic()
-    out = raw(guarded.port, post_head("/v1/rerank", 100_000_000, auth=False))
+    out = raw(guarded.port, post_head(path, 100_000_000, auth=False))
     assert out.startswith(b"HTTP/1.1 401"), out[:200]
     assert time.monotonic() - t0 < 3
 
 
-def test_body_over_the_limit_is_refused_by_its_length(guarded: LiveServer) -> None:
-    out = raw(guarded.port, post_head("/v1/rerank", 100_000_000, auth=True))
+@pytest.mark.parametrize("path", BODY_PATHS)
+def test_body_over_the_limit_is_refused_by_its_length(guarded: LiveServer, path: str) -> None:
+    out = raw(guarded.port, post_head(path, 100_000_000, auth=True))
     assert out.startswith(b"HTTP/1.1 413"), out[:200]
 
 
@@ -141,12 +146,16 @@ def test_bounded_fields_short_errors_no_internals(
     assert not any(word in said for word in INTERNALS), message
 
 
-def test_instruction_has_its_own_cap_on_rerank(guarded: LiveServer) -> None:
-    r = httpx.post(
-        f"{guarded.url}/v1/rerank",
-        json={"query": "q", "documents": ["d"], "instruction": "i" * 10_000},
-        headers=AUTH,
-    )
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/rerank", {"query": "q", "documents": ["d"]}),
+        ("/rerank", {"query": "q", "texts": ["d"]}),
+        ("/score", {"text_1": "q", "text_2": ["d"]}),
+    ],
+)
+def test_instruction_has_its_own_cap_on_rerank(guarded: LiveServer, path: str, body: dict) -> None:
+    r = httpx.post(f"{guarded.url}{path}", json={**body, "instruction": "i" * 10_000}, headers=AUTH)
     assert r.status_code == 422 and r.json()["error"]["type"] == "instruction_too_long"
 
 

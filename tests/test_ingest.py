@@ -180,3 +180,33 @@ def test_kill_9_then_rerun_is_exact(tmp_path: Path, embedder) -> None:
     assert 0 < stats.unchanged < n, "some documents were stored before the kill, not all"
     assert job.store.count() == n
     assert sum(len(v) for v in job.store.ids_by_doc([f"d{i}" for i in range(n)]).values()) == n
+
+
+def test_invalid_unicode_is_a_reported_skip(tmp_path: Path, embedder) -> None:
+    """Lone surrogates (JSON escapes) in any field, undecodable bytes in a file or its name: each a
+    skip naming the file and field, never a crash; the valid records around them are ingested."""
+    root = tmp_path / "bad-unicode"
+    (root / "docs").mkdir(parents=True)
+    (root / "s.jsonl").write_text(
+        '{"_id": "good", "text": "Glaciers are rivers of ice that move slowly downhill."}\n'
+        '{"_id": "t", "text": "broken \\ud800 text"}\n'
+        '{"_id": "i\\udfff", "text": "an id with a lone surrogate"}\n'
+        '{"_id": "ti", "title": "\\udc00", "text": "a title with one"}\n'
+        '{"_id": "m", "text": "metadata with one", "meta": {"lang": ["en", "\\ud83d"]}}\n'
+    )
+    (root / "docs" / "mixed.md").write_bytes(b"# Title\n\nvalid start \xff\xfe invalid bytes\n")
+    (root / "rows.csv").write_bytes(b"id,text\nr1,fine row\nr2,bad \xc3\x28 byte\n")
+    (root / "docs" / b"name-\xff.txt".decode("utf-8", "surrogateescape")).write_text("ok text")
+    job = IngestJob(settings_for(tmp_path), embedder=embedder)
+    stats = job.run([root], progress=False)
+    reasons = [str(p) for p in stats.problems]
+    joined = "\n".join(reasons)
+    assert "s.jsonl:2: field text (character 7) is not valid Unicode" in joined, joined
+    assert "s.jsonl:3: field _id" in joined and "s.jsonl:4: field title" in joined, joined
+    assert "s.jsonl:5: field meta.lang[1]" in joined, joined
+    assert any("mixed.md" in r and "UTF-8" in r for r in reasons), reasons
+    assert any("rows.csv" in r and "UTF-8" in r for r in reasons), reasons
+    assert any("name-\\xff.txt" in r and "file name" in r for r in reasons), reasons
+    assert job.store.count() >= 1  # "good" (the CSV is cut where its decoder fails)
+    ids = {h.doc_id for h in job.store.bm25("glaciers ice", 5)}
+    assert "good" in ids

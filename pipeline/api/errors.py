@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pipeline.api.schemas import DIALECT_TAGS
 from pipeline.errors import RequestError, RerankDisabled, TooLarge, excerpt
 from pipeline.model_files import ModelUnavailable
 from pipeline.rerank import InstructionNotSupported, RerankerError, RerankerUnavailable
@@ -43,7 +44,9 @@ class NotReady(ApiError):
 
 
 def error_body(type_: str, message: str) -> dict[str, Any]:
-    return {"error": {"type": type_, "message": message}}
+    """``error`` (Cohere, OpenAI, vLLM) and the same message as a top-level ``detail`` string (what
+    the Jina-style clients of LangChain, LlamaIndex and Haystack read)."""
+    return {"error": {"type": type_, "message": message}, "detail": message}
 
 
 def _json(status: int, type_: str, message: str, headers: dict[str, str] | None = None):
@@ -126,7 +129,10 @@ def validation_message(exc: RequestValidationError) -> str:
     parts = []
     errors = exc.errors()
     for err in errors[:5]:
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        where = list(err.get("loc", ()))
+        if len(where) > 1 and where[0] == "body" and where[1] in DIALECT_TAGS:
+            del where[1]  # the body's dialect (a union's tag), not a field
+        loc = ".".join(str(x) for x in where if x != "body")
         parts.append(f"{loc or 'body'}: {excerpt(str(err.get('msg', 'invalid')), 120)}")
     if len(errors) > 5:
         parts.append(f"and {len(errors) - 5} more")

@@ -25,7 +25,9 @@ from pipeline.api.errors import ApiError, error_body
 from pipeline.config import Settings
 from pipeline.rerank.cache import CALLER
 
-PROTECTED = ("/v1/", "/v2/")  # the API routes; /health, /ready, / and /docs stay open
+# the API routes, each dialect's paths included (/rerank, /score: vLLM, TEI, Infinity; /info: TEI);
+# /health, /ready, /metrics, / and /docs stay open
+PROTECTED = ("/v1/", "/v2/", "/rerank", "/score", "/info")
 METRICS = "/metrics"
 READY = "/ready"
 SCOPE_KEY = "winnow_caller"  # in scope["state"]: who the request authenticated as (None: nobody)

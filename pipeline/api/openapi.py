@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from pipeline.api.guard import PROTECTED
 from pipeline.config import Settings
 
 
@@ -25,14 +26,47 @@ def _limits(settings: Settings) -> dict[str, dict[str, dict[str, int]]]:
             "filter": {"maxLength": settings.max_filter_chars},
         },
         "RerankBody": {**text, "documents": {"maxItems": settings.max_documents}},
+        "TeiRerankBody": {**text, "texts": {"maxItems": settings.max_documents}},  # text: query…
+        **{
+            name: {
+                "instruction": text["instruction"],
+                "max_chunks_per_doc": text["max_chunks_per_doc"],
+                first: {"maxItems": settings.max_documents, "maxLength": settings.max_query_chars},
+                second: {"maxItems": settings.max_documents},
+            }
+            for name, (first, second) in {
+                "ScoreTextBody": ("text_1", "text_2"),
+                "ScoreQueriesBody": ("queries", "documents"),
+                "ScoreItemsBody": ("queries", "items"),
+                "ScoreDataBody": ("data_1", "data_2"),
+            }.items()
+        },
     }
 
 
 def _apply(prop: dict[str, Any], extra: dict[str, int]) -> None:
-    """Put the keywords on the property, or on each non-null branch of an ``anyOf``."""
+    """Put the keywords on the property, or on each non-null branch of an ``anyOf``: ``maxItems`` on
+    arrays, ``maxLength`` on strings (an array's items included), others on every branch."""
     branches = [b for b in prop.get("anyOf", [prop]) if b.get("type") != "null"]
     for b in branches:
-        b.update(extra)
+        is_array = b.get("type") == "array"
+        for key, value in extra.items():
+            if key == "maxItems":
+                if is_array:
+                    b[key] = value
+            elif key == "maxLength":
+                (b.get("items", {}) if is_array else b)[key] = value
+            else:
+                b[key] = value
+
+
+def _any_dialect(op: dict[str, Any]) -> None:
+    """A body's dialects as ``anyOf``: extra fields are ignored, so a body may fit two of them (the
+    server picks by ``texts`` / ``text_1`` …), which ``oneOf`` would call invalid."""
+    content = op.get("requestBody", {}).get("content", {}).get("application/json", {})
+    schema = content.get("schema", {})
+    if "oneOf" in schema:
+        schema["anyOf"] = schema.pop("oneOf")
 
 
 def install(app: FastAPI, settings: Settings) -> None:
@@ -49,7 +83,8 @@ def install(app: FastAPI, settings: Settings) -> None:
                     _apply(schemas[name]["properties"][prop], extra)
         for path, ops in doc.get("paths", {}).items():
             for op in ops.values():
-                if settings.api_key is None or not path.startswith(("/v1/", "/v2/")):
+                _any_dialect(op)
+                if settings.api_key is None or not path.startswith(PROTECTED):
                     op.get("responses", {}).pop("401", None)
                 else:
                     op["security"] = [{"bearer": []}]

@@ -7,6 +7,7 @@ responses in ``pipeline/api/errors.py``.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Awaitable
 from pathlib import Path
@@ -16,19 +17,25 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from pipeline import __version__
+from pipeline.api import dialects
 from pipeline.api.errors import ApiError
 from pipeline.api.guard import caller_of
 from pipeline.api.schemas import (
     ERROR_RESPONSES,
+    AnyRerankBody,
+    AnyScoreBody,
+    InfoOut,
+    ModelsOut,
     ReadyOut,
-    RerankBody,
-    RerankDocument,
     RerankOut,
-    RerankResult,
+    ScoreOut,
     SearchBody,
     SearchOut,
+    TeiRank,
 )
 from pipeline.api.state import AppState
+from pipeline.errors import RerankDisabled
 
 STATIC = Path(__file__).parent / "static"
 T = TypeVar("T")
@@ -96,49 +103,83 @@ async def search(body: SearchBody, request: Request, st: State) -> dict[str, Any
     return res.as_dict()
 
 
-async def rerank(body: RerankBody, request: Request, st: State) -> RerankOut:
-    texts = body.texts()
-    st.metrics.batch_pairs.observe(len(texts))
+async def rerank(body: AnyRerankBody, request: Request, st: State) -> JSONResponse:
+    """Every rerank dialect: the body picks it (``texts``: TEI; ``documents``: the others).
+
+    The answer is written by ``dialects`` (its schema is the union in ``response_model``)."""
+    call = dialects.rerank_call(body)
+    st.metrics.batch_pairs.observe(len(call.texts))
     res = await until_disconnect(
-        request,
-        st.service.rerank(
-            body.query,
-            texts,
-            top_n=body.top_n,
-            instruction=body.instruction,
-            truncate=body.truncate,
-            max_tokens_per_doc=body.max_tokens_per_doc,
-            max_chunks_per_doc=body.max_chunks_per_doc,
-            min_score=body.min_score,
-        ),
+        request, st.service.rerank(call.query, call.texts, **call.service_args())
     )
     st.metrics.stage.labels("rerank").observe(res.rerank_ms / 1000)
-    return RerankOut(
-        id=str(uuid.uuid4()),
-        model=res.model,
-        results=[
-            RerankResult(
-                index=r.index,
-                relevance_score=r.score,
-                document=RerankDocument(text=texts[r.index]) if body.return_documents else None,
-                best_window=r.best_window,
-            )
-            for r in res.results
-        ],
-        meta={"api_version": {"version": "2"}, "billed_units": {"search_units": 1}},
-        usage={"documents": res.documents},
-        below_min_score=res.below_min_score,
+    return JSONResponse(
+        dialects.rerank_answer(call, res, id_=str(uuid.uuid4()), created=int(time.time()))
     )
 
 
-for _path in ("/v1/rerank", "/v2/rerank"):  # /v2/rerank: what the Cohere SDK calls
-    router.add_api_route(
-        _path,
-        rerank,
-        methods=["POST"],
-        response_model=RerankOut,
-        response_model_exclude_none=True,
-        responses=ERROR_RESPONSES,
-        tags=["rerank"],
-        include_in_schema=_path == "/v1/rerank",
+async def score(body: AnyScoreBody, request: Request, st: State) -> JSONResponse:
+    """vLLM's /score: 1:N or N:N pairs, scores in input order."""
+    call = dialects.score_call(body)
+    st.metrics.batch_pairs.observe(len(call.documents))
+    res = await until_disconnect(
+        request,
+        st.service.score_pairs(
+            call.queries,
+            call.documents,
+            instruction=call.instruction,
+            max_tokens_per_doc=call.max_tokens_per_doc,
+            max_chunks_per_doc=call.max_chunks_per_doc,
+        ),
+    )
+    body_out = dialects.score_answer(
+        call, res, id_=f"score-{uuid.uuid4().hex}", created=int(time.time())
+    )
+    return JSONResponse(body_out)
+
+
+RERANK_PATHS = ("/rerank", "/v1/rerank", "/v2/rerank")  # vLLM, TEI, Infinity · Jina · Cohere v2
+SCORE_PATHS = ("/score", "/v1/score")  # vLLM
+
+for _path in RERANK_PATHS:
+    for _p in (_path, _path + "/"):  # a trailing slash is served, not redirected (httpx: no follow)
+        router.add_api_route(
+            _p,
+            rerank,
+            methods=["POST"],
+            response_model=RerankOut | list[TeiRank],
+            responses=ERROR_RESPONSES,
+            tags=["rerank"],
+            include_in_schema=_p == _path,
+            summary="Rerank documents for a query (Cohere, Jina, vLLM, Infinity or TEI body)",
+        )
+for _path in SCORE_PATHS:
+    for _p in (_path, _path + "/"):
+        router.add_api_route(
+            _p,
+            score,
+            methods=["POST"],
+            response_model=ScoreOut,
+            responses=ERROR_RESPONSES,
+            tags=["rerank"],
+            include_in_schema=_p == _path,
+            summary="Score (query, document) pairs in input order (vLLM)",
+        )
+
+
+@router.get("/info", response_model=InfoOut, responses=ERROR_RESPONSES, tags=["rerank"])
+async def info(st: State) -> dict[str, Any]:
+    """TEI's model info: what TEI clients check before they rerank."""
+    reranker = st.service.reranker
+    if reranker is None:
+        raise RerankDisabled()
+    return dialects.tei_info(st.settings, reranker.model, __version__)
+
+
+@router.get("/v1/models", response_model=ModelsOut, responses=ERROR_RESPONSES, tags=["rerank"])
+async def models(st: State) -> dict[str, Any]:
+    """OpenAI's model list: the served reranker."""
+    reranker = st.service.reranker
+    return dialects.model_list(
+        reranker.model if reranker is not None else None, st.settings, int(st.started)
     )

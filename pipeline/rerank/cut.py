@@ -197,3 +197,45 @@ class DocumentCutter:
             if keep <= shared:
                 break
         raise RuntimeError("could not write a cut document as text that keeps its tokens")
+
+
+class TokenCounter:
+    """Tokens each pair's prompt holds as the model reads it (prefix + body cut to the card's
+    budget + suffix): the ``usage`` of the rerank and score answers.
+
+    It works on a private copy of the tokenizer, with truncation and padding off: a fast tokenizer
+    reconfigures itself on calls that truncate, and the engine's worker thread uses its own at the
+    same time (sharing one raises "Already borrowed"). Counting never touches the cutter's counters.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        prefix_ids, suffix_ids = encode_fixed(tokenizer)
+        self.fixed = len(prefix_ids) + len(suffix_ids)
+        self.budget = body_budget(max_length, prefix_ids, suffix_ids)
+        backend = getattr(tokenizer, "backend_tokenizer", None)  # fast (Rust) tokenizers have one
+        self._fast: Any = None
+        self._slow: Any = None
+        if backend is not None:
+            from tokenizers import Tokenizer
+
+            self._fast = Tokenizer.from_str(backend.to_str())
+            self._fast.no_truncation()
+            self._fast.no_padding()
+        else:
+            import copy
+
+            self._slow = copy.deepcopy(tokenizer)
+
+    def pair_tokens(self, request: RerankRequest) -> list[int]:
+        q, instruction = request.query, request.instruction
+        bodies = [format_body(q, d, instruction) for d in request.docs]
+        if not bodies:
+            return []
+        if self._fast is not None:
+            lengths = [
+                len(e.ids) for e in self._fast.encode_batch(bodies, add_special_tokens=False)
+            ]
+        else:
+            ids = self._slow(bodies, add_special_tokens=False, return_attention_mask=False)
+            lengths = [len(x) for x in ids["input_ids"]]
+        return [self.fixed + min(n, self.budget) for n in lengths]
