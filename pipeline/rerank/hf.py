@@ -261,6 +261,7 @@ class HFEngine:
         self._requested_device = device
         self._requested_dtype = dtype
         self._lock = threading.Lock()
+        self._score_lock = threading.Lock()
         self._loaded = False
         self._tokenizer: Any = None
         self._cutter: Any = None  # DocumentCutter, built on first use
@@ -479,7 +480,9 @@ class HFEngine:
         out: list[list[float]] = [[0.0] * len(r.docs) for r in requests]
         forwards = 0
         if plan.pairs:
-            with torch.inference_mode():
+            # one forward at a time: the batcher calls from its one worker thread, but a start-up
+            # profile, an evaluation or a second batcher over the same engine may call beside it
+            with self._score_lock, torch.inference_mode():
                 if self.plan == "packed":
                     forwards = self._score_packed(plan, out)
                 else:
