@@ -278,7 +278,7 @@ async def measure_clients(
         return await reader.readexactly(length)
 
     async with (
-        httpx.AsyncClient() as hx,
+        httpx.AsyncClient(timeout=300) as hx,
         httpcore.AsyncConnectionPool() as hc,
         aiohttp.ClientSession() as ah,
     ):

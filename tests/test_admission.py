@@ -194,31 +194,35 @@ def check_partial(body: dict, recall_order: list[str], tiny_engine, query: str) 
 def test_search_reranks_what_fits_the_budget(budgeted: LiveServer, tiny_engine) -> None:
     q = "why does the sea level rise and fall?"
     url = f"{budgeted.url}/v1/search"
-    recall = httpx.post(url, json={"query": q, "top_k": 6, "top_n": 6, "rerank": False}).json()
+    recall = httpx.post(
+        url, json={"query": q, "top_k": 6, "top_n": 6, "rerank": False}, timeout=60
+    ).json()
     recall_order = [r["doc_id"] for r in recall["results"]]
     assert len(recall_order) == 6
 
     docs = [join_title(x["title"], x["text"]) for x in recall["results"]]
 
     look_slow(budgeted, q, docs)  # 6 candidates × ~0.25 s > a 500 ms budget
-    r = httpx.post(url, json={"query": q, "top_k": 6, "top_n": 6, "rerank_budget_ms": 500})
+    r = httpx.post(
+        url, json={"query": q, "top_k": 6, "top_n": 6, "rerank_budget_ms": 500}, timeout=60
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["reranked"] in (1, 2, 3), body["reranked"]
     check_partial(body, recall_order, tiny_engine, q)
 
     look_slow(budgeted, q, docs)  # no budget sent: the deadline (1 s) is the budget
-    body = httpx.post(url, json={"query": q, "top_k": 6, "top_n": 6}).json()
+    body = httpx.post(url, json={"query": q, "top_k": 6, "top_n": 6}, timeout=60).json()
     check_partial(body, recall_order, tiny_engine, q)
 
     look_slow(budgeted, q, docs, pair_s=PAIR_S / 10)  # a machine 10× faster fits all 6 in 500 ms
     body = httpx.post(
-        url, json={"query": q, "top_k": 6, "top_n": 3, "rerank_budget_ms": 500}
+        url, json={"query": q, "top_k": 6, "top_n": 3, "rerank_budget_ms": 500}, timeout=60
     ).json()
     assert body["reranked"] == 6 and all(x["reranked"] for x in body["results"])
 
     look_slow(budgeted, q, docs)  # /v1/rerank: the caller chose the documents, 413 stays
-    rr = httpx.post(f"{budgeted.url}/v1/rerank", json={"query": q, "documents": docs})
+    rr = httpx.post(f"{budgeted.url}/v1/rerank", json={"query": q, "documents": docs}, timeout=60)
     assert rr.status_code == 413 and rr.json()["error"]["type"] == "work_too_large"
 
 
@@ -226,9 +230,13 @@ def test_budget_below_one_candidate_is_recall_order(budgeted: LiveServer) -> Non
     q = "a drink made from roasted beans"
     look_slow(budgeted, q, [text for _, text in CORPUS.values()])
     body = httpx.post(
-        f"{budgeted.url}/v1/search", json={"query": q, "top_k": 4, "rerank_budget_ms": 1}
+        f"{budgeted.url}/v1/search",
+        json={"query": q, "top_k": 4, "rerank_budget_ms": 1},
+        timeout=60,
     ).json()
     assert body["reranked"] == 0 and body["candidates"] == 4
     assert not any(r["reranked"] for r in body["results"])
-    bad = httpx.post(f"{budgeted.url}/v1/search", json={"query": q, "rerank_budget_ms": 0})
+    bad = httpx.post(
+        f"{budgeted.url}/v1/search", json={"query": q, "rerank_budget_ms": 0}, timeout=60
+    )
     assert bad.status_code == 422 and "rerank_budget_ms" in bad.text

@@ -39,17 +39,18 @@ def live(tmp_path_factory, sample_db, embedder, tiny_engine) -> Iterator[LiveSer
 
 
 def test_health_ready_docs(live: LiveServer) -> None:
-    assert httpx.get(f"{live.url}/health").json() == {"status": "ok"}
-    ready = httpx.get(f"{live.url}/ready").json()
+    assert httpx.get(f"{live.url}/health", timeout=60).json() == {"status": "ok"}
+    ready = httpx.get(f"{live.url}/ready", timeout=60).json()
     assert ready["ready"] and ready["rerank"] and ready["rerank_backend"] == "hf"
-    assert "/v1/search" in httpx.get(f"{live.url}/openapi.json").json()["paths"]
-    assert httpx.get(f"{live.url}/docs").status_code == 200
+    assert "/v1/search" in httpx.get(f"{live.url}/openapi.json", timeout=60).json()["paths"]
+    assert httpx.get(f"{live.url}/docs", timeout=60).status_code == 200
 
 
 def test_search_recall_only_finds_the_answer(live: LiveServer) -> None:
     r = httpx.post(
         f"{live.url}/v1/search",
         json={"query": "why does the sea level rise and fall?", "rerank": False, "top_n": 3},
+        timeout=60,
     )
     assert r.status_code == 200, r.text
     body = r.json()
@@ -61,13 +62,16 @@ def test_search_recall_only_finds_the_answer(live: LiveServer) -> None:
     dense = httpx.post(
         f"{live.url}/v1/search",
         json={"query": "a drink made from roasted beans", "rerank": False, "hybrid": False},
+        timeout=60,
     ).json()
     assert dense["mode"] == "dense" and dense["results"][0]["doc_id"] == "coffee"
 
 
 def test_search_reranked_matches_engine(live: LiveServer, tiny_engine) -> None:
     q = "what makes plants produce oxygen?"
-    body = httpx.post(f"{live.url}/v1/search", json={"query": q, "top_k": 6, "top_n": 6}).json()
+    body = httpx.post(
+        f"{live.url}/v1/search", json={"query": q, "top_k": 6, "top_n": 6}, timeout=60
+    ).json()
     res = body["results"]
     assert body["reranked"] and len(res) == 6 and len({r["doc_id"] for r in res}) == 6
     scores = [r["score"] for r in res]
@@ -85,6 +89,7 @@ def test_rerank_endpoint_order_and_documents(live: LiveServer, tiny_engine) -> N
     r = httpx.post(
         f"{live.url}/v1/rerank",
         json={"query": "coffee", "documents": docs, "top_n": 3, "return_documents": True},
+        timeout=60,
     )
     assert r.status_code == 200, r.text
     out = r.json()
@@ -97,7 +102,9 @@ def test_rerank_endpoint_order_and_documents(live: LiveServer, tiny_engine) -> N
     assert out["results"][0]["document"]["text"] == docs[order[0]]
     # Jina-style object documents are accepted too
     obj = httpx.post(
-        f"{live.url}/v1/rerank", json={"query": "coffee", "documents": [{"text": docs[0]}]}
+        f"{live.url}/v1/rerank",
+        json={"query": "coffee", "documents": [{"text": docs[0]}]},
+        timeout=60,
     ).json()
     assert obj["results"][0]["index"] == 0 and "document" not in obj["results"][0]
 
@@ -134,7 +141,7 @@ def test_cohere_sdk(live: LiveServer, tiny_engine) -> None:
     ],
 )
 def test_bad_requests(live: LiveServer, path: str, payload: dict, status: int, needle: str) -> None:
-    r = httpx.post(f"{live.url}{path}", json=payload)
+    r = httpx.post(f"{live.url}{path}", json=payload, timeout=60)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert needle in err["message"], err
@@ -166,7 +173,7 @@ def test_concurrent_requests_share_batches(live: LiveServer) -> None:
     assert asyncio.run(fire()) == [200] * 8
     assert stats.merged_dispatches > before
     assert stats.max_requests_per_dispatch > 1
-    metrics = httpx.get(f"{live.url}/metrics").text
+    metrics = httpx.get(f"{live.url}/metrics", timeout=60).text
     assert "winnow_rerank_merged_dispatches_total" in metrics
     assert 'winnow_http_requests_total{route="/v1/rerank",status="200"}' in metrics
     assert "winnow_rerank_tokens_total" in metrics
@@ -210,20 +217,28 @@ def test_api_key(tmp_path: Path, sample_db, embedder) -> None:
     app = create_app(app_settings(db, api_key="s3cret", rerank=False), embedder=embedder)
     with LiveServer(app) as server:
         url = f"{server.url}/v1/search"
-        assert httpx.post(url, json={"query": "tides"}).status_code == 401
-        bad = httpx.post(url, json={"query": "tides"}, headers={"Authorization": "Bearer nope"})
+        assert httpx.post(url, json={"query": "tides"}, timeout=60).status_code == 401
+        bad = httpx.post(
+            url, json={"query": "tides"}, headers={"Authorization": "Bearer nope"}, timeout=60
+        )
         assert bad.status_code == 401 and bad.headers["WWW-Authenticate"] == "Bearer"
-        ok = httpx.post(url, json={"query": "tides"}, headers={"Authorization": "Bearer s3cret"})
+        ok = httpx.post(
+            url, json={"query": "tides"}, headers={"Authorization": "Bearer s3cret"}, timeout=60
+        )
         assert ok.status_code == 200 and ok.json()["reranked"] == 0
-        assert httpx.get(f"{server.url}/health").status_code == 200
+        assert httpx.get(f"{server.url}/health", timeout=60).status_code == 200
         rr = httpx.post(
             f"{server.url}/v1/rerank",
             json={"query": "q", "documents": ["d"]},
             headers={"Authorization": "Bearer s3cret"},
+            timeout=60,
         )
         assert rr.status_code == 503 and "WINNOW_RERANK" in rr.json()["error"]["message"]
         forced = httpx.post(
-            url, json={"query": "tides", "rerank": True}, headers={"Authorization": "Bearer s3cret"}
+            url,
+            json={"query": "tides", "rerank": True},
+            headers={"Authorization": "Bearer s3cret"},
+            timeout=60,
         )
         assert forced.status_code == 503  # the same status as /v1/rerank: the server cannot rerank
         assert forced.json()["error"]["type"] == rr.json()["error"]["type"] == "rerank_disabled"
@@ -242,7 +257,7 @@ def test_milvus_server_killed_and_restarted(tmp_path: Path, embedder) -> None:
         job.store.close()
         with LiveServer(create_app(s, embedder=embedder)) as live:
             q = {"query": "sea level tides"}
-            assert httpx.post(f"{live.url}/v1/search", json=q).status_code == 200
+            assert httpx.post(f"{live.url}/v1/search", json=q, timeout=60).status_code == 200
             server.kill()
             t0 = time.monotonic()
             down = httpx.post(f"{live.url}/v1/search", json=q, timeout=60)
@@ -254,7 +269,7 @@ def test_milvus_server_killed_and_restarted(tmp_path: Path, embedder) -> None:
             while httpx.get(f"{live.url}/ready", timeout=60).status_code != 200:
                 assert time.monotonic() < deadline, "service did not recover"
                 time.sleep(0.5)
-            back = httpx.post(f"{live.url}/v1/search", json=q)
+            back = httpx.post(f"{live.url}/v1/search", json=q, timeout=60)
             assert back.status_code == 200 and back.json()["results"][0]["doc_id"] == "tides"
     finally:
         server.kill()

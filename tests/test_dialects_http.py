@@ -265,7 +265,7 @@ def test_every_new_route_is_guarded(live: LiveServer) -> None:
 
 
 def test_openapi_lists_every_route(live: LiveServer) -> None:
-    paths = httpx.get(f"{live.url}/openapi.json").json()["paths"]
+    paths = httpx.get(f"{live.url}/openapi.json", timeout=60).json()["paths"]
     for p in ("/rerank", "/v1/rerank", "/v2/rerank", "/score", "/v1/score", "/info", "/v1/models"):
         assert p in paths, p
         for op in paths[p].values():

@@ -155,7 +155,9 @@ def test_bounded_fields_short_errors_no_internals(
     ],
 )
 def test_instruction_has_its_own_cap_on_rerank(guarded: LiveServer, path: str, body: dict) -> None:
-    r = httpx.post(f"{guarded.url}{path}", json={**body, "instruction": "i" * 10_000}, headers=AUTH)
+    r = httpx.post(
+        f"{guarded.url}{path}", json={**body, "instruction": "i" * 10_000}, headers=AUTH, timeout=60
+    )
     assert r.status_code == 422 and r.json()["error"]["type"] == "instruction_too_long"
 
 
@@ -169,7 +171,7 @@ def test_instruction_has_its_own_cap_on_rerank(guarded: LiveServer, path: str, b
     ],
 )
 def test_types_are_strict(guarded: LiveServer, payload: dict) -> None:
-    r = httpx.post(f"{guarded.url}/v1/search", json=payload, headers=AUTH)
+    r = httpx.post(f"{guarded.url}/v1/search", json=payload, headers=AUTH, timeout=60)
     assert r.status_code == 422, r.text
 
 
@@ -179,13 +181,14 @@ def test_invalid_json_and_utf8_are_400_or_422(guarded: LiveServer) -> None:
             f"{guarded.url}/v1/search",
             content=body,
             headers={**AUTH, "Content-Type": "application/json"},
+            timeout=60,
         )
         assert r.status_code in (400, 422), r.text
         assert r.json()["error"]["type"]
 
 
 def test_openapi_tells_the_truth(guarded: LiveServer) -> None:
-    doc = httpx.get(f"{guarded.url}/openapi.json").json()
+    doc = httpx.get(f"{guarded.url}/openapi.json", timeout=60).json()
     search = doc["components"]["schemas"]["SearchBody"]["properties"]
     top_k = next(b for b in search["top_k"]["anyOf"] if b.get("type") == "integer")
     assert top_k["maximum"] == 1000

@@ -568,7 +568,7 @@ def test_second_winnow_reranks_through_the_first(
     with LiveServer(app) as b:
         remote = unwrap(app.state.winnow.runtime.reranker)
         assert isinstance(remote, RemoteReranker) and remote.max_documents == 4
-        ready = httpx.get(f"{b.url}/ready").json()
+        ready = httpx.get(f"{b.url}/ready", timeout=60).json()
         assert ready["ready"] and ready["rerank_backend"] == "remote"
 
         body = httpx.post(
