@@ -18,14 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.chunking import Chunker, chunker_for
 from pipeline.config import Settings
+from pipeline.documents import plan_changes, write_plan
 from pipeline.domain import Passage
 from pipeline.embedding import Embedder
 from pipeline.runtime import build_embedder, open_store
 from pipeline.store import MilvusStore
 
-from .chunking import Chunker
 from .sources import Document, FieldMap, Problem, read_corpus
+
+__all__ = ["Chunker", "IngestJob", "IngestStats", "Plan", "chunker_for", "summary_table"]
 
 log = logging.getLogger(__name__)
 
@@ -64,24 +67,11 @@ class Plan:
     stale: list[str]
 
 
-def chunker_for(embedder: Embedder, settings: Settings) -> Chunker:
-    prompt_tokens = 0
-    prompts = getattr(embedder.encoder, "prompts", None) or {}
-    if prompts.get("document"):
-        prompt_tokens = len(
-            embedder.tokenizer(prompts["document"], add_special_tokens=False)["input_ids"]
-        )
-    limit = embedder.max_seq_length - 2 - prompt_tokens  # [CLS]/[SEP] or BOS/EOS
-    size = max(16, min(settings.chunk_tokens, limit))
-    return Chunker(embedder.tokenizer, size, min(settings.chunk_overlap, size // 2))
-
-
 def upsert_bounded(
     store: MilvusStore, passages: Sequence[Passage], vectors: np.ndarray, limit: int
 ) -> None:
-    """Upsert in slices of at most ``limit`` rows: one huge document never makes one huge RPC."""
-    for i in range(0, len(passages), limit):
-        store.upsert(passages[i : i + limit], vectors[i : i + limit])
+    """Upsert in slices of at most ``limit`` rows (the Ray engine's writers; no deletes)."""
+    write_plan(store, passages, vectors, [], limit)
 
 
 class Progress:
@@ -171,18 +161,15 @@ class IngestJob:
             yield item, passages
 
     def plan(self, batch: Sequence[tuple[Document, list[Passage]]], stats: IngestStats) -> Plan:
-        """Compare with what is stored: unchanged documents are skipped without embedding."""
-        stored = self.store.ids_by_doc([d.id for d, _ in batch])
+        """Compare with what is stored (:mod:`pipeline.documents`' rules): unchanged documents are
+        skipped without embedding."""
         todo: list[Passage] = []
         stale: list[str] = []
-        for doc, passages in batch:
-            new_ids = {p.id for p in passages}
-            have = stored.get(doc.id, set())
-            if have == new_ids:
+        for change in plan_changes(batch, self.store.ids_by_doc([d.id for d, _ in batch])):
+            if change.status == "unchanged":
                 stats.unchanged += 1
-                continue
-            todo.extend(p for p in passages if p.id not in have)
-            stale.extend(have - new_ids)
+            todo.extend(change.todo)
+            stale.extend(change.stale)
         return Plan(todo, stale)
 
     def plans(
@@ -218,8 +205,8 @@ class IngestJob:
     def write(self, plan: Plan, vectors: np.ndarray, stats: IngestStats) -> None:
         """New passages first, then the stale ones: a document never has none stored."""
         t = time.perf_counter()
-        upsert_bounded(self.store, plan.todo, vectors, self.settings.ingest_batch_size)
-        self.delete_stale(plan, stats)
+        write_plan(self.store, plan.todo, vectors, plan.stale, self.settings.ingest_batch_size)
+        stats.deleted += len(plan.stale)
         stats.write_s += time.perf_counter() - t
         log.debug("wrote %d passages, deleted %d", len(plan.todo), len(plan.stale))
 
