@@ -94,6 +94,38 @@ class Progress:
         self.bar.close()
 
 
+def read_documents(
+    paths: Iterable[str | Path], fields: FieldMap | None, stats: IngestStats
+) -> Iterator[Document]:
+    """Every readable, non-duplicate, non-empty document; problems counted in ``stats``.
+
+    The reading half of every engine, ``--server`` included (which chunks on the server).
+    """
+    seen: set[str] = set()
+    files: set[Path] = set()
+    for path, item in read_corpus(paths, fields):
+        if path is not None and path not in files:
+            files.add(path)
+            stats.files = len(files)
+        if isinstance(item, Problem):
+            stats.problems.append(item)
+            stats.skipped += 1
+            log.warning("skipped %s", item)
+            continue
+        if item.id in seen:
+            stats.problems.append(Problem(item.source, None, f"duplicate document id {item.id!r}"))
+            stats.skipped += 1
+            log.warning("skipped %s: duplicate document id %r", item.source, item.id)
+            continue
+        if not item.text.strip():
+            stats.problems.append(Problem(item.source, None, "empty text"))
+            stats.skipped += 1
+            continue
+        seen.add(item.id)
+        stats.documents += 1
+        yield item
+
+
 class IngestJob:
     """The single-process engine, and the shared read → chunk → plan → write logic of every engine.
 
@@ -132,33 +164,10 @@ class IngestJob:
         stats: IngestStats,
     ) -> Iterator[tuple[Document, list[Passage]]]:
         """Every readable, non-duplicate, non-empty document with its passages; problems counted."""
-        seen: set[str] = set()
-        files: set[Path] = set()
-        for path, item in read_corpus(paths, fields):
-            if path is not None and path not in files:
-                files.add(path)
-                stats.files = len(files)
-            if isinstance(item, Problem):
-                stats.problems.append(item)
-                stats.skipped += 1
-                log.warning("skipped %s", item)
-                continue
-            if item.id in seen:
-                stats.problems.append(
-                    Problem(item.source, None, f"duplicate document id {item.id!r}")
-                )
-                stats.skipped += 1
-                log.warning("skipped %s: duplicate document id %r", item.source, item.id)
-                continue
-            passages = chunker.split(item)
-            if not passages:
-                stats.problems.append(Problem(item.source, None, "empty text"))
-                stats.skipped += 1
-                continue
-            seen.add(item.id)
-            stats.documents += 1
+        for doc in read_documents(paths, fields, stats):
+            passages = chunker.split(doc)
             stats.passages += len(passages)
-            yield item, passages
+            yield doc, passages
 
     def plan(self, batch: Sequence[tuple[Document, list[Passage]]], stats: IngestStats) -> Plan:
         """Compare with what is stored (:mod:`pipeline.documents`' rules): unchanged documents are
@@ -251,7 +260,9 @@ class IngestJob:
                 inflight.result()
 
 
-def summary_table(stats: IngestStats, count: int | None = None) -> str:
+def summary_table(
+    stats: IngestStats, count: int | None = None, documents: int | None = None
+) -> str:
     """A small table for the terminal (rich renders it; plain text when piped)."""
     from rich.console import Console
     from rich.table import Table
@@ -270,6 +281,8 @@ def summary_table(stats: IngestStats, count: int | None = None) -> str:
     ]
     if count is not None:
         rows.append(("passages in collection", count))
+    if documents is not None:
+        rows.append(("documents in collection", documents))
     for k, v in rows:
         t.add_row(k, str(v))
     console = Console(width=80, file=io.StringIO())

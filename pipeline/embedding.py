@@ -38,7 +38,11 @@ class Embedder:
         self.device = device
         self.batch_size = batch_size
         self._model: SentenceTransformer | None = None
-        self._lock = threading.Lock()
+        # one forward at a time (torch CPU threads are shared anyway); background work (a write's
+        # slices) waits while any foreground embed (a search's query) waits: searches go first
+        self._gate = threading.Condition()
+        self._busy = False
+        self._waiting = 0
 
     def load(self) -> Embedder:
         if self._model is None:
@@ -85,11 +89,33 @@ class Embedder:
         name = "query" if query else "document"
         return name if prompts.get(name) else None
 
-    def embed(self, texts: Sequence[str], *, query: bool) -> np.ndarray:
-        """L2-normalised float32 vectors, one row per text."""
+    def _acquire(self, background: bool) -> None:
+        with self._gate:
+            if not background:
+                self._waiting += 1
+            try:
+                while self._busy or (background and self._waiting):
+                    self._gate.wait()
+            finally:
+                if not background:
+                    self._waiting -= 1
+            self._busy = True
+
+    def _release(self) -> None:
+        with self._gate:
+            self._busy = False
+            self._gate.notify_all()
+
+    def embed(self, texts: Sequence[str], *, query: bool, background: bool = False) -> np.ndarray:
+        """L2-normalised float32 vectors, one row per text.
+
+        ``background``: yield to every foreground call waiting (the write API embeds its passages
+        in small background calls, so a search's query waits for at most one of them).
+        """
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        with self._lock:  # one forward at a time: torch CPU threads are shared anyway
+        self._acquire(background)
+        try:
             out = self.encoder.encode(
                 list(texts),
                 prompt_name=self._prompt_name(query),
@@ -98,4 +124,6 @@ class Embedder:
                 convert_to_numpy=True,
                 show_progress_bar=False,
             )
+        finally:
+            self._release()
         return np.asarray(out, dtype=np.float32)

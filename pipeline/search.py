@@ -24,6 +24,10 @@ from pipeline.rerank.batcher import WorkTooLarge
 from pipeline.store import MilvusStore
 
 RecallMode = Literal["dense", "hybrid", "bm25"]
+EMPTY_COLLECTION = (
+    "the collection is empty: add documents with POST /v1/documents, the web page, or "
+    "python -m ingest PATH [--server http://HOST:PORT]"
+)
 CHARS_PER_TOKEN = 4  # for max_tokens_per_doc: a character cap first, the model then cuts exactly
 
 
@@ -67,6 +71,7 @@ class SearchResponse:
     reranked: bool
     mode: RecallMode
     below_min_score: int | None = None  # documents dropped by min_score (None: none asked)
+    message: str | None = None  # set when the collection is empty: how to add documents
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -209,6 +214,9 @@ class SearchService:
             )
             for h, score in ranked
         ]
+        message = None
+        if not hits and not filter and await asyncio.to_thread(self.store.count) == 0:
+            message = EMPTY_COLLECTION
         total_ms = (time.perf_counter() - t_start) * 1000
         return SearchResponse(
             results=results,
@@ -222,6 +230,7 @@ class SearchService:
             reranked=bool(do_rerank and hits),
             mode=mode,
             below_min_score=below,
+            message=message,
         )
 
     async def rerank(

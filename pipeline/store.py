@@ -87,8 +87,9 @@ class StoreInUse(StoreUnavailable):
         self.path = str(path)
         super().__init__(
             f"Milvus Lite file {self.path} is in use by another process (a running "
-            "`python -m pipeline serve` or ingest?): stop it, or point WINNOW_MILVUS_URI at a "
-            "Milvus server"
+            "`python -m pipeline serve` or ingest?): stop it, send documents through the running "
+            "service with `python -m ingest PATH --server http://HOST:PORT`, or point "
+            "WINNOW_MILVUS_URI at a Milvus server"
         )
 
 
@@ -284,6 +285,7 @@ class MilvusStore:
         rrf_k: int = 5,
         fusion: str = "rrf",
         fusion_weights: tuple[float, float] = (0.5, 0.5),
+        consistency: str = "Session",
     ) -> None:
         self.uri = uri
         self.collection = collection
@@ -298,6 +300,7 @@ class MilvusStore:
             raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, not {fusion!r}")
         self.fusion = fusion
         self.fusion_weights = fusion_weights
+        self.consistency = consistency  # of searches; reads that plan a write are always Strong
         self.is_lite = not uri.startswith(("http://", "https://", "tcp://", "grpc://"))
         if analyzer == "jieba" and self.is_lite:
             _quiet_jieba()
@@ -331,6 +334,7 @@ class MilvusStore:
             rrf_k=s.rrf_k,
             fusion=s.fusion,
             fusion_weights=(s.fusion_dense_weight, s.fusion_bm25_weight),
+            consistency=s.read_consistency,
         )
 
     # --- connection ------------------------------------------------------------------------
@@ -629,6 +633,7 @@ class MilvusStore:
                     self.collection,
                     filter=in_list("doc_id", doc_ids),
                     output_fields=["doc_id"],
+                    consistency_level="Strong",  # a plan must see every write before it
                     timeout=t(),
                 )
             )
@@ -651,13 +656,57 @@ class MilvusStore:
     def flush(self) -> None:
         self._call(lambda c, t: c.flush(self.collection, timeout=t()), timeout=self.slow_timeout)
 
-    def count(self) -> int:
+    def count(self, filter: str = "") -> int:
+        """Passages stored (``filter``: those matching it; ``chunk == 0`` counts documents)."""
+
         def run(c: MilvusClient, t: Callable[[], float]) -> int:
             self._ensure_loaded(c, t)
-            res = c.query(self.collection, filter="", output_fields=["count(*)"], timeout=t())
+            res = c.query(
+                self.collection,
+                filter=filter,
+                output_fields=["count(*)"],
+                consistency_level=self.consistency,
+                timeout=t(),
+            )
             return int(res[0]["count(*)"])
 
         return self._call(run)
+
+    def count_documents(self) -> int:
+        """Documents stored: each has exactly one first passage (during a change of its first
+        passage's text, old and new are both stored for a moment and it counts twice)."""
+        return self.count("chunk == 0")
+
+    def passages_of(self, doc_id: str, limit: int) -> list[Hit]:
+        """A document's stored passages in chunk order (score 0), at most ``limit``."""
+
+        def run(c: MilvusClient, t: Callable[[], float]) -> list[dict[str, Any]]:
+            self._ensure_loaded(c, t)
+            return list(
+                c.query(
+                    self.collection,
+                    filter=f"doc_id == {quote(doc_id)}",
+                    output_fields=OUTPUT_FIELDS,
+                    limit=limit,
+                    consistency_level=self.consistency,
+                    timeout=t(),
+                )
+            )
+
+        rows = self._call(run)
+        hits = [
+            Hit(
+                id=str(r["id"]),
+                doc_id=r["doc_id"],
+                chunk=int(r["chunk"]),
+                title=r.get("title", ""),
+                text=r.get("text", ""),
+                metadata=r.get("metadata") or {},
+                score=0.0,
+            )
+            for r in rows
+        ]
+        return sorted(hits, key=lambda h: (h.chunk, h.id))
 
     # --- reads -----------------------------------------------------------------------------
     @staticmethod
@@ -707,6 +756,7 @@ class MilvusStore:
                 filter=filter,
                 output_fields=OUTPUT_FIELDS,
                 search_params=self._dense_params(k),
+                consistency_level=self.consistency,
                 timeout=t(),
             )
 
@@ -723,6 +773,7 @@ class MilvusStore:
                 filter=filter,
                 output_fields=OUTPUT_FIELDS,
                 search_params={"metric_type": "BM25"},
+                consistency_level=self.consistency,
                 timeout=t(),
             )
 
@@ -786,6 +837,7 @@ class MilvusStore:
                 ranker=ranker,
                 limit=k,
                 output_fields=OUTPUT_FIELDS,
+                consistency_level=self.consistency,
                 timeout=t(),
             )
 

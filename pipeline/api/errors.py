@@ -23,6 +23,7 @@ from pipeline.rerank.batcher import Overloaded, WorkTooLarge
 from pipeline.rerank.prompt import PromptTooLong
 from pipeline.runtime import CollectionMissing
 from pipeline.store import InvalidFilter, SchemaMismatch, StoreError, StoreUnavailable
+from pipeline.writes import DocumentNotFound, PartialWrite, WriteOverloaded
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,17 @@ def to_response(exc: BaseException) -> JSONResponse:
     if isinstance(exc, Overloaded):
         retry = str(max(1, math.ceil(exc.retry_after)))
         return _json(429, "overloaded", f"{exc.message}; retry later", {"Retry-After": retry})
+    if isinstance(exc, WriteOverloaded):
+        retry = str(max(1, math.ceil(exc.retry_after)))
+        return _json(429, "write_overloaded", f"{exc.message}; retry later", {"Retry-After": retry})
+    if isinstance(exc, DocumentNotFound):
+        return _json(404, "not_found", exc.message)
+    if isinstance(exc, PartialWrite):  # exactly what was and was not applied, per document
+        log.warning("partial write: %s (%s)", exc.message, exc.__cause__)
+        body = error_body("partial_write", exc.message)
+        body["results"] = [r.as_dict() for r in exc.applied]
+        body["not_applied"] = exc.not_applied
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
     if isinstance(exc, RerankDisabled):
         return _json(503, exc.kind, exc.message)
     if isinstance(exc, InstructionNotSupported):
@@ -153,6 +165,8 @@ def install(app: FastAPI) -> None:
         RerankerUnavailable,
         RerankerError,
         RerankDisabled,
+        WriteOverloaded,
+        DocumentNotFound,
         StoreError,
         CollectionMissing,
         ModelUnavailable,

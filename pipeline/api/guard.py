@@ -17,6 +17,8 @@ from pipeline.api.errors import ApiError, error_body
 from pipeline.config import Settings
 
 PROTECTED = ("/v1/", "/v2/")  # the API routes; /health, /ready, /metrics, / and /docs stay open
+WRITES = "/v1/documents"  # POST / DELETE under it write; GET reads
+READ_METHODS = {"GET", "HEAD"}
 
 
 class BodyTooLarge(ApiError):
@@ -43,6 +45,32 @@ UNAUTHORIZED = ApiError(
 )
 
 
+WRITES_OFF = ApiError(
+    403,
+    "writes_disabled",
+    "the write routes are off on this server: set WINNOW_WRITE_API_KEY (and send it as "
+    "'Authorization: Bearer <key>'), or WINNOW_WRITES=on for a local single-user server",
+)
+WRITES_FORCED_OFF = ApiError(
+    403, "writes_disabled", "the write routes are off on this server (WINNOW_WRITES=off)"
+)
+READ_ONLY_KEY = ApiError(
+    403,
+    "read_only_key",
+    "this key may only read: writes need 'Authorization: Bearer <WINNOW_WRITE_API_KEY>'",
+)
+NEED_WRITE_KEY = ApiError(
+    401,
+    "unauthorized",
+    "missing or wrong write key: send 'Authorization: Bearer <WINNOW_WRITE_API_KEY>'",
+    {"WWW-Authenticate": "Bearer"},
+)
+
+
+def is_write(scope: dict[str, Any]) -> bool:
+    return scope["path"].startswith(WRITES) and scope.get("method", "GET") not in READ_METHODS
+
+
 def _header(scope: dict[str, Any], name: bytes) -> bytes | None:
     for k, v in scope.get("headers", ()):
         if k.lower() == name:
@@ -65,9 +93,17 @@ async def _send_error(send: Any, exc: ApiError) -> None:
 
 
 class GuardMiddleware:
+    """Keys: reads need WINNOW_API_KEY (or the write key) when one is set; writes need the write
+    key when one is set (a read key gets 403), and are off without one unless WINNOW_WRITES=on
+    (then the read rule applies to them)."""
+
     def __init__(self, app: Any, settings: Settings) -> None:
         self.app = app
         self.key = settings.api_key.get_secret_value() if settings.api_key is not None else None
+        wkey = settings.write_api_key
+        self.write_key = wkey.get_secret_value() if wkey is not None else None
+        self.writes = settings.writes
+        self.writes_on = settings.writes_enabled
         self.limit = settings.max_body_bytes
         self.body_timeout = settings.http_body_timeout
 
@@ -75,8 +111,9 @@ class GuardMiddleware:
         if scope["type"] != "http" or not scope["path"].startswith(PROTECTED):
             await self.app(scope, receive, send)
             return
-        if self.key is not None and not authorized(scope, self.key):
-            await _send_error(send, UNAUTHORIZED)
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            await _send_error(send, refusal)
             return
         length = _header(scope, b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
@@ -97,6 +134,22 @@ class GuardMiddleware:
             return await receive()  # afterwards the app only listens for a disconnect
 
         await self.app(scope, replay, send)
+
+    def _refusal(self, scope: dict[str, Any]) -> ApiError | None:
+        """Why this request may not run, from its path, method and Authorization header alone."""
+        write_ok = self.write_key is not None and authorized(scope, self.write_key)
+        if is_write(scope):
+            if not self.writes_on:
+                return WRITES_FORCED_OFF if self.writes == "off" else WRITES_OFF
+            if self.write_key is not None:
+                if write_ok:
+                    return None
+                if self.key is not None and authorized(scope, self.key):
+                    return READ_ONLY_KEY
+                return NEED_WRITE_KEY
+        if self.key is not None and not write_ok and not authorized(scope, self.key):
+            return UNAUTHORIZED
+        return None
 
     async def _read_body(self, receive: Any) -> bytes:
         """The whole body, refused past ``limit`` bytes or when a chunk takes over ``body_timeout``.

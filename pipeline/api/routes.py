@@ -19,6 +19,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pipeline.api.errors import ApiError
 from pipeline.api.schemas import (
     ERROR_RESPONSES,
+    DeleteBody,
+    DocumentOut,
+    DocumentsBody,
+    DocumentsOut,
+    PassageOut,
     ReadyOut,
     RerankBody,
     RerankDocument,
@@ -28,6 +33,8 @@ from pipeline.api.schemas import (
     SearchOut,
 )
 from pipeline.api.state import AppState
+from pipeline.domain import Document
+from pipeline.writes import DocResult
 
 STATIC = Path(__file__).parent / "static"
 T = TypeVar("T")
@@ -139,4 +146,69 @@ for _path in ("/v1/rerank", "/v2/rerank"):  # /v2/rerank: what the Cohere SDK ca
         responses=ERROR_RESPONSES,
         tags=["rerank"],
         include_in_schema=_path == "/v1/rerank",
+    )
+
+
+def _documents_out(results: list[DocResult]) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    return {"results": [r.as_dict() for r in results], "counts": counts}
+
+
+@router.post(
+    "/v1/documents", response_model=DocumentsOut, responses=ERROR_RESPONSES, tags=["documents"]
+)
+async def put_documents(body: DocumentsBody, st: State) -> dict[str, Any]:
+    """Add or replace documents (by id); unchanged ones are skipped without embedding.
+
+    A search that starts after this answers sees the documents. Not cancelled when the client
+    goes away: a write that has started finishes (and resending it is safe).
+    """
+    writes = await st.write_service()
+    docs = [Document(d.id, d.text, d.title, d.metadata, source="api") for d in body.documents]
+    return _documents_out(await writes.upsert(docs))
+
+
+@router.post(
+    "/v1/documents/delete",
+    response_model=DocumentsOut,
+    responses=ERROR_RESPONSES,
+    tags=["documents"],
+)
+async def delete_documents(body: DeleteBody, st: State) -> dict[str, Any]:
+    """Delete documents (all their passages); per id: deleted or not_found."""
+    writes = await st.write_service()
+    return _documents_out(await writes.delete(body.ids))
+
+
+@router.delete(
+    "/v1/documents/{doc_id:path}",
+    response_model=DocumentsOut,
+    responses=ERROR_RESPONSES,
+    tags=["documents"],
+)
+async def delete_document(doc_id: str, st: State) -> JSONResponse:
+    """Delete one document: 200, or 404 when no such document is stored."""
+    writes = await st.write_service()
+    out = _documents_out(await writes.delete([doc_id]))
+    return JSONResponse(out, status_code=404 if "not_found" in out["counts"] else 200)
+
+
+@router.get(
+    "/v1/documents/{doc_id:path}",
+    response_model=DocumentOut,
+    responses=ERROR_RESPONSES,
+    tags=["documents"],
+)
+async def get_document(doc_id: str, st: State) -> DocumentOut:
+    """A stored document's passages in order (404 when none is stored)."""
+    writes = await st.write_service()
+    hits = await writes.get(doc_id)
+    return DocumentOut(
+        id=doc_id,
+        passages=[
+            PassageOut(id=h.id, chunk=h.chunk, title=h.title, text=h.text, metadata=h.metadata)
+            for h in hits
+        ],
     )

@@ -14,7 +14,13 @@ from pipeline.rerank import gpu
 from pipeline.runtime import CollectionMissing, Runtime
 from pipeline.search import SearchService
 from pipeline.store import StoreError
+from pipeline.writes import WriteService
 
+ADD_HINT = (
+    "the collection is empty: add documents with POST /v1/documents (a write key: "
+    "WINNOW_WRITE_API_KEY), the page's Add form, or python -m ingest PATH "
+    "[--server http://HOST:PORT]"
+)
 READY_TIMEOUT_S = 1.0  # /ready answers within about this, whatever Milvus or a remote reranker does
 
 
@@ -38,24 +44,33 @@ class AppState:
     async def checked_service(self) -> SearchService:
         """The service for a recall: the collection exists and was built by this embedding model."""
         service = self.service
-        await asyncio.to_thread(self.runtime.check_collection)
+        await asyncio.to_thread(self.runtime.check_collection, create=True)
         return service
+
+    async def write_service(self) -> WriteService:
+        """The write use cases, once models are loaded and the collection is usable."""
+        self.service  # noqa: B018 - 503 while the models load
+        await asyncio.to_thread(self.runtime.check_collection, create=True)
+        return self.runtime.writes
 
     def stats(self) -> dict[str, Any]:
         """Reranker counters for /metrics, from whichever backend runs (empty when off)."""
         reranker = self.runtime.reranker
         out: dict[str, Any] = dict(reranker.stats()) if reranker is not None else {}
+        out.update(self.runtime.write_stats())
         out.update(gpu.gpu_stats())
         return out
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Models loaded, Milvus answering, collection usable, remote reranker healthy; ≤ ~1 s."""
         rt = self.runtime
-        milvus = collection = None
+        milvus = collection = documents = None
         if rt.loaded:
             milvus = await _bounded(rt.store.aping(), False)  # its own thread: never queued
             if milvus:
-                collection = await _bounded(asyncio.to_thread(_collection_state, rt), "timeout")
+                collection, documents = await _bounded(
+                    asyncio.to_thread(_collection_state, rt), ("timeout", None)
+                )
         reranker = rt.reranker
         rerank_ok = True
         health = getattr(reranker, "health", None)
@@ -72,17 +87,21 @@ class AppState:
             "rerank_backend": reranker.backend if reranker is not None else None,
             "rerank_model": reranker.model if reranker is not None else None,
             "embed_model": self.settings.embed_model,
+            "documents": documents,
+            "writes": self.settings.writes_enabled,
+            "hint": ADD_HINT if documents == 0 else None,
             "gpu": gpu.gpu_summary(),
         }
         return ok, body
 
 
-def _collection_state(rt: Runtime) -> str:
+def _collection_state(rt: Runtime) -> tuple[str, int | None]:
+    """ "ok" (or why not) and the documents stored."""
     try:
-        rt.check_collection()
+        rt.check_collection(create=True)
+        return "ok", rt.store.count_documents()
     except (CollectionMissing, StoreError) as exc:
-        return str(exc)
-    return "ok"
+        return str(exc), None
 
 
 async def _bounded(work: Any, default: Any) -> Any:
