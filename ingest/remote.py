@@ -72,7 +72,7 @@ class RemoteIngest:
     def documents_stored(self) -> int | None:
         try:
             return self.ready().get("documents")
-        except Exception:  # noqa: BLE001 - the summary does without it
+        except Exception:  # the summary does without it
             return None
 
     def _post(self, batch: list[Document]) -> list[dict[str, Any]]:
@@ -123,9 +123,7 @@ class RemoteIngest:
                 stats.write_s += time.perf_counter() - t
                 for doc, res in zip(batch, results, strict=True):
                     self._count(stats, doc, res)
-                bar.set_postfix(
-                    passages=stats.passages, unchanged=stats.unchanged, refresh=False
-                )
+                bar.set_postfix(passages=stats.passages, unchanged=stats.unchanged, refresh=False)
                 bar.update(len(batch))
         finally:
             bar.close()
@@ -153,5 +151,5 @@ class RemoteIngest:
 def _message(r: Any) -> str:
     try:
         return str(r.json()["error"]["message"])
-    except Exception:  # noqa: BLE001 - not our JSON (a proxy's page): its first line
+    except Exception:  # not our JSON (a proxy page): its first line
         return r.text.strip().splitlines()[0][:200] if r.text.strip() else ""
