@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 
 log = logging.getLogger(__name__)
+FOREGROUND_TURNS = 4  # foreground embeds that may overtake a waiting background one
 
 
 def pick_device(device: str) -> str:
@@ -42,7 +43,9 @@ class Embedder:
         # slices) waits while any foreground embed (a search's query) waits: searches go first
         self._gate = threading.Condition()
         self._busy = False
-        self._waiting = 0
+        self._waiting = 0  # foreground calls waiting
+        self._bg_waiting = 0  # background calls waiting
+        self._bg_turns = 0  # foreground calls that went first while a background one waited
 
     def load(self) -> Embedder:
         if self._model is None:
@@ -90,15 +93,29 @@ class Embedder:
         return name if prompts.get(name) else None
 
     def _acquire(self, background: bool) -> None:
+        """Foreground first, but not for ever: a waiting background call gets its turn after at
+        most FOREGROUND_TURNS foreground calls (searches wait one slice; writes still progress)."""
         with self._gate:
-            if not background:
+            if background:
+                self._bg_waiting += 1
+            else:
                 self._waiting += 1
             try:
-                while self._busy or (background and self._waiting):
+                while self._busy or (
+                    self._bg_turns < FOREGROUND_TURNS and self._waiting
+                    if background
+                    else self._bg_waiting and self._bg_turns >= FOREGROUND_TURNS
+                ):
                     self._gate.wait()
             finally:
-                if not background:
+                if background:
+                    self._bg_waiting -= 1
+                else:
                     self._waiting -= 1
+            if background:
+                self._bg_turns = 0
+            elif self._bg_waiting:
+                self._bg_turns += 1
             self._busy = True
 
     def _release(self) -> None:
@@ -109,8 +126,9 @@ class Embedder:
     def embed(self, texts: Sequence[str], *, query: bool, background: bool = False) -> np.ndarray:
         """L2-normalised float32 vectors, one row per text.
 
-        ``background``: yield to every foreground call waiting (the write API embeds its passages
-        in small background calls, so a search's query waits for at most one of them).
+        ``background``: yield to foreground calls waiting, up to FOREGROUND_TURNS in a row (the
+        write API embeds its passages in small background calls, so a search's query waits for at
+        most one of them, and writes still progress under a steady search load).
         """
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
