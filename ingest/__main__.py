@@ -131,12 +131,13 @@ def run_remote(args: argparse.Namespace, settings: Settings) -> int:
             fields=FieldMap(id=args.id_field, text=args.text_field, title=args.title_field),
             progress=not args.quiet and sys.stderr.isatty(),
         )
+        stored = job.documents_stored() if not args.quiet else None
     except RemoteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
         job.close()
-    return report(args, stats, None, job.documents_stored() if not args.quiet else None)
+    return report(args, stats, None, stored)
 
 
 def report(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +31,19 @@ class RemoteError(RuntimeError):
     """The server refused the job for a reason a retry cannot fix (auth, limits, bad input)."""
 
 
-def batches(docs: Iterable[Document], max_docs: int, max_chars: int) -> Iterator[list[Document]]:
+class TooLargeForServer(RuntimeError):
+    """413: this batch is over one of the server's limits; smaller ones may pass."""
+
+
+def batches(
+    docs: Iterable[Document], max_docs: Callable[[], int], max_chars: int
+) -> Iterator[list[Document]]:
+    """Batches of at most ``max_docs()`` documents (asked per batch: it shrinks after a 413)."""
     batch: list[Document] = []
     chars = 0
     for doc in docs:
         size = len(doc.text) + len(doc.title)
-        if batch and (len(batch) >= max_docs or chars + size > max_chars):
+        if batch and (len(batch) >= max_docs() or chars + size > max_chars):
             yield batch
             batch, chars = [], 0
         batch.append(doc)
@@ -75,6 +82,21 @@ class RemoteIngest:
         except Exception:  # the summary does without it
             return None
 
+    def _send(self, batch: list[Document]) -> list[dict[str, Any]]:
+        """POST a batch; one the server finds too large (413) goes in halves, and later batches
+        are no larger than what it took."""
+        try:
+            return self._post(batch)
+        except TooLargeForServer:
+            if len(batch) == 1:
+                raise RemoteError(
+                    f"{self.url} refused document {batch[0].id!r} as too large "
+                    "(WINNOW_MAX_BODY_BYTES / WINNOW_WRITE_QUEUE_CHARS there)"
+                ) from None
+            half = len(batch) // 2
+            self.batch_documents = max(1, min(self.batch_documents, half))
+            return self._send(batch[:half]) + self._send(batch[half:])
+
     def _post(self, batch: list[Document]) -> list[dict[str, Any]]:
         """POST one batch; retries what a retry can fix (resending a batch is always safe)."""
         import httpx
@@ -96,6 +118,8 @@ class RemoteIngest:
                 if r.status_code == 200:
                     return r.json()["results"]
                 why = f"{r.status_code} {_message(r)}"
+                if r.status_code == 413:
+                    raise TooLargeForServer(why)
                 if r.status_code not in (429, 502, 503, 504):
                     raise RemoteError(f"{self.url} refused the batch: {why}")
                 retry_after = r.headers.get("retry-after", "")
@@ -117,9 +141,9 @@ class RemoteIngest:
         bar = tqdm(desc="ingest", unit=" doc", disable=not progress, dynamic_ncols=True)
         try:
             docs = read_documents(paths, fields, stats)
-            for batch in batches(docs, self.batch_documents, BATCH_CHARS):
+            for batch in batches(docs, lambda: self.batch_documents, BATCH_CHARS):
                 t = time.perf_counter()
-                results = self._post(batch)
+                results = self._send(batch)
                 stats.write_s += time.perf_counter() - t
                 for doc, res in zip(batch, results, strict=True):
                     self._count(stats, doc, res)
