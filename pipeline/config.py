@@ -271,10 +271,10 @@ class Settings(BaseSettings):
         "embedding work); one larger request gets 413.",
     )
     write_embed_slice: int = Field(
-        16,
+        4,
         ge=1,
-        description="Passages a write embeds per step; between steps a waiting search embeds "
-        "first, so a search waits at most one step.",
+        description="Passages a write embeds per step; waiting searches embed before the next "
+        "step (up to 4 in a row), so a search waits for at most one step.",
     )
     read_consistency: Literal["Strong", "Session", "Bounded", "Eventually"] = Field(
         "Session",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import re
 import threading
@@ -93,9 +92,17 @@ class StoreInUse(StoreUnavailable):
         )
 
 
+_LITERAL_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"})
+
+
 def quote(value: str) -> str:
-    """A Milvus string literal (Milvus Lite has no filter templating)."""
-    return json.dumps(value, ensure_ascii=False)
+    r"""A Milvus string literal (Milvus Lite has no filter templating).
+
+    Not JSON: Milvus' parser knows the escapes \\ \" \n \r \t but not \uXXXX, which
+    ``json.dumps`` writes for other control characters (an id holding one made every query on it
+    fail); those go in raw, and Milvus reads them as themselves.
+    """
+    return '"' + value.translate(_LITERAL_ESCAPES) + '"'
 
 
 def in_list(field_name: str, values: Iterable[str]) -> str:

@@ -25,7 +25,11 @@ EXAMPLES = int(os.environ.get("WINNOW_SCHEMATHESIS_EXAMPLES", "40"))
 def test_schemathesis_all_checks(tmp_path: Path, sample_db, embedder, tiny_engine) -> None:
     exe = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
     settings = app_settings(
-        copy_db(sample_db, tmp_path), api_key="st-key", max_documents=40, max_top_k=200
+        copy_db(sample_db, tmp_path),
+        api_key="st-key",
+        write_api_key="st-key",  # the write routes are fuzzed too
+        max_documents=40,
+        max_top_k=200,
     )
     app = create_app(settings, embedder=embedder, reranker=batched(tiny_engine))
     with LiveServer(app) as server:

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -182,6 +183,19 @@ def test_bad_input_gets_a_4xx_that_says_what_to_fix(live: LiveServer) -> None:
     assert 400 <= r.status_code < 500
 
 
+def test_ids_with_quotes_slashes_and_control_characters(live: LiveServer) -> None:
+    """Ids are quoted into Milvus filters: none may break a write, a read or a delete."""
+    ids = ['say "hi"', "back\\slash", "tab\there", "bell\x07x", "nul\x00x", "docs/a b/ü.md"]
+    r = post_docs(live.url, [{"id": i, "text": f"Odd id number {n}."} for n, i in enumerate(ids)])
+    assert r.status_code == 200 and r.json()["counts"] == {"created": len(ids)}, r.text
+    for n, i in enumerate(ids):
+        got = httpx.get(f"{live.url}/v1/documents/{quote(i, safe='/')}", headers=R)
+        assert got.status_code == 200 and got.json()["id"] == i, (i, got.text)
+        assert got.json()["passages"][0]["text"] == f"Odd id number {n}."
+    r = httpx.post(f"{live.url}/v1/documents/delete", json={"ids": ids}, headers=W)
+    assert r.json()["counts"] == {"deleted": len(ids)}, r.text
+
+
 # --- auth ---------------------------------------------------------------------------------------
 ROUTES = [
     ("read", "POST", "/v1/search", {"query": "q", "rerank": False}),
@@ -219,6 +233,7 @@ def test_auth_matrix(live: LiveServer) -> None:
     [
         ("auto", {}, 403),  # no write key: off, and the message says how to turn them on
         ("auto", {"api_key": READ}, 403),
+        ("auto", {"api_key": READ, "none": True}, 401),  # who you are comes before what you may do
         ("on", {}, 200),  # a local single-user server, explicitly
         ("on", {"api_key": READ}, 200),  # then the read key writes too
         ("off", {"write_api_key": WRITE}, 403),
@@ -230,12 +245,18 @@ def test_writes_are_off_unless_a_write_key_or_writes_on(
     s = Settings(
         milvus_uri=str(tmp_path / "w.db"), embed_device="cpu", rerank=False, writes=writes, **keys
     )
-    headers = {"Authorization": f"Bearer {keys.get('api_key') or keys.get('write_api_key')}"}
+    keys = dict(keys)
+    anonymous = keys.pop("none", False)
+    key = keys.get("api_key") or keys.get("write_api_key")
+    headers = {} if anonymous else {"Authorization": f"Bearer {key}"}
     with LiveServer(create_app(s, embedder=embedder)) as srv:
         for _, method, path, body in ROUTES[3:]:
             r = call(srv.url, method, path, body, headers)
             if expect == 200:
                 assert r.status_code in (200, 404), (path, r.text)
+            elif expect == 401:
+                assert r.status_code == 401, (path, r.text)
+                continue
             else:
                 assert r.status_code == 403, (path, r.text)
                 msg = r.json()["error"]["message"]
@@ -243,7 +264,8 @@ def test_writes_are_off_unless_a_write_key_or_writes_on(
                 if writes == "auto":
                     assert "WINNOW_WRITE_API_KEY" in msg
         # reads still work whatever the write setting
-        assert call(srv.url, "POST", "/v1/search", ROUTES[0][3], headers).status_code == 200
+        read = call(srv.url, "POST", "/v1/search", ROUTES[0][3], headers)
+        assert read.status_code == (401 if anonymous else 200)
 
 
 # --- read-your-writes under concurrent searches --------------------------------------------------

@@ -136,18 +136,22 @@ class GuardMiddleware:
         await self.app(scope, replay, send)
 
     def _refusal(self, scope: dict[str, Any]) -> ApiError | None:
-        """Why this request may not run, from its path, method and Authorization header alone."""
+        """Why this request may not run, from its path, method and Authorization header alone.
+
+        Who the caller is comes first (401), then what they may do (403).
+        """
         write_ok = self.write_key is not None and authorized(scope, self.write_key)
+        read_ok = self.key is not None and authorized(scope, self.key)
         if is_write(scope):
             if not self.writes_on:
+                if self.key is not None and not (read_ok or write_ok):
+                    return UNAUTHORIZED
                 return WRITES_FORCED_OFF if self.writes == "off" else WRITES_OFF
             if self.write_key is not None:
                 if write_ok:
                     return None
-                if self.key is not None and authorized(scope, self.key):
-                    return READ_ONLY_KEY
-                return NEED_WRITE_KEY
-        if self.key is not None and not write_ok and not authorized(scope, self.key):
+                return READ_ONLY_KEY if read_ok else NEED_WRITE_KEY
+        if self.key is not None and not (read_ok or write_ok):
             return UNAUTHORIZED
         return None
 
