@@ -45,7 +45,7 @@ class Embedder:
         self._busy = False
         self._waiting = 0  # foreground calls waiting
         self._bg_waiting = 0  # background calls waiting
-        self._bg_turns = 0  # foreground calls that went first while a background one waited
+        self._bg_turns = 0  # foreground calls since the last background one (capped)
 
     def load(self) -> Embedder:
         if self._model is None:
@@ -114,8 +114,8 @@ class Embedder:
                     self._waiting -= 1
             if background:
                 self._bg_turns = 0
-            elif self._bg_waiting:
-                self._bg_turns += 1
+            else:
+                self._bg_turns = min(self._bg_turns + 1, FOREGROUND_TURNS)
             self._busy = True
 
     def _release(self) -> None:
