@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline.chunking import Chunker, chunker_for
 from pipeline.config import Settings
-from pipeline.documents import plan_changes, write_plan
+from pipeline.documents import check_document, plan_changes, write_plan
 from pipeline.domain import Passage
 from pipeline.embedding import Embedder
 from pipeline.runtime import build_embedder, open_store
@@ -120,6 +120,12 @@ def read_documents(
         if not item.text.strip():
             stats.problems.append(Problem(item.source, None, "empty text"))
             stats.skipped += 1
+            continue
+        reason = check_document(item)  # what Milvus would refuse, failing the whole batch
+        if reason is not None:
+            stats.problems.append(Problem(item.source, None, reason))
+            stats.skipped += 1
+            log.warning("skipped %s: %s", item.source, reason)
             continue
         seen.add(item.id)
         stats.documents += 1

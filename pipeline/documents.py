@@ -12,9 +12,10 @@ Planning is pure (no I/O); :func:`write_plan` is the one write order both caller
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline.domain import Document, Passage
 
@@ -24,6 +25,55 @@ if TYPE_CHECKING:
     from pipeline.store import MilvusStore
 
 Status = Literal["created", "updated", "unchanged"]
+
+# what the collection's schema can hold (pipeline.store's field sizes; no Milvus import here)
+MAX_DOC_ID_BYTES = 512
+MAX_TITLE_BYTES = 2048
+MAX_METADATA_BYTES = 65536
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def _big_int(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return not INT64[0] <= value <= INT64[1]
+    if isinstance(value, dict):
+        return any(_big_int(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_big_int(v) for v in value)
+    return False
+
+
+def check_document(doc: Document) -> str | None:
+    """Why this document cannot be stored (the reason a user reads), or None.
+
+    The same rule for the ingest job (a problem, skipped) and the write API (rejected): a document
+    Milvus would refuse never reaches it, where it would fail its whole batch.
+    """
+    for name, value in (("id", doc.id), ("title", doc.title), ("text", doc.text)):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{name} is not valid Unicode (it holds a lone surrogate)"
+    if not doc.id.strip():
+        return "id is empty"
+    if len(doc.id.encode("utf-8")) > MAX_DOC_ID_BYTES:
+        return f"id is over {MAX_DOC_ID_BYTES} bytes (UTF-8)"
+    if not doc.text.strip():
+        return "text is empty"
+    if len(doc.title.encode("utf-8")) > MAX_TITLE_BYTES:
+        return f"title is over {MAX_TITLE_BYTES} bytes (UTF-8)"
+    if doc.metadata:
+        try:
+            size = len(json.dumps(doc.metadata, ensure_ascii=False, allow_nan=False).encode())
+        except (UnicodeEncodeError, ValueError, TypeError):
+            return "metadata is not plain JSON (lone surrogates, NaN or infinity)"
+        if size > MAX_METADATA_BYTES:
+            return f"metadata is over {MAX_METADATA_BYTES} bytes as JSON"
+        if _big_int(doc.metadata):
+            return "metadata holds an integer that does not fit in 64 bits"
+    return None
 
 
 @dataclass(frozen=True, slots=True)

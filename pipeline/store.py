@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from pipeline.documents import MAX_DOC_ID_BYTES, MAX_TITLE_BYTES
 from pipeline.domain import Hit, Passage
 
 if TYPE_CHECKING:
@@ -33,8 +34,6 @@ T = TypeVar("T")
 PROP_MODEL = "winnow.embed_model"
 PROP_DIM = "winnow.dim"
 ID_LEN = 40
-MAX_DOC_ID_BYTES = 512
-MAX_TITLE_BYTES = 2048
 MAX_TEXT_BYTES = 65535
 OUTPUT_FIELDS = ["doc_id", "chunk", "title", "text", "metadata"]
 PING_TIMEOUT = 1.0  # seconds: /ready must answer quickly whatever Milvus does

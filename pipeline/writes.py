@@ -35,11 +35,11 @@ import numpy as np
 
 from pipeline.chunking import Chunker, chunker_for
 from pipeline.config import Settings
-from pipeline.documents import Change, plan_changes, write_plan
+from pipeline.documents import Change, check_document, plan_changes, write_plan
 from pipeline.domain import Document, Hit, Passage
 from pipeline.embedding import Embedder
 from pipeline.errors import RequestError, TooLarge
-from pipeline.store import MAX_DOC_ID_BYTES, MAX_TITLE_BYTES, MilvusStore, StoreError
+from pipeline.store import MilvusStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -90,19 +90,6 @@ class PartialWrite(StoreError):
             "is safe too)"
         )
         super().__init__(self.message)
-
-
-def check_document(doc: Document) -> str | None:
-    """Why this document cannot be stored, or None."""
-    if not doc.id.strip():
-        return "id is empty"
-    if len(doc.id.encode("utf-8")) > MAX_DOC_ID_BYTES:
-        return f"id is over {MAX_DOC_ID_BYTES} bytes (UTF-8)"
-    if not doc.text.strip():
-        return "text is empty"
-    if len(doc.title.encode("utf-8")) > MAX_TITLE_BYTES:
-        return f"title is over {MAX_TITLE_BYTES} bytes (UTF-8)"
-    return None
 
 
 class WriteService:
@@ -182,14 +169,6 @@ class WriteService:
     async def upsert(self, docs: Sequence[Document]) -> list[DocResult]:
         """Create, update or skip each document; results in request order."""
         self._check_batch(len(docs), "documents")
-        ids = [d.id for d in docs]
-        dupes = {i for i in ids if ids.count(i) > 1} if len(set(ids)) != len(ids) else set()
-        if dupes:
-            raise RequestError(
-                f"document ids appear more than once in the batch: {sorted(dupes)[:10]}; "
-                "send each document once",
-                kind="duplicate_ids",
-            )
         chars = sum(len(d.text) + len(d.title) for d in docs)
         return await self._run(chars, self._upsert, list(docs))
 
@@ -206,20 +185,29 @@ class WriteService:
     # --- on the writer thread ----------------------------------------------------------------
     def _upsert(self, docs: list[Document]) -> list[DocResult]:
         results: dict[str, DocResult] = {}
+        rejected: dict[int, DocResult] = {}  # by position: a duplicate id has no result of its own
         batch: list[tuple[Document, list[Passage]]] = []
-        for doc in docs:
+        taken: set[str] = set()
+        for i, doc in enumerate(docs):
             reason = check_document(doc)
+            if reason is None and doc.id in taken:
+                reason = "duplicate id: an earlier document in this batch has it"
             passages = [] if reason else self.chunker.split(doc)
             if not reason and not passages:
                 reason = "text is empty"
             if reason:
-                results[doc.id] = DocResult(doc.id, "rejected", reason=reason)
+                rejected[i] = DocResult(doc.id, "rejected", reason=reason)
             else:
                 batch.append((doc, passages))
+                taken.add(doc.id)
         if batch:
             stored = self.store.ids_by_doc([d.id for d, _ in batch])
-            self._apply(plan_changes(batch, stored), results)
-        return [results[d.id] for d in docs]
+            try:
+                self._apply(plan_changes(batch, stored), results)
+            except PartialWrite as exc:
+                exc.applied += list(rejected.values())
+                raise
+        return [rejected[i] if i in rejected else results[d.id] for i, d in enumerate(docs)]
 
     def _apply(self, changes: list[Change], results: dict[str, DocResult]) -> None:
         """Write the changes group by group; a failure names exactly what was applied."""

@@ -16,9 +16,8 @@ from pipeline.embedding import FOREGROUND_TURNS, Embedder
 class FakeEncoder:
     """Background calls block until released; every call is logged as it starts."""
 
-    prompts: dict[str, str] = {}
-
     def __init__(self, emb: Embedder) -> None:
+        self.prompts: dict[str, str] = {}
         self.emb = emb
         self.log: list[str] = []
         self.release = threading.Event()

@@ -6,6 +6,7 @@ Real MiniLM, real uvicorn on loopback, a tiny random Qwen3 reranker (for the sco
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -172,13 +173,29 @@ def test_bad_input_gets_a_4xx_that_says_what_to_fix(live: LiveServer) -> None:
         and "512 bytes" in r.json()["results"][0]["reason"]
     )
     r = post_docs(url, [{"id": "d", "text": "a"}, {"id": "d", "text": "b"}])
-    assert r.status_code == 422 and "more than once" in r.json()["error"]["message"]
+    assert [(x["status"], x.get("reason")) for x in r.json()["results"]] == [
+        ("created", None),
+        ("rejected", "duplicate id: an earlier document in this batch has it"),
+    ]
+    for bad, why in (
+        ({"id": "big", "text": "t", "metadata": {"n": 2**70}}, "64 bits"),
+        ({"id": "sur", "text": "a\ud800b"}, "lone surrogate"),
+        ({"id": "t", "text": "t", "title": "x" * 3000}, "2048 bytes"),
+    ):
+        body = json.dumps({"documents": [bad, {"id": "fine", "text": "fine"}]})
+        r = httpx.post(
+            f"{url}/v1/documents", content=body, headers={**W, "content-type": "application/json"}
+        )
+        assert r.status_code == 200, r.text
+        res = r.json()["results"]
+        assert res[0]["status"] == "rejected" and why in res[0]["reason"], res
+        assert res[1]["status"] in ("created", "unchanged"), res
     r = post_docs(url, [{"id": f"n{i}", "text": "t"} for i in range(21)])
     assert r.status_code == 413 and "WINNOW_MAX_WRITE_DOCUMENTS" in r.json()["error"]["message"]
     r = post_docs(url, [{"id": 5, "text": "t"}])
     assert r.status_code == 422 and "documents.0.id" in r.json()["error"]["message"]
     r = post_docs(url, [])
-    assert r.status_code == 422 and "empty" in r.json()["error"]["message"]
+    assert r.status_code == 422 and "documents" in r.json()["error"]["message"]
     r = httpx.post(f"{url}/v1/documents", content=b"{not json", headers=W)
     assert 400 <= r.status_code < 500
 

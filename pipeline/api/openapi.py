@@ -25,6 +25,8 @@ def _limits(settings: Settings) -> dict[str, dict[str, dict[str, int]]]:
             "filter": {"maxLength": settings.max_filter_chars},
         },
         "RerankBody": {**text, "documents": {"maxItems": settings.max_documents}},
+        "DocumentsBody": {"documents": {"maxItems": settings.max_write_documents}},
+        "DeleteBody": {"ids": {"maxItems": settings.max_write_documents}},
     }
 
 
@@ -47,13 +49,14 @@ def install(app: FastAPI, settings: Settings) -> None:
             for prop, extra in props.items():
                 if name in schemas and prop in schemas[name].get("properties", {}):
                     _apply(schemas[name]["properties"][prop], extra)
+        keyed = settings.api_key is not None or settings.write_api_key is not None
         for path, ops in doc.get("paths", {}).items():
             for op in ops.values():
-                if settings.api_key is None or not path.startswith(("/v1/", "/v2/")):
+                if not keyed or not path.startswith(("/v1/", "/v2/")):
                     op.get("responses", {}).pop("401", None)
                 else:
                     op["security"] = [{"bearer": []}]
-        if settings.api_key is not None:
+        if keyed:
             doc["components"].setdefault("securitySchemes", {})["bearer"] = {
                 "type": "http",
                 "scheme": "bearer",

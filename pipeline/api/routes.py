@@ -34,7 +34,7 @@ from pipeline.api.schemas import (
 )
 from pipeline.api.state import AppState
 from pipeline.domain import Document
-from pipeline.writes import DocResult
+from pipeline.writes import DocResult, DocumentNotFound
 
 STATIC = Path(__file__).parent / "static"
 T = TypeVar("T")
@@ -188,11 +188,13 @@ async def delete_documents(body: DeleteBody, st: State) -> dict[str, Any]:
     responses=ERROR_RESPONSES,
     tags=["documents"],
 )
-async def delete_document(doc_id: str, st: State) -> JSONResponse:
+async def delete_document(doc_id: str, st: State) -> dict[str, Any]:
     """Delete one document: 200, or 404 when no such document is stored."""
     writes = await st.write_service()
-    out = _documents_out(await writes.delete([doc_id]))
-    return JSONResponse(out, status_code=404 if "not_found" in out["counts"] else 200)
+    results = await writes.delete([doc_id])
+    if results[0].status == "not_found":
+        raise DocumentNotFound(doc_id)
+    return _documents_out(results)
 
 
 @router.get(

@@ -102,14 +102,18 @@ class DocumentsBody(BaseModel):
     model_config = STRICT
 
     documents: list[DocumentIn] = Field(
-        description="Up to WINNOW_MAX_WRITE_DOCUMENTS documents (413 above)."
+        min_length=1,
+        description="Up to WINNOW_MAX_WRITE_DOCUMENTS documents (413 above). An id sent twice: "
+        "the later copies are rejected.",
     )
 
 
 class DeleteBody(BaseModel):
     model_config = STRICT
 
-    ids: list[str] = Field(description="Document ids (up to WINNOW_MAX_WRITE_DOCUMENTS).")
+    ids: list[str] = Field(
+        min_length=1, description="Document ids (up to WINNOW_MAX_WRITE_DOCUMENTS; 413 above)."
+    )
 
 
 class DocResultOut(BaseModel):
