@@ -137,19 +137,35 @@ def validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    """The methods of every route whose path matches (GET and DELETE /v1/documents/{id} are two
+    routes; Starlette's own 405 names the first one's only)."""
+    from starlette.routing import Match
+
+    scope = {**request.scope, "method": ""}
+    methods: set[str] = set()
+    todo = list(app.router.routes)
+    while todo:
+        route = todo.pop()
+        inner = getattr(route, "original_router", None)  # an included router (FastAPI ≥ 0.12x)
+        if inner is not None:
+            todo.extend(inner.routes)
+        elif route.matches(scope)[0] != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         return _json(422, "invalid_request", validation_message(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _json(
-            exc.status_code,
-            "http_error",
-            excerpt(str(exc.detail), 200),
-            getattr(exc, "headers", None),
-        )
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # every route on this path, not only the first one matched
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(app, request))}
+        return _json(exc.status_code, "http_error", excerpt(str(exc.detail), 200), headers)
 
     async def _mapped(_: Request, exc: Exception) -> JSONResponse:
         return to_response(exc)
