@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 
 DocStatus = Literal["created", "updated", "unchanged", "rejected", "deleted", "not_found"]
 MAX_PASSAGES_SHOWN = 16384  # GET /v1/documents/{id}: Milvus' own query window
+# Milvus Lite rebuilds BM25 statistics over unflushed rows on every query: flush after this many
+# rows written (a Milvus server seals segments by itself; there a flush per write would only make
+# small segments)
+LITE_FLUSH_ROWS = 2048
 
 
 class WriteOverloaded(RuntimeError):
@@ -103,6 +107,7 @@ class WriteService:
         self._requests = 0
         self._chars = 0
         self._chars_per_s = 0.0  # measured embedding throughput of writes (for Retry-After)
+        self._unflushed = 0  # rows written or deleted since the last flush (writer thread only)
 
     @property
     def chunker(self) -> Chunker:
@@ -245,6 +250,17 @@ class WriteService:
             return
         vectors = self._embed([p.search_text for p in todo])
         write_plan(self.store, todo, vectors, stale, self.settings.ingest_batch_size)
+        self._written(len(todo) + len(stale))
+
+    def _written(self, rows: int) -> None:
+        self._unflushed += rows
+        if self.store.is_lite and self._unflushed >= LITE_FLUSH_ROWS:
+            try:
+                self.store.flush()
+            except StoreError as exc:  # the write itself is done; flush again after the next one
+                log.warning("flush after writes failed: %s", exc)
+                return
+            self._unflushed = 0
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         """In background slices: a search's query embed never waits behind more than one."""
@@ -267,6 +283,7 @@ class WriteService:
         stored = self.store.ids_by_doc(doc_ids)
         found = [d for d in doc_ids if stored.get(d)]
         self.store.delete_docs(found)
+        self._written(sum(len(stored[d]) for d in found))
         return [
             DocResult(d, "deleted", deleted=len(stored[d]))
             if stored.get(d)
