@@ -23,7 +23,7 @@ from conftest import LiveServer, MilvusServer, batched, write_jsonl
 
 from pipeline.api import create_app
 from pipeline.config import Settings
-from pipeline.domain import join_title
+from pipeline.domain import Document, join_title
 
 pytestmark = pytest.mark.slow
 
@@ -471,3 +471,50 @@ def test_ingest_server_with_a_read_key_says_so(live: LiveServer, tmp_path: Path)
     proc = ingest_cli(corpus, live.url, env_key="")
     err = proc.communicate(timeout=300)[1]
     assert proc.returncode == 2 and "401" in err and "WINNOW_WRITE_API_KEY" in err, err
+
+
+# --- a batch that fails half-way -------------------------------------------------------------------
+def test_a_batch_failing_midway_reports_exactly_what_was_applied(tmp_path: Path, embedder) -> None:
+    """Milvus fails on the second group's upsert: the first group is reported applied, the rest
+    not_applied (503 partial_write); resending the batch finishes it, redoing only what is left."""
+    from pipeline.api.errors import to_response
+    from pipeline.store import MilvusStore, StoreUnavailable
+    from pipeline.writes import PartialWrite, WriteService
+
+    class FailingOnce(MilvusStore):
+        calls = 0
+
+        def upsert(self, passages, vectors):  # type: ignore[override]
+            FailingOnce.calls += 1
+            if FailingOnce.calls == 2:
+                raise StoreUnavailable("Milvus went away")
+            return super().upsert(passages, vectors)
+
+    s = Settings(milvus_uri=str(tmp_path / "w.db"), embed_device="cpu", ingest_batch_size=2)
+    store = FailingOnce(s.milvus_uri, "t")
+    store.ensure_collection(embedder.dim, s.embed_model)
+    writes = WriteService(s, embedder, store)
+    docs = [Document(f"p{i}", f"Partial write document number {i}.") for i in range(5)]
+    docs.insert(1, Document("empty", "  "))
+    with pytest.raises(PartialWrite) as info:
+        asyncio.run(writes.upsert(docs))
+    exc = info.value
+    assert sorted(r.id for r in exc.applied if r.status == "created") == ["p0", "p1"]
+    assert [r.id for r in exc.applied if r.status == "rejected"] == ["empty"]
+    assert exc.not_applied == ["p2", "p3", "p4"]
+    response = to_response(exc)
+    body = json.loads(response.body)
+    assert response.status_code == 503 and body["error"]["type"] == "partial_write"
+    assert body["not_applied"] == ["p2", "p3", "p4"] and len(body["results"]) == 3
+    again = asyncio.run(writes.upsert(docs))
+    assert [(r.id, r.status) for r in again] == [
+        ("p0", "unchanged"),
+        ("empty", "rejected"),
+        ("p1", "unchanged"),
+        ("p2", "created"),
+        ("p3", "created"),
+        ("p4", "created"),
+    ]
+    assert store.count_documents() == 5
+    writes.close()
+    store.close()
