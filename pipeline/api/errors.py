@@ -138,21 +138,33 @@ def validation_message(exc: RequestValidationError) -> str:
 
 
 def allowed_methods(app: FastAPI, request: Request) -> list[str]:
-    """The methods of every route whose path matches (GET and DELETE /v1/documents/{id} are two
-    routes; Starlette's own 405 names the first one's only)."""
+    """The methods of the path template this URL matches first, over all its routes (GET and
+    DELETE /v1/documents/{doc_id} are two routes; Starlette's own 405 names the first one's only).
+    """
     from starlette.routing import Match
 
     scope = {**request.scope, "method": ""}
-    methods: set[str] = set()
+    routes: list[Any] = []
     todo = list(app.router.routes)
-    while todo:
-        route = todo.pop()
+    while todo:  # flattened in registration order (the order Starlette matches in)
+        route = todo.pop(0)
         inner = getattr(route, "original_router", None)  # an included router (FastAPI ≥ 0.12x)
         if inner is not None:
-            todo.extend(inner.routes)
-        elif route.matches(scope)[0] != Match.NONE:
-            methods |= set(getattr(route, "methods", None) or ())
-    return sorted(methods)
+            todo[:0] = inner.routes
+        else:
+            routes.append(route)
+    matching = [r for r in routes if r.matches(scope)[0] != Match.NONE]
+    if not matching:
+        return []
+    path = getattr(matching[0], "path", None)
+    return sorted(
+        {
+            m
+            for r in matching
+            if getattr(r, "path", None) == path
+            for m in getattr(r, "methods", None) or ()
+        }
+    )
 
 
 def install(app: FastAPI) -> None:
