@@ -102,6 +102,10 @@ class Runtime:
             self._writes = WriteService(self.settings, self.embedder, self.store)
         return self._writes
 
+    def writes_since(self, t: float) -> bool:
+        """Whether a write finished after monotonic time ``t`` (a cached count is then stale)."""
+        return self._writes is not None and self._writes.last_write > t
+
     def write_stats(self) -> dict[str, int]:
         """The write queue's gauges for /metrics (empty until the first write)."""
         return self._writes.stats() if self._writes is not None else {}

@@ -108,6 +108,7 @@ class WriteService:
         self._chars = 0
         self._chars_per_s = 0.0  # measured embedding throughput of writes (for Retry-After)
         self._unflushed = 0  # rows written or deleted since the last flush (writer thread only)
+        self.last_write = -1e9  # monotonic time the last write finished
 
     @property
     def chunker(self) -> Chunker:
@@ -144,6 +145,7 @@ class WriteService:
         )
 
     def _done(self, chars: int) -> None:
+        self.last_write = time.monotonic()
         with self._lock:
             self._requests -= 1
             self._chars -= chars

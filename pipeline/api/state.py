@@ -21,7 +21,8 @@ ADD_HINT = (
     "WINNOW_WRITE_API_KEY), the page's Add form, or python -m ingest PATH "
     "[--server http://HOST:PORT]"
 )
-READY_TIMEOUT_S = 1.0  # /ready answers within about this, whatever Milvus or a remote reranker does
+READY_TIMEOUT_S = 1.0
+COUNT_CACHE_S = 5.0  # /ready's document count is reused this long, unless a write came since  # /ready answers within about this, whatever Milvus or a remote reranker does
 
 
 @dataclass
@@ -30,6 +31,8 @@ class AppState:
     runtime: Runtime
     metrics: Metrics = field(init=False)
     started: float = field(default_factory=time.time)
+    _count: int | None = field(default=None, init=False, repr=False)
+    _count_at: float = field(default=-1e9, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.stats)
@@ -61,6 +64,19 @@ class AppState:
         out.update(gpu.gpu_stats())
         return out
 
+    def _collection_state(self) -> tuple[str, int | None]:
+        """ "ok" (or why not) and the documents stored; the count is reused for COUNT_CACHE_S
+        (probes come often, and on a large collection a count is a scan)."""
+        rt = self.runtime
+        try:
+            rt.check_collection(create=True)
+            now = time.monotonic()
+            if now - self._count_at > COUNT_CACHE_S or rt.writes_since(self._count_at):
+                self._count, self._count_at = rt.store.count_documents(), now
+            return "ok", self._count
+        except (CollectionMissing, StoreError) as exc:
+            return str(exc), None
+
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Models loaded, Milvus answering, collection usable, remote reranker healthy; ≤ ~1 s."""
         rt = self.runtime
@@ -69,7 +85,7 @@ class AppState:
             milvus = await _bounded(rt.store.aping(), False)  # its own thread: never queued
             if milvus:
                 collection, documents = await _bounded(
-                    asyncio.to_thread(_collection_state, rt), ("timeout", None)
+                    asyncio.to_thread(self._collection_state), ("timeout", None)
                 )
         reranker = rt.reranker
         rerank_ok = True
@@ -93,15 +109,6 @@ class AppState:
             "gpu": gpu.gpu_summary(),
         }
         return ok, body
-
-
-def _collection_state(rt: Runtime) -> tuple[str, int | None]:
-    """ "ok" (or why not) and the documents stored."""
-    try:
-        rt.check_collection(create=True)
-        return "ok", rt.store.count_documents()
-    except (CollectionMissing, StoreError) as exc:
-        return str(exc), None
 
 
 async def _bounded(work: Any, default: Any) -> Any:
