@@ -146,6 +146,9 @@ def test_create_update_unchanged_delete(live: LiveServer) -> None:
         ("nope", "not_found"),
     ]
     assert all(h["doc_id"] != "cud/b" for h in search(url, "honey bees nectar")["results"])
+    metrics = httpx.get(f"{url}/metrics").text
+    assert "winnow_write_queue_depth 0.0" in metrics and "winnow_write_queue_chars 0.0" in metrics
+    assert 'winnow_http_requests_total{route="/v1/documents",status="200"}' in metrics
 
 
 def test_a_long_document_is_chunked_like_ingest_and_shrinks_cleanly(live: LiveServer) -> None:
@@ -280,9 +283,11 @@ def test_writes_are_off_unless_a_write_key_or_writes_on(
                 assert "WINNOW_WRITES=" in msg, msg
                 if writes == "auto":
                     assert "WINNOW_WRITE_API_KEY" in msg
-        # reads still work whatever the write setting
+        # reads still work whatever the write setting (GET of a document is a read)
         read = call(srv.url, "POST", "/v1/search", ROUTES[0][3], headers)
         assert read.status_code == (401 if anonymous else 200)
+        got = call(srv.url, "GET", "/v1/documents/none", None, headers)
+        assert got.status_code == (401 if anonymous else 404)
 
 
 # --- read-your-writes under concurrent searches --------------------------------------------------
