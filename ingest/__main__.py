@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import Any
 
 from pipeline.config import Settings, SettingsError, add_settings_arguments, settings_or_exit
 from pipeline.logs import setup_logging
@@ -32,6 +33,7 @@ INGEST_SETTINGS = [
     "ray_address",
     "ray_actors",
     "ray_gpus_per_actor",
+    "write_api_key",
     "log_level",
 ]
 
@@ -55,6 +57,19 @@ def parser() -> argparse.ArgumentParser:
         "--gpus-per-actor",
         type=float,
         help="Ray engine: GPUs per actor (WINNOW_RAY_GPUS_PER_ACTOR)",
+    )
+    p.add_argument(
+        "--server",
+        metavar="URL",
+        help="send the documents through a running service's write API (e.g. "
+        "http://127.0.0.1:8000) instead of writing to Milvus: the way to add to a Milvus Lite file "
+        "the service holds. Key: --write-api-key / WINNOW_WRITE_API_KEY (else WINNOW_API_KEY)",
+    )
+    p.add_argument(
+        "--server-timeout",
+        type=float,
+        default=300.0,
+        help="--server: seconds per request (default 300)",
     )
     p.add_argument("--id-field", help="record field holding the document id (default: _id/id/…)")
     p.add_argument("--text-field", help="record field holding the text (default: text/content/…)")
@@ -100,7 +115,52 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run_remote(args: argparse.Namespace, settings: Settings) -> int:
+    """``--server``: the same job through the service's write API (chunked and planned there)."""
+    from .remote import RemoteError, RemoteIngest
+
+    if args.drop or settings.ingest_engine == "ray":
+        print("error: --server cannot be combined with --drop or --engine ray", file=sys.stderr)
+        return 2
+    secret = settings.write_api_key or settings.api_key
+    job = RemoteIngest(
+        args.server,
+        secret.get_secret_value() if secret is not None else None,
+        timeout=args.server_timeout,
+    )
+    try:
+        stats = job.run(
+            args.paths,
+            fields=FieldMap(id=args.id_field, text=args.text_field, title=args.title_field),
+            progress=not args.quiet and sys.stderr.isatty(),
+        )
+        stored = job.documents_stored() if not args.quiet else None
+    except RemoteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        job.close()
+    return report(args, stats, None, stored)
+
+
+def report(
+    args: argparse.Namespace, stats: Any, count: int | None, documents: int | None = None
+) -> int:
+    if not args.quiet:
+        print(summary_table(stats, count, documents), end="")
+    for problem in stats.problems[:20]:
+        print(f"skipped: {problem}", file=sys.stderr)
+    if len(stats.problems) > 20:
+        print(f"… and {len(stats.problems) - 20} more problems", file=sys.stderr)
+    if not stats.ok:
+        print("error: nothing could be ingested", file=sys.stderr)
+        return 1
+    return 0
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    if args.server:
+        return run_remote(args, settings)
     job = make_job(settings)
     if args.drop and job.store.exists():
         job.store.drop()
@@ -109,17 +169,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         fields=FieldMap(id=args.id_field, text=args.text_field, title=args.title_field),
         progress=not args.quiet and sys.stderr.isatty(),
     )
-    if not args.quiet:
-        print(summary_table(stats, job.store.count()), end="")
-    for problem in stats.problems[:20]:
-        print(f"skipped: {problem}", file=sys.stderr)
-    if len(stats.problems) > 20:
-        print(f"… and {len(stats.problems) - 20} more problems", file=sys.stderr)
+    count = job.store.count() if not args.quiet else None
     job.store.close()
-    if not stats.ok:
-        print("error: nothing could be ingested", file=sys.stderr)
-        return 1
-    return 0
+    return report(args, stats, count)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import Settings, SettingsError
+from pipeline.chunking import Chunker, chunker_for
+from pipeline.config import Settings
+from pipeline.documents import check_document, plan_changes, write_plan
 from pipeline.domain import Passage
 from pipeline.embedding import Embedder
 from pipeline.runtime import build_embedder, open_store
 from pipeline.store import MilvusStore
 
-from .chunking import Chunker
 from .sources import Document, FieldMap, Problem, read_corpus
+
+__all__ = ["Chunker", "IngestJob", "IngestStats", "Plan", "chunker_for", "summary_table"]
 
 log = logging.getLogger(__name__)
 
@@ -72,29 +75,11 @@ class Plan:
     stale: list[str]
 
 
-def chunker_for(embedder: Embedder, settings: Settings) -> Chunker:
-    prompt_tokens = 0
-    prompts = getattr(embedder.encoder, "prompts", None) or {}
-    if prompts.get("document"):
-        prompt_tokens = len(
-            embedder.tokenizer(prompts["document"], add_special_tokens=False)["input_ids"]
-        )
-    limit = embedder.max_seq_length - 2 - prompt_tokens  # [CLS]/[SEP] or BOS/EOS
-    size = max(16, min(settings.chunk_tokens, limit))
-    if settings.chunk_overlap >= size:
-        raise SettingsError(
-            f"WINNOW_CHUNK_OVERLAP ({settings.chunk_overlap}) must be below the passage size, "
-            f"{size} tokens here (WINNOW_CHUNK_TOKENS capped by the embedder's {limit}-token limit)"
-        )
-    return Chunker(embedder.tokenizer, size, settings.chunk_overlap)
-
-
 def upsert_bounded(
     store: MilvusStore, passages: Sequence[Passage], vectors: np.ndarray, limit: int
 ) -> None:
-    """Upsert in slices of at most ``limit`` rows: one huge document never makes one huge RPC."""
-    for i in range(0, len(passages), limit):
-        store.upsert(passages[i : i + limit], vectors[i : i + limit])
+    """Upsert in slices of at most ``limit`` rows (the Ray engine's writers; no deletes)."""
+    write_plan(store, passages, vectors, [], limit)
 
 
 class Progress:
@@ -115,6 +100,44 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def read_documents(
+    paths: Iterable[str | Path], fields: FieldMap | None, stats: IngestStats
+) -> Iterator[Document]:
+    """Every readable, non-duplicate, non-empty document; problems counted in ``stats``.
+
+    The reading half of every engine, ``--server`` included (which chunks on the server).
+    """
+    seen: set[str] = set()
+    files: set[Path] = set()
+    for path, item in read_corpus(paths, fields):
+        if path is not None and path not in files:
+            files.add(path)
+            stats.files = len(files)
+        if isinstance(item, Problem):
+            stats.problems.append(item)
+            stats.skipped += 1
+            log.warning("skipped %s", item)
+            continue
+        if item.id in seen:
+            stats.problems.append(Problem(item.source, None, f"duplicate document id {item.id!r}"))
+            stats.skipped += 1
+            log.warning("skipped %s: duplicate document id %r", item.source, item.id)
+            continue
+        if not item.text.strip():
+            stats.problems.append(Problem(item.source, None, "empty text"))
+            stats.skipped += 1
+            continue
+        reason = check_document(item)  # what Milvus would refuse, failing the whole batch
+        if reason is not None:
+            stats.problems.append(Problem(item.source, None, reason))
+            stats.skipped += 1
+            log.warning("skipped %s: %s", item.source, reason)
+            continue
+        seen.add(item.id)
+        stats.documents += 1
+        yield item
 
 
 class IngestJob:
@@ -155,47 +178,21 @@ class IngestJob:
         stats: IngestStats,
     ) -> Iterator[tuple[Document, list[Passage]]]:
         """Every readable, non-duplicate, non-empty document with its passages; problems counted."""
-        seen: set[str] = set()
-        files: set[Path] = set()
-        for path, item in read_corpus(paths, fields):
-            if path is not None and path not in files:
-                files.add(path)
-                stats.files = len(files)
-            if isinstance(item, Problem):
-                stats.problems.append(item)
-                stats.skipped += 1
-                log.warning("skipped %s", item)
-                continue
-            if item.id in seen:
-                stats.problems.append(
-                    Problem(item.source, None, f"duplicate document id {item.id!r}")
-                )
-                stats.skipped += 1
-                log.warning("skipped %s: duplicate document id %r", item.source, item.id)
-                continue
-            passages = chunker.split(item)
-            if not passages:
-                stats.problems.append(Problem(item.source, None, "empty text"))
-                stats.skipped += 1
-                continue
-            seen.add(item.id)
-            stats.documents += 1
+        for doc in read_documents(paths, fields, stats):
+            passages = chunker.split(doc)
             stats.passages += len(passages)
-            yield item, passages
+            yield doc, passages
 
     def plan(self, batch: Sequence[tuple[Document, list[Passage]]], stats: IngestStats) -> Plan:
-        """Compare with what is stored: unchanged documents are skipped without embedding."""
-        stored = self.store.ids_by_doc([d.id for d, _ in batch])
+        """Compare with what is stored (:mod:`pipeline.documents`' rules): unchanged documents are
+        skipped without embedding."""
         todo: list[Passage] = []
         stale: list[str] = []
-        for doc, passages in batch:
-            new_ids = {p.id for p in passages}
-            have = stored.get(doc.id, set())
-            if have == new_ids:
+        for change in plan_changes(batch, self.store.ids_by_doc([d.id for d, _ in batch])):
+            if change.status == "unchanged":
                 stats.unchanged += 1
-                continue
-            todo.extend(p for p in passages if p.id not in have)
-            stale.extend(have - new_ids)
+            todo.extend(change.todo)
+            stale.extend(change.stale)
         return Plan(todo, stale)
 
     def plans(
@@ -231,8 +228,8 @@ class IngestJob:
     def write(self, plan: Plan, vectors: np.ndarray, stats: IngestStats) -> None:
         """New passages first, then the stale ones: a document never has none stored."""
         t = time.perf_counter()
-        upsert_bounded(self.store, plan.todo, vectors, self.settings.ingest_batch_size)
-        self.delete_stale(plan, stats)
+        write_plan(self.store, plan.todo, vectors, plan.stale, self.settings.ingest_batch_size)
+        stats.deleted += len(plan.stale)
         stats.write_s += time.perf_counter() - t
         log.debug("wrote %d passages, deleted %d", len(plan.todo), len(plan.stale))
 
@@ -278,7 +275,9 @@ class IngestJob:
                 inflight.result()
 
 
-def summary_table(stats: IngestStats, count: int | None = None) -> str:
+def summary_table(
+    stats: IngestStats, count: int | None = None, documents: int | None = None
+) -> str:
     """A small table for the terminal (rich renders it; plain text when piped)."""
     from rich.console import Console
     from rich.table import Table
@@ -299,6 +298,8 @@ def summary_table(stats: IngestStats, count: int | None = None) -> str:
     ]
     if count is not None:
         rows.append(("passages in collection", count))
+    if documents is not None:
+        rows.append(("documents in collection", documents))
     for k, v in rows:
         t.add_row(k, str(v))
     console = Console(width=80, file=io.StringIO())

@@ -10,11 +10,11 @@ import csv
 import json
 import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.domain import invalid_unicode_at
+from pipeline.domain import Document, invalid_unicode_at
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown"}
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
@@ -24,15 +24,6 @@ SUPPORTED = TEXT_SUFFIXES | JSONL_SUFFIXES | CSV_SUFFIXES
 ID_FIELDS = ("_id", "id", "doc_id", "docid")
 TEXT_FIELDS = ("text", "content", "body", "passage", "abstract")
 TITLE_FIELDS = ("title", "name", "heading")
-
-
-@dataclass(frozen=True, slots=True)
-class Document:
-    id: str
-    text: str
-    title: str = ""
-    metadata: dict[str, Any] = field(default_factory=dict)
-    source: str = ""
 
 
 @dataclass(frozen=True, slots=True)

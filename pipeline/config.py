@@ -307,6 +307,41 @@ class Settings(BaseSettings):
         description="Bearer key of /metrics (give it to the Prometheus scraper); unset = the API "
         "key(s) when set, else /metrics is open.",
     )
+    write_api_key: SecretStr | None = Field(
+        None,
+        description="Bearer key of the write routes (POST/DELETE /v1/documents); it reads too. "
+        "A read key (WINNOW_API_KEY) gets 403 there. Also the key `python -m ingest --server` "
+        "sends.",
+    )
+    writes: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Write routes: auto = on only with WINNOW_WRITE_API_KEY; on = also without "
+        "one (a local single-user server: whoever may search may write); off = always off.",
+    )
+    max_write_documents: int = Field(
+        256, ge=1, description="Documents per POST /v1/documents or batch delete (413)."
+    )
+    write_queue_size: int = Field(
+        8, ge=1, description="Write requests running or waiting (one runs at a time) before 429."
+    )
+    write_queue_chars: int = Field(
+        8_000_000,
+        ge=1,
+        description="Characters of document text admitted to the write queue before 429 (the "
+        "embedding work); one larger request gets 413.",
+    )
+    write_embed_slice: int = Field(
+        4,
+        ge=1,
+        description="Passages a write embeds per step; waiting searches embed before the next "
+        "step (up to 4 in a row), so a search waits for at most one step.",
+    )
+    read_consistency: Literal["Strong", "Session", "Bounded", "Eventually"] = Field(
+        "Session",
+        description="Milvus consistency level of searches: Session = a search sees every write "
+        "this process made before it (read-your-writes); Strong = every write by anyone (use with "
+        "several workers or writers on a Milvus server; slower there).",
+    )
     max_documents: int = Field(1000, ge=1, description="Documents per rerank request (413).")
     max_query_chars: int = Field(4096, ge=1, description="Longest query accepted (chars).")
     max_document_chars: int = Field(
@@ -348,7 +383,13 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Python logging level.")
 
     @field_validator(
-        "milvus_token", "api_key", "metrics_api_key", "rerank_api_key", "ray_address", mode="before"
+        "milvus_token",
+        "api_key",
+        "metrics_api_key",
+        "write_api_key",
+        "rerank_api_key",
+        "ray_address",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, v: Any) -> Any:
@@ -397,6 +438,11 @@ class Settings(BaseSettings):
         if self.metrics_api_key is not None:
             return [self.metrics_api_key.get_secret_value()]
         return self.api_keys
+
+    @property
+    def writes_enabled(self) -> bool:
+        """The write routes answer: explicitly on, or a write key is set (and not forced off)."""
+        return self.writes == "on" or (self.writes == "auto" and self.write_api_key is not None)
 
     @property
     def fusion_label(self) -> str:

@@ -22,6 +22,17 @@ def passage_id(doc_id: str, chunk: int, text: str, title: str = "", metadata: An
 
 
 @dataclass(frozen=True, slots=True)
+class Document:
+    """One whole document as a user gives it (a corpus record, or a POST /v1/documents item)."""
+
+    id: str
+    text: str
+    title: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Passage:
     """One chunk of a document, as stored."""
 

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 
 log = logging.getLogger(__name__)
+FOREGROUND_TURNS = 4  # foreground embeds that may overtake a waiting background one
 
 
 def pick_device(device: str) -> str:
@@ -38,7 +39,13 @@ class Embedder:
         self.device = device
         self.batch_size = batch_size
         self._model: SentenceTransformer | None = None
-        self._lock = threading.Lock()
+        # one forward at a time (torch CPU threads are shared anyway); background work (a write's
+        # slices) waits while any foreground embed (a search's query) waits: searches go first
+        self._gate = threading.Condition()
+        self._busy = False
+        self._waiting = 0  # foreground calls waiting
+        self._bg_waiting = 0  # background calls waiting
+        self._bg_turns = 0  # foreground calls since the last background one (capped)
 
     def load(self) -> Embedder:
         if self._model is None:
@@ -85,11 +92,48 @@ class Embedder:
         name = "query" if query else "document"
         return name if prompts.get(name) else None
 
-    def embed(self, texts: Sequence[str], *, query: bool) -> np.ndarray:
-        """L2-normalised float32 vectors, one row per text."""
+    def _acquire(self, background: bool) -> None:
+        """Foreground first, but not for ever: a waiting background call gets its turn after at
+        most FOREGROUND_TURNS foreground calls (searches wait one slice; writes still progress)."""
+        with self._gate:
+            if background:
+                self._bg_waiting += 1
+            else:
+                self._waiting += 1
+            try:
+                while self._busy or (
+                    self._bg_turns < FOREGROUND_TURNS and self._waiting
+                    if background
+                    else self._bg_waiting and self._bg_turns >= FOREGROUND_TURNS
+                ):
+                    self._gate.wait()
+            finally:
+                if background:
+                    self._bg_waiting -= 1
+                else:
+                    self._waiting -= 1
+            if background:
+                self._bg_turns = 0
+            else:
+                self._bg_turns = min(self._bg_turns + 1, FOREGROUND_TURNS)
+            self._busy = True
+
+    def _release(self) -> None:
+        with self._gate:
+            self._busy = False
+            self._gate.notify_all()
+
+    def embed(self, texts: Sequence[str], *, query: bool, background: bool = False) -> np.ndarray:
+        """L2-normalised float32 vectors, one row per text.
+
+        ``background``: yield to foreground calls waiting, up to FOREGROUND_TURNS in a row (the
+        write API embeds its passages in small background calls, so a search's query waits for at
+        most one of them, and writes still progress under a steady search load).
+        """
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        with self._lock:  # one forward at a time: torch CPU threads are shared anyway
+        self._acquire(background)
+        try:
             out = self.encoder.encode(
                 list(texts),
                 prompt_name=self._prompt_name(query),
@@ -98,4 +142,6 @@ class Embedder:
                 convert_to_numpy=True,
                 show_progress_bar=False,
             )
+        finally:
+            self._release()
         return np.asarray(out, dtype=np.float32)

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from pipeline.rerank import Reranker
     from pipeline.search import SearchService
     from pipeline.store import MilvusStore
+    from pipeline.writes import WriteService
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class Runtime:
     _owns_reranker: bool = field(default=True, repr=False)
     _collection_checked: bool = field(default=False, repr=False)
     _service: SearchService | None = field(default=None, repr=False)
+    _writes: WriteService | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.embedder is None:
@@ -91,6 +93,23 @@ class Runtime:
             self._service = SearchService(self.settings, self.embedder, self.store, self.reranker)
         return self._service
 
+    @property
+    def writes(self) -> WriteService:
+        """The write use cases (POST/DELETE /v1/documents) over the same embedder and store."""
+        if self._writes is None:
+            from pipeline.writes import WriteService
+
+            self._writes = WriteService(self.settings, self.embedder, self.store)
+        return self._writes
+
+    def writes_since(self, t: float) -> bool:
+        """Whether a write finished after monotonic time ``t`` (a cached count is then stale)."""
+        return self._writes is not None and self._writes.last_write > t
+
+    def write_stats(self) -> dict[str, int]:
+        """The write queue's gauges for /metrics (empty until the first write)."""
+        return self._writes.stats() if self._writes is not None else {}
+
     def load(self, *, reranker: bool = True) -> Runtime:
         """Load the embedder and (when on and not given) the reranker; idempotent."""
         self.embedder.load()
@@ -101,15 +120,21 @@ class Runtime:
         self.loaded = True
         return self
 
-    def check_collection(self) -> None:
+    def check_collection(self, *, create: bool = False) -> None:
         """Refuse a missing collection or one built by another embedding model; cached once it passes.
 
         The same rule, with the same message, for the API, ``python -m pipeline search`` and the
-        evaluator (the ingest job applies it when it creates or extends a collection).
+        evaluator (the ingest job applies it when it creates or extends a collection). ``create``
+        (the API): a missing collection is created empty, with the loaded embedder's dimension, so
+        a new server answers searches (with no results) and takes documents through its write API.
         """
         if self._collection_checked:
             return
         model, dim = self.store.open()
+        if model is None and create:
+            self.store.ensure_collection(self.embedder.dim, self.settings.embed_model)
+            self._collection_checked = True
+            return
         if model is None:
             raise CollectionMissing(
                 f"collection {self.store.collection!r} does not exist yet at "
@@ -124,4 +149,6 @@ class Runtime:
 
         if self.reranker is not None and self._owns_reranker:
             await self.reranker.aclose()
+        if self._writes is not None:  # a write that has started finishes before the store closes
+            await asyncio.to_thread(self._writes.close)
         await asyncio.to_thread(self.store.close)

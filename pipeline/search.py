@@ -32,6 +32,10 @@ from pipeline.store import MilvusStore
 
 log = logging.getLogger(__name__)
 RecallMode = Literal["dense", "hybrid", "bm25"]
+EMPTY_COLLECTION = (
+    "the collection is empty: add documents with POST /v1/documents, the web page, or "
+    "python -m ingest PATH [--server http://HOST:PORT]"
+)
 CHARS_PER_TOKEN = 4  # for max_tokens_per_doc: a character cap first, the model then cuts exactly
 # Unicode White_Space: what the schemas' pattern "\S" (pydantic's regex) calls blank; str.strip() also
 # strips control characters such as \x1e, which the schema accepts (one rule, or a valid body gets 422)
@@ -90,6 +94,7 @@ class SearchResponse:
     reranked: int  # candidates (passages) the reranker scored: the best-recalled `reranked` of them
     mode: RecallMode
     below_min_score: int | None = None  # documents dropped by min_score (None: none asked)
+    message: str | None = None  # set when the collection is empty: how to add documents
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -249,6 +254,9 @@ class SearchService:
             )
             for h, score, reranked in ranked
         ]
+        message = None
+        if not hits and not filter and await asyncio.to_thread(self.store.count) == 0:
+            message = EMPTY_COLLECTION
         total_ms = (time.perf_counter() - t_start) * 1000
         return SearchResponse(
             results=results,
@@ -262,6 +270,7 @@ class SearchService:
             reranked=len(scored),
             mode=mode,
             below_min_score=below,
+            message=message,
         )
 
     async def rerank(

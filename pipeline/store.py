@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import re
 import threading
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from pipeline.breaker import Breaker
+from pipeline.documents import MAX_DOC_ID_BYTES, MAX_TITLE_BYTES
 from pipeline.domain import Hit, Passage
 
 if TYPE_CHECKING:
@@ -36,8 +36,6 @@ T = TypeVar("T")
 PROP_MODEL = "winnow.embed_model"
 PROP_DIM = "winnow.dim"
 ID_LEN = 40
-MAX_DOC_ID_BYTES = 512
-MAX_TITLE_BYTES = 2048
 MAX_TEXT_BYTES = 65535
 OUTPUT_FIELDS = ["doc_id", "chunk", "title", "text", "metadata"]
 PING_TIMEOUT = 1.0  # seconds: /ready must answer quickly whatever Milvus does
@@ -110,14 +108,23 @@ class StoreInUse(StoreUnavailable):
         self.path = str(path)
         super().__init__(
             f"Milvus Lite file {self.path} is in use by another process (a running "
-            "`python -m pipeline serve` or ingest?): stop it, or point WINNOW_MILVUS_URI at a "
-            "Milvus server"
+            "`python -m pipeline serve` or ingest?): stop it, send documents through the running "
+            "service with `python -m ingest PATH --server http://HOST:PORT`, or point "
+            "WINNOW_MILVUS_URI at a Milvus server"
         )
 
 
+_LITERAL_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"})
+
+
 def quote(value: str) -> str:
-    """A Milvus string literal (Milvus Lite has no filter templating)."""
-    return json.dumps(value, ensure_ascii=False)
+    r"""A Milvus string literal (Milvus Lite has no filter templating).
+
+    Not JSON: Milvus' parser knows the escapes \\ \" \n \r \t but not \uXXXX, which
+    ``json.dumps`` writes for other control characters (an id holding one made every query on it
+    fail); those go in raw, and Milvus reads them as themselves.
+    """
+    return '"' + value.translate(_LITERAL_ESCAPES) + '"'
 
 
 def in_list(field_name: str, values: Iterable[str]) -> str:
@@ -331,6 +338,7 @@ class MilvusStore:
         max_inflight: int = MAX_INFLIGHT,
         breaker_failures: int = 3,
         breaker_cooldown: float = 2.0,
+        consistency: str = "Session",
     ) -> None:
         self.uri = uri
         self.collection = collection
@@ -345,6 +353,7 @@ class MilvusStore:
             raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, not {fusion!r}")
         self.fusion = fusion
         self.fusion_weights = fusion_weights
+        self.consistency = consistency  # of searches; reads that plan a write are always Strong
         self.is_lite = not uri.startswith(("http://", "https://", "tcp://", "grpc://"))
         if analyzer == "jieba" and self.is_lite:
             _quiet_jieba()
@@ -398,6 +407,7 @@ class MilvusStore:
             max_inflight=s.milvus_max_inflight,
             breaker_failures=s.milvus_breaker_failures,
             breaker_cooldown=s.milvus_breaker_cooldown,
+            consistency=s.read_consistency,
         )
 
     # --- connection ------------------------------------------------------------------------
@@ -926,6 +936,7 @@ class MilvusStore:
                     self.collection,
                     filter=in_list("doc_id", doc_ids),
                     output_fields=["doc_id"],
+                    consistency_level="Strong",  # a plan must see every write before it
                     timeout=t(),
                 )
             )
@@ -948,13 +959,57 @@ class MilvusStore:
     def flush(self) -> None:
         self._call(lambda c, t: c.flush(self.collection, timeout=t()), timeout=self.slow_timeout)
 
-    def count(self) -> int:
+    def count(self, filter: str = "") -> int:
+        """Passages stored (``filter``: those matching it; ``chunk == 0`` counts documents)."""
+
         def run(c: MilvusClient, t: Callable[[], float]) -> int:
             self._ensure_loaded(c, t)
-            res = c.query(self.collection, filter="", output_fields=["count(*)"], timeout=t())
+            res = c.query(
+                self.collection,
+                filter=filter,
+                output_fields=["count(*)"],
+                consistency_level=self.consistency,
+                timeout=t(),
+            )
             return int(res[0]["count(*)"])
 
         return self._call(run)
+
+    def count_documents(self) -> int:
+        """Documents stored: each has exactly one first passage (during a change of its first
+        passage's text, old and new are both stored for a moment and it counts twice)."""
+        return self.count("chunk == 0")
+
+    def passages_of(self, doc_id: str, limit: int) -> list[Hit]:
+        """A document's stored passages in chunk order (score 0), at most ``limit``."""
+
+        def run(c: MilvusClient, t: Callable[[], float]) -> list[dict[str, Any]]:
+            self._ensure_loaded(c, t)
+            return list(
+                c.query(
+                    self.collection,
+                    filter=f"doc_id == {quote(doc_id)}",
+                    output_fields=OUTPUT_FIELDS,
+                    limit=limit,
+                    consistency_level=self.consistency,
+                    timeout=t(),
+                )
+            )
+
+        rows = self._call(run)
+        hits = [
+            Hit(
+                id=str(r["id"]),
+                doc_id=r["doc_id"],
+                chunk=int(r["chunk"]),
+                title=r.get("title", ""),
+                text=r.get("text", ""),
+                metadata=r.get("metadata") or {},
+                score=0.0,
+            )
+            for r in rows
+        ]
+        return sorted(hits, key=lambda h: (h.chunk, h.id))
 
     # --- reads -----------------------------------------------------------------------------
     @staticmethod
@@ -1004,6 +1059,7 @@ class MilvusStore:
                 filter=filter,
                 output_fields=OUTPUT_FIELDS,
                 search_params=self._dense_params(k),
+                consistency_level=self.consistency,
                 timeout=t(),
             )
 
@@ -1020,6 +1076,7 @@ class MilvusStore:
                 filter=filter,
                 output_fields=OUTPUT_FIELDS,
                 search_params={"metric_type": "BM25"},
+                consistency_level=self.consistency,
                 timeout=t(),
             )
 
@@ -1083,6 +1140,7 @@ class MilvusStore:
                 ranker=ranker,
                 limit=k,
                 output_fields=OUTPUT_FIELDS,
+                consistency_level=self.consistency,
                 timeout=t(),
             )
 

@@ -377,8 +377,9 @@ def test_second_process_on_a_lite_file_gets_one_line(tmp_path: Path) -> None:
         assert second.returncode == 3, second.stdout + second.stderr
         assert second.stdout.strip() == (
             f"Milvus Lite file {db.resolve()} is in use by another process (a running "
-            "`python -m pipeline serve` or ingest?): stop it, or point WINNOW_MILVUS_URI at a "
-            "Milvus server"
+            "`python -m pipeline serve` or ingest?): stop it, send documents through the running "
+            "service with `python -m ingest PATH --server http://HOST:PORT`, or point "
+            "WINNOW_MILVUS_URI at a Milvus server"
         )
         assert "Traceback" not in second.stderr, second.stderr
         # the commands a user runs say the same in one line, and exit non-zero

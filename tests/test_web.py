@@ -353,3 +353,99 @@ def test_api_docs_render_offline(browser, live: LiveServer, tmp_path: Path) -> N
         assert not errors, errors
     finally:
         ctx.close()
+
+
+WRITE_KEY = "web-write-key"
+
+
+@pytest.fixture(scope="module")
+def empty_live(tmp_path_factory: pytest.TempPathFactory, embedder) -> Iterator[LiveServer]:
+    """A server on an empty store, with a read key and a write key."""
+    from pipeline.api import create_app
+
+    tmp = tmp_path_factory.mktemp("web-empty")
+    settings = Settings(
+        milvus_uri=str(tmp / "w.db"),
+        embed_device="cpu",
+        rerank=False,
+        api_key=API_KEY,
+        write_api_key=WRITE_KEY,
+    )
+    with LiveServer(create_app(settings, embedder=embedder)) as server:
+        wait_healthy(server.url)
+        yield server
+
+
+def test_the_page_adds_and_deletes_documents_with_a_write_key(
+    browser, empty_live: LiveServer, tmp_path: Path
+) -> None:
+    """Empty store → count 0 and the hint; a read key cannot write; with the write key: paste a
+    document, upload a .md and a .jsonl, find them, delete one; the count follows."""
+    from playwright.sync_api import expect
+
+    pg = Page(browser, empty_live)
+    page = pg.page
+
+    def act(button: str) -> None:
+        done = int(page.evaluate("document.body.dataset.writes || 0"))
+        pg.tid(button).click()
+        page.wait_for_function(f"Number(document.body.dataset.writes || 0) > {done}")
+
+    try:
+        expect(pg.tid("doc-count")).to_have_text("0 documents")
+        expect(pg.tid("add-hint")).to_contain_text("POST /v1/documents")
+        pg.search("anything")
+        expect(pg.tid("result")).to_have_count(0)
+        expect(pg.tid("empty")).to_be_visible()
+
+        pg.tid("manage").locator("summary").click()
+        pg.tid("doc-id-input").fill("pasted")
+        pg.tid("doc-title-input").fill("Glaciers")
+        pg.tid("doc-text-input").fill("Glaciers are slow rivers of ice that carve valleys.")
+        act("add-doc")  # no write key yet: the read key is refused, and the page says why
+        expect(pg.tid("write-status")).to_contain_text("403")
+        expect(pg.tid("write-status")).to_contain_text("WINNOW_WRITE_API_KEY")
+
+        pg.tid("write-key").fill(WRITE_KEY)
+        act("add-doc")
+        expect(pg.tid("write-status")).to_have_text("pasted: created · 1 passage")
+        expect(pg.tid("doc-count")).to_have_text("1 document")
+        expect(pg.tid("add-hint")).to_be_hidden()
+
+        md = tmp_path / "volcano.md"
+        md.write_text("Volcanoes erupt molten lava and ash from magma chambers.")
+        pg.tid("doc-id-input").fill("")
+        pg.tid("doc-title-input").fill("")
+        pg.tid("doc-file").set_input_files(str(md))
+        act("add-doc")
+        expect(pg.tid("write-status")).to_have_text("volcano.md: created · 1 passage")
+        jsonl = tmp_path / "more.jsonl"
+        write_jsonl(
+            jsonl,
+            [
+                {"_id": "tea", "title": "Tea", "text": "Tea is brewed from Camellia leaves."},
+                {"id": "blank", "text": "  "},
+            ],
+        )
+        pg.tid("doc-file").set_input_files(str(jsonl))
+        act("add-doc")
+        expect(pg.tid("write-status")).to_have_text(
+            "tea: created · 1 passage; blank: rejected (text is empty)"
+        )
+        expect(pg.tid("doc-count")).to_have_text("3 documents")
+
+        pg.search("rivers of ice carving valleys")
+        expect(pg.tid("result").first.get_by_test_id("doc-id")).to_have_text("pasted")
+        expect(pg.tid("result").first.get_by_test_id("title")).to_have_text("Glaciers")
+
+        pg.tid("delete-id").fill("pasted")
+        act("delete-doc")
+        expect(pg.tid("write-status")).to_have_text("pasted: deleted")
+        expect(pg.tid("doc-count")).to_have_text("2 documents")
+        pg.search("rivers of ice carving valleys")
+        expect(pg.tid("result").first.get_by_test_id("doc-id")).not_to_have_text("pasted")
+        act("delete-doc")
+        expect(pg.tid("write-status")).to_have_text("pasted: not_found")
+        page.screenshot(path=str(tmp_path / "web-documents.png"), full_page=True)
+    finally:
+        pg.close(empty_live)

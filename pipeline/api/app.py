@@ -81,7 +81,7 @@ def create_app(
         )
         await asyncio.to_thread(rt.load)
         try:
-            await asyncio.to_thread(rt.check_collection)
+            await asyncio.to_thread(rt.check_collection, create=True)
         except (StoreError, CollectionMissing) as exc:
             log.warning("not ready yet: %s", exc)
         if rt.reranker is not None:

@@ -24,6 +24,7 @@ from pipeline.rerank.batcher import Overloaded, WorkTooLarge
 from pipeline.rerank.prompt import PromptTooLong
 from pipeline.runtime import CollectionMissing
 from pipeline.store import InvalidFilter, SchemaMismatch, StoreBusy, StoreError, StoreUnavailable
+from pipeline.writes import DocumentNotFound, PartialWrite, WriteOverloaded
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,17 @@ def to_response(exc: BaseException) -> JSONResponse:
     if isinstance(exc, Overloaded):
         retry = str(max(1, math.ceil(exc.retry_after)))
         return _json(429, "overloaded", f"{exc.message}; retry later", {"Retry-After": retry})
+    if isinstance(exc, WriteOverloaded):
+        retry = str(max(1, math.ceil(exc.retry_after)))
+        return _json(429, "write_overloaded", f"{exc.message}; retry later", {"Retry-After": retry})
+    if isinstance(exc, DocumentNotFound):
+        return _json(404, "not_found", exc.message)
+    if isinstance(exc, PartialWrite):  # exactly what was and was not applied, per document
+        log.warning("partial write: %s (%s)", exc.message, exc.__cause__)
+        body = error_body("partial_write", exc.message)
+        body["results"] = [r.as_dict() for r in exc.applied]
+        body["not_applied"] = exc.not_applied
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
     if isinstance(exc, RerankDisabled):
         return _json(503, exc.kind, exc.message)
     if isinstance(exc, InstructionNotSupported):
@@ -139,19 +151,47 @@ def validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    """The methods of the path template this URL matches first, over all its routes (GET and
+    DELETE /v1/documents/{doc_id} are two routes; Starlette's own 405 names the first one's only).
+    """
+    from starlette.routing import Match
+
+    scope = {**request.scope, "method": ""}
+    routes: list[Any] = []
+    todo = list(app.router.routes)
+    while todo:  # flattened in registration order (the order Starlette matches in)
+        route = todo.pop(0)
+        inner = getattr(route, "original_router", None)  # an included router (FastAPI ≥ 0.12x)
+        if inner is not None:
+            todo[:0] = inner.routes
+        else:
+            routes.append(route)
+    matching = [r for r in routes if r.matches(scope)[0] != Match.NONE]
+    if not matching:
+        return []
+    path = getattr(matching[0], "path", None)
+    return sorted(
+        {
+            m
+            for r in matching
+            if getattr(r, "path", None) == path
+            for m in getattr(r, "methods", None) or ()
+        }
+    )
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         return _json(422, "invalid_request", validation_message(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _json(
-            exc.status_code,
-            "http_error",
-            excerpt(str(exc.detail), 200),
-            getattr(exc, "headers", None),
-        )
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # every route on this path, not only the first one matched
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(app, request))}
+        return _json(exc.status_code, "http_error", excerpt(str(exc.detail), 200), headers)
 
     async def _mapped(_: Request, exc: Exception) -> JSONResponse:
         return to_response(exc)
@@ -167,6 +207,8 @@ def install(app: FastAPI) -> None:
         RerankerUnavailable,
         RerankerError,
         RerankDisabled,
+        WriteOverloaded,
+        DocumentNotFound,
         StoreError,
         CollectionMissing,
         ModelUnavailable,

@@ -31,6 +31,8 @@ PROTECTED = ("/v1/", "/v2/", "/rerank", "/score", "/info")
 METRICS = "/metrics"
 READY = "/ready"
 SCOPE_KEY = "winnow_caller"  # in scope["state"]: who the request authenticated as (None: nobody)
+WRITES = "/v1/documents"  # POST / DELETE under it write; GET reads
+READ_METHODS = {"GET", "HEAD"}
 
 
 class BodyTooLarge(ApiError):
@@ -62,6 +64,32 @@ METRICS_UNAUTHORIZED = ApiError(
     "when that is unset, the API key)",
     {"WWW-Authenticate": "Bearer"},
 )
+
+
+WRITES_OFF = ApiError(
+    403,
+    "writes_disabled",
+    "the write routes are off on this server: set WINNOW_WRITE_API_KEY (and send it as "
+    "'Authorization: Bearer <key>'), or WINNOW_WRITES=on for a local single-user server",
+)
+WRITES_FORCED_OFF = ApiError(
+    403, "writes_disabled", "the write routes are off on this server (WINNOW_WRITES=off)"
+)
+READ_ONLY_KEY = ApiError(
+    403,
+    "read_only_key",
+    "this key may only read: writes need 'Authorization: Bearer <WINNOW_WRITE_API_KEY>'",
+)
+NEED_WRITE_KEY = ApiError(
+    401,
+    "unauthorized",
+    "missing or wrong write key: send 'Authorization: Bearer <WINNOW_WRITE_API_KEY>'",
+    {"WWW-Authenticate": "Bearer"},
+)
+
+
+def is_write(scope: dict[str, Any]) -> bool:
+    return scope["path"].startswith(WRITES) and scope.get("method", "GET") not in READ_METHODS
 
 
 def _header(scope: dict[str, Any], name: bytes) -> bytes | None:
@@ -109,11 +137,20 @@ async def _send_error(send: Any, exc: ApiError) -> None:
 
 
 class GuardMiddleware:
+    """Keys: reads need WINNOW_API_KEY (or the write key) when one is set; writes need the write
+    key when one is set (a read key gets 403), and are off without one unless WINNOW_WRITES=on
+    (then the read rule applies to them)."""
+
     def __init__(self, app: Any, settings: Settings) -> None:
         self.app = app
         self.keys = settings.api_keys
         self.metrics_keys = settings.metrics_keys
-        self.any_keys = self.keys + [k for k in self.metrics_keys if k not in self.keys]
+        wkey = settings.write_api_key
+        self.write_key = wkey.get_secret_value() if wkey is not None else None
+        self.writes = settings.writes
+        self.writes_on = settings.writes_enabled
+        others = [*self.metrics_keys, *([self.write_key] if self.write_key else [])]
+        self.any_keys = self.keys + [k for k in others if k not in self.keys]
         self.per_key_cache = settings.rerank_cache_scope == "key"
         self.limit = settings.max_body_bytes
         self.body_timeout = settings.http_body_timeout
@@ -131,9 +168,9 @@ class GuardMiddleware:
             key = matching_key(scope, self.any_keys) if self.any_keys else None
             scope.setdefault("state", {})[SCOPE_KEY] = key_name(key) if key is not None else None
         elif path.startswith(PROTECTED):
-            key = matching_key(scope, self.keys) if self.keys else None
-            if self.keys and key is None:
-                await _send_error(send, UNAUTHORIZED)
+            refusal, key = self._refusal(scope)
+            if refusal is not None:
+                await _send_error(send, refusal)
                 return
             token = CALLER.set(key_name(key) if key is not None and self.per_key_cache else "")
             try:
@@ -163,6 +200,29 @@ class GuardMiddleware:
             return await receive()  # afterwards the app only listens for a disconnect
 
         await self.app(scope, replay, send)
+
+    def _refusal(self, scope: dict[str, Any]) -> tuple[ApiError | None, str | None]:
+        """Why this request may not run (or None), from its path, method and Authorization header
+        alone, and the key it authenticated with (None: no key sent or none needed).
+
+        Who the caller is comes first (401), then what they may do (403).
+        """
+        write_ok = self.write_key is not None and authorized(scope, self.write_key)
+        read_key = matching_key(scope, self.keys) if self.keys else None
+        read_ok = read_key is not None
+        key = read_key if read_ok else (self.write_key if write_ok else None)
+        if is_write(scope):
+            if not self.writes_on:
+                if self.keys and not (read_ok or write_ok):
+                    return UNAUTHORIZED, None
+                return (WRITES_FORCED_OFF if self.writes == "off" else WRITES_OFF), None
+            if self.write_key is not None:
+                if write_ok:
+                    return None, key
+                return (READ_ONLY_KEY if read_ok else NEED_WRITE_KEY), None
+        if self.keys and not (read_ok or write_ok):
+            return UNAUTHORIZED, None
+        return None, key
 
     async def _read_body(self, receive: Any) -> bytes:
         """The whole body, refused past ``limit`` bytes or when a chunk takes over ``body_timeout``.

@@ -69,6 +69,11 @@ class _StatsCollector(Collector):
             "rerank_cache_entries": ("winnow_rerank_cache_entries", "pairs in the score cache"),
             "rerank_cache_bytes": ("winnow_rerank_cache_bytes", "score cache size (bytes charged)"),
             "milvus_inflight": ("winnow_milvus_inflight", "Milvus calls holding a store thread"),
+            "write_queue_depth": ("winnow_write_queue_depth", "write requests running or waiting"),
+            "write_queue_chars": (
+                "winnow_write_queue_chars",
+                "characters of text in the write queue",
+            ),
         }
         for key, (name, doc) in gauges.items():
             if key in s:

@@ -41,6 +41,8 @@ def _limits(settings: Settings) -> dict[str, dict[str, dict[str, int]]]:
                 "ScoreDataBody": ("data_1", "data_2"),
             }.items()
         },
+        "DocumentsBody": {"documents": {"maxItems": settings.max_write_documents}},
+        "DeleteBody": {"ids": {"maxItems": settings.max_write_documents}},
     }
 
 
@@ -81,14 +83,15 @@ def install(app: FastAPI, settings: Settings) -> None:
             for prop, extra in props.items():
                 if name in schemas and prop in schemas[name].get("properties", {}):
                     _apply(schemas[name]["properties"][prop], extra)
+        keyed = settings.api_key is not None or settings.write_api_key is not None
         for path, ops in doc.get("paths", {}).items():
             for op in ops.values():
                 _any_dialect(op)
-                if settings.api_key is None or not path.startswith(PROTECTED):
+                if not keyed or not path.startswith(PROTECTED):
                     op.get("responses", {}).pop("401", None)
                 else:
                     op["security"] = [{"bearer": []}]
-        if settings.api_key is not None:
+        if keyed:
             doc["components"].setdefault("securitySchemes", {})["bearer"] = {
                 "type": "http",
                 "scheme": "bearer",

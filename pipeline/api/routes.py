@@ -25,8 +25,13 @@ from pipeline.api.schemas import (
     ERROR_RESPONSES,
     AnyRerankBody,
     AnyScoreBody,
+    DeleteBody,
+    DocumentOut,
+    DocumentsBody,
+    DocumentsOut,
     InfoOut,
     ModelsOut,
+    PassageOut,
     ReadyOut,
     RerankOut,
     ScoreOut,
@@ -35,7 +40,9 @@ from pipeline.api.schemas import (
     TeiRank,
 )
 from pipeline.api.state import AppState
+from pipeline.domain import Document
 from pipeline.errors import RerankDisabled
+from pipeline.writes import DocResult, DocumentNotFound
 
 STATIC = Path(__file__).parent / "static"
 T = TypeVar("T")
@@ -172,7 +179,7 @@ async def info(st: State) -> dict[str, Any]:
     """TEI's model info: what TEI clients check before they rerank."""
     reranker = st.service.reranker
     if reranker is None:
-        raise RerankDisabled()
+        raise RerankDisabled("rerank")
     return dialects.tei_info(st.settings, reranker.model, __version__)
 
 
@@ -182,4 +189,71 @@ async def models(st: State) -> dict[str, Any]:
     reranker = st.service.reranker
     return dialects.model_list(
         reranker.model if reranker is not None else None, st.settings, int(st.started)
+    )
+
+
+def _documents_out(results: list[DocResult]) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    return {"results": [r.as_dict() for r in results], "counts": counts}
+
+
+@router.post(
+    "/v1/documents", response_model=DocumentsOut, responses=ERROR_RESPONSES, tags=["documents"]
+)
+async def put_documents(body: DocumentsBody, st: State) -> dict[str, Any]:
+    """Add or replace documents (by id); unchanged ones are skipped without embedding.
+
+    A search that starts after this answers sees the documents. Not cancelled when the client
+    goes away: a write that has started finishes (and resending it is safe).
+    """
+    writes = await st.write_service()
+    docs = [Document(d.id, d.text, d.title, d.metadata, source="api") for d in body.documents]
+    return _documents_out(await writes.upsert(docs))
+
+
+@router.post(
+    "/v1/documents/delete",
+    response_model=DocumentsOut,
+    responses=ERROR_RESPONSES,
+    tags=["documents"],
+)
+async def delete_documents(body: DeleteBody, st: State) -> dict[str, Any]:
+    """Delete documents (all their passages); per id: deleted or not_found."""
+    writes = await st.write_service()
+    return _documents_out(await writes.delete(body.ids))
+
+
+@router.delete(
+    "/v1/documents/{doc_id:path}",
+    response_model=DocumentsOut,
+    responses=ERROR_RESPONSES,
+    tags=["documents"],
+)
+async def delete_document(doc_id: str, st: State) -> dict[str, Any]:
+    """Delete one document: 200, or 404 when no such document is stored."""
+    writes = await st.write_service()
+    results = await writes.delete([doc_id])
+    if results[0].status == "not_found":
+        raise DocumentNotFound(doc_id)
+    return _documents_out(results)
+
+
+@router.get(
+    "/v1/documents/{doc_id:path}",
+    response_model=DocumentOut,
+    responses=ERROR_RESPONSES,
+    tags=["documents"],
+)
+async def get_document(doc_id: str, st: State) -> DocumentOut:
+    """A stored document's passages in order (404 when none is stored)."""
+    writes = await st.write_service()
+    hits = await writes.get(doc_id)
+    return DocumentOut(
+        id=doc_id,
+        passages=[
+            PassageOut(id=h.id, chunk=h.chunk, title=h.title, text=h.text, metadata=h.metadata)
+            for h in hits
+        ],
     )

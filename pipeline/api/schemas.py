@@ -123,6 +123,65 @@ class SearchOut(BaseModel):
     below_min_score: int | None = Field(
         None, description="Documents dropped by min_score (null when none was sent)."
     )
+    message: str | None = Field(
+        None, description="Set when the collection is empty: how to add documents."
+    )
+
+
+class DocumentIn(BaseModel):
+    model_config = STRICT
+
+    id: str = Field(min_length=1, description="Your id of the document; the same id replaces it.")
+    text: str = Field(description="The whole text; it is split into passages as ingest does.")
+    title: str = ""
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, description='Filterable as metadata["key"] in searches.'
+    )
+
+
+class DocumentsBody(BaseModel):
+    model_config = STRICT
+
+    documents: list[DocumentIn] = Field(
+        min_length=1,
+        description="Up to WINNOW_MAX_WRITE_DOCUMENTS documents (413 above). An id sent twice: "
+        "the later copies are rejected.",
+    )
+
+
+class DeleteBody(BaseModel):
+    model_config = STRICT
+
+    ids: list[str] = Field(
+        min_length=1, description="Document ids (up to WINNOW_MAX_WRITE_DOCUMENTS; 413 above)."
+    )
+
+
+class DocResultOut(BaseModel):
+    id: str
+    status: Literal["created", "updated", "unchanged", "rejected", "deleted", "not_found"]
+    passages: int = Field(0, description="Passages the document has now.")
+    embedded: int = Field(0, description="Passages embedded and written by this request.")
+    deleted: int = Field(0, description="Stored passages deleted (stale, or the whole document).")
+    reason: str | None = Field(None, description="Why a document was rejected.")
+
+
+class DocumentsOut(BaseModel):
+    results: list[DocResultOut]
+    counts: dict[str, int] = Field(description="Documents per status.")
+
+
+class PassageOut(BaseModel):
+    id: str
+    chunk: int
+    title: str
+    text: str
+    metadata: dict[str, Any]
+
+
+class DocumentOut(BaseModel):
+    id: str
+    passages: list[PassageOut]
 
 
 class RerankDocument(BaseModel):
@@ -133,7 +192,9 @@ class RerankDocument(BaseModel):
     text: str
 
 
-class DocumentOut(BaseModel):
+class RerankedText(BaseModel):
+    """A reranked document echoed back (``return_documents``)."""
+
     text: str
 
 
@@ -248,7 +309,7 @@ AnyRerankBody = Annotated[
 class RerankResult(BaseModel):
     index: int
     relevance_score: float
-    document: DocumentOut | None = None
+    document: RerankedText | None = None
     best_window: int | None = Field(
         None, description="With max_chunks_per_doc > 1: the document's window that scored."
     )
@@ -427,6 +488,9 @@ class ReadyOut(BaseModel):
     rerank_backend: str | None
     rerank_model: str | None
     embed_model: str
+    documents: int | None = Field(None, description="Documents stored (null: unknown now).")
+    writes: bool = Field(description="Whether the write routes are on.")
+    hint: str | None = Field(None, description="How to add documents, when there are none.")
     gpu: dict[str, Any] = Field(description="CUDA devices: count, memory in use, utilisation.")
 
 
@@ -435,10 +499,12 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for code, why in {
         400: "the body is not valid JSON / UTF-8",
         401: "missing or wrong API key",
+        403: "writes are off, or this key may only read",
+        404: "no such document",
         408: "the request body stalled",
         413: "body, documents or work over the limit",
         422: "a field is invalid or over its limit; the message says which",
-        429: "the reranker queue is full (see Retry-After)",
+        429: "the reranker or write queue is full (see Retry-After)",
         503: "Milvus, the collection, the models or the reranker are not available",
     }.items()
 }

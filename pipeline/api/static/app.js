@@ -137,11 +137,137 @@
         statusEl.className = "pill bad";
       }
       if (body.collection && body.collection !== "ok") statusEl.title = String(body.collection);
+      showCount(body);
     } catch (_) {
       statusEl.textContent = "server unreachable";
       statusEl.className = "pill bad";
     }
   }
+
+  // --- documents: count, add, delete -----------------------------------------------------------
+  const WRITE_KEY_STORAGE = "winnow.writeKey";
+  const countEl = $("doc-count");
+  const hintEl = $("add-hint");
+  const writeKeyEl = $("write-key");
+  const writeStatus = $("write-status");
+  const docIdEl = $("doc-id-input");
+  const docTitleEl = $("doc-title-input");
+  const docTextEl = $("doc-text-input");
+  const docFileEl = $("doc-file");
+  const deleteIdEl = $("delete-id");
+  const WRITE_BATCH = 100; // documents per request (the server's WINNOW_MAX_WRITE_DOCUMENTS may be lower)
+
+  function showCount(body) {
+    const n = body.documents;
+    countEl.textContent = typeof n === "number" ? n + (n === 1 ? " document" : " documents") : "";
+    hintEl.hidden = !body.hint;
+    hintEl.textContent = body.hint || "";
+  }
+  try { writeKeyEl.value = localStorage.getItem(WRITE_KEY_STORAGE) || ""; } catch (_) { /* none */ }
+  writeKeyEl.addEventListener("change", () => {
+    try {
+      const v = writeKeyEl.value.trim();
+      if (v) localStorage.setItem(WRITE_KEY_STORAGE, v); else localStorage.removeItem(WRITE_KEY_STORAGE);
+    } catch (_) { /* not persisted */ }
+  });
+
+  function writeHeaders() {
+    const h = { "Content-Type": "application/json", Accept: "application/json" };
+    const key = writeKeyEl.value.trim() || apiKeyEl.value.trim();
+    if (key) h.Authorization = "Bearer " + key;
+    return h;
+  }
+  function say(text, bad) {
+    writeStatus.textContent = text;
+    writeStatus.classList.toggle("write-error", Boolean(bad));
+    document.body.dataset.writes = String(Number(document.body.dataset.writes || 0) + 1);
+  }
+  async function send(method, path, body) {
+    const r = await fetch(path, {
+      method, headers: writeHeaders(), body: body ? JSON.stringify(body) : undefined,
+    });
+    let data = null;
+    try { data = await r.json(); } catch (_) { /* not JSON */ }
+    if (!r.ok && !(r.status === 404 && data && data.results)) {
+      const msg = data && data.error ? data.error.message : r.statusText;
+      throw new Error("Error " + r.status + ": " + msg);
+    }
+    return data;
+  }
+  function summary(results) {
+    return results.map((x) => x.id + ": " + x.status
+      + (x.reason ? " (" + x.reason + ")" : "")
+      + (x.passages ? " · " + x.passages + (x.passages === 1 ? " passage" : " passages") : "")
+    ).join("; ");
+  }
+  async function readFile(file) {
+    const text = await file.text();
+    if (file.name.toLowerCase().endsWith(".jsonl")) {
+      const docs = [];
+      text.split(/\r?\n/).forEach((line, i) => {
+        if (!line.trim()) return;
+        let rec;
+        try { rec = JSON.parse(line); } catch (_) { throw new Error(file.name + ":" + (i + 1) + ": not JSON"); }
+        const id = rec.id ?? rec._id ?? rec.doc_id;
+        if (id === undefined || typeof rec.text !== "string") {
+          throw new Error(file.name + ":" + (i + 1) + ": needs an id (or _id) and a text");
+        }
+        const doc = { id: String(id), text: rec.text };
+        if (typeof rec.title === "string") doc.title = rec.title;
+        if (rec.metadata && typeof rec.metadata === "object") doc.metadata = rec.metadata;
+        docs.push(doc);
+      });
+      return docs;
+    }
+    return [{
+      id: docIdEl.value.trim() || file.name,
+      title: docTitleEl.value.trim() || file.name.replace(/\.(txt|md)$/i, ""),
+      text,
+    }];
+  }
+  async function addDocuments() {
+    let docs;
+    try {
+      if (docFileEl.files && docFileEl.files.length) {
+        docs = await readFile(docFileEl.files[0]);
+      } else {
+        if (!docIdEl.value.trim() || !docTextEl.value.trim()) {
+          say("Give the document an id and a text (or choose a file).", true);
+          return;
+        }
+        docs = [{ id: docIdEl.value.trim(), title: docTitleEl.value.trim(), text: docTextEl.value }];
+      }
+    } catch (err) {
+      say(String(err.message || err), true);
+      return;
+    }
+    const all = [];
+    try {
+      for (let i = 0; i < docs.length; i += WRITE_BATCH) {
+        const out = await send("POST", "/v1/documents", { documents: docs.slice(i, i + WRITE_BATCH) });
+        all.push(...out.results);
+      }
+      say(summary(all), all.some((x) => x.status === "rejected"));
+      docTextEl.value = "";
+      docFileEl.value = "";
+    } catch (err) {
+      say((all.length ? summary(all) + " · then " : "") + err.message, true);
+    }
+    checkReady();
+  }
+  async function deleteDocument() {
+    const id = deleteIdEl.value.trim();
+    if (!id) { say("Give the id of the document to delete.", true); return; }
+    try {
+      const out = await send("POST", "/v1/documents/delete", { ids: [id] });
+      say(summary(out.results), out.results.some((x) => x.status !== "deleted"));
+    } catch (err) {
+      say(err.message, true);
+    }
+    checkReady();
+  }
+  $("add-doc").addEventListener("click", addDocuments);
+  $("delete-doc").addEventListener("click", deleteDocument);
 
   // --- rendering ----------------------------------------------------------------------------
   function renderResult(hit, rank, mode) {
