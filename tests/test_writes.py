@@ -113,7 +113,7 @@ def test_create_update_unchanged_delete(live: LiveServer) -> None:
         ("cud/a", "created", 1),
         ("cud/b", "created", 1),
     ]
-    got = httpx.get(f"{url}/v1/documents/cud/b", headers=R).json()
+    got = httpx.get(f"{url}/v1/documents/cud/b", headers=R, timeout=60).json()
     assert got["id"] == "cud/b" and got["passages"][0]["text"] == docs[1]["text"]
     assert got["passages"][0]["metadata"] == {"lang": "en"}
     # the same again: unchanged, nothing embedded
@@ -133,20 +133,24 @@ def test_create_update_unchanged_delete(live: LiveServer) -> None:
     hits = search(url, "zebra stripes", filter='doc_id like "cud/%"')["results"]
     assert hits[0]["doc_id"] == "cud/a" and "Zebras" in hits[0]["text"]
     assert all("Aurora" not in h["text"] for h in search(url, "polar lights aurora")["results"])
-    assert len(httpx.get(f"{url}/v1/documents/cud/a", headers=R).json()["passages"]) == 1
+    assert (
+        len(httpx.get(f"{url}/v1/documents/cud/a", headers=R, timeout=60).json()["passages"]) == 1
+    )
     # delete one, then a batch with one unknown id
-    d = httpx.delete(f"{url}/v1/documents/cud/a", headers=W)
+    d = httpx.delete(f"{url}/v1/documents/cud/a", headers=W, timeout=60)
     assert d.status_code == 200 and d.json()["results"][0]["status"] == "deleted"
-    assert httpx.get(f"{url}/v1/documents/cud/a", headers=R).status_code == 404
-    assert httpx.delete(f"{url}/v1/documents/cud/a", headers=W).status_code == 404
+    assert httpx.get(f"{url}/v1/documents/cud/a", headers=R, timeout=60).status_code == 404
+    assert httpx.delete(f"{url}/v1/documents/cud/a", headers=W, timeout=60).status_code == 404
     assert all(h["doc_id"] != "cud/a" for h in search(url, "zebra stripes")["results"])
-    batch = httpx.post(f"{url}/v1/documents/delete", json={"ids": ["cud/b", "nope"]}, headers=W)
+    batch = httpx.post(
+        f"{url}/v1/documents/delete", json={"ids": ["cud/b", "nope"]}, headers=W, timeout=60
+    )
     assert [(x["id"], x["status"]) for x in batch.json()["results"]] == [
         ("cud/b", "deleted"),
         ("nope", "not_found"),
     ]
     assert all(h["doc_id"] != "cud/b" for h in search(url, "honey bees nectar")["results"])
-    metrics = httpx.get(f"{url}/metrics").text
+    metrics = httpx.get(f"{url}/metrics", headers=R, timeout=60).text  # /metrics takes the API key
     assert "winnow_write_queue_depth 0.0" in metrics and "winnow_write_queue_chars 0.0" in metrics
     assert 'winnow_http_requests_total{route="/v1/documents",status="200"}' in metrics
 
@@ -158,7 +162,7 @@ def test_a_long_document_is_chunked_like_ingest_and_shrinks_cleanly(live: LiveSe
     short = post_docs(live.url, [{"id": "long", "text": "Now it is short."}]).json()["results"][0]
     assert short["status"] == "updated" and short["passages"] == 1
     assert short["deleted"] == first["passages"]
-    got = httpx.get(f"{live.url}/v1/documents/long", headers=R).json()["passages"]
+    got = httpx.get(f"{live.url}/v1/documents/long", headers=R, timeout=60).json()["passages"]
     assert [p["text"] for p in got] == ["Now it is short."]
 
 
@@ -187,7 +191,10 @@ def test_bad_input_gets_a_4xx_that_says_what_to_fix(live: LiveServer) -> None:
     ):
         body = json.dumps({"documents": [bad, {"id": "fine", "text": "fine"}]})
         r = httpx.post(
-            f"{url}/v1/documents", content=body, headers={**W, "content-type": "application/json"}
+            f"{url}/v1/documents",
+            content=body,
+            headers={**W, "content-type": "application/json"},
+            timeout=60,
         )
         assert r.status_code == 200, r.text
         res = r.json()["results"]
@@ -199,7 +206,7 @@ def test_bad_input_gets_a_4xx_that_says_what_to_fix(live: LiveServer) -> None:
     assert r.status_code == 422 and "documents.0.id" in r.json()["error"]["message"]
     r = post_docs(url, [])
     assert r.status_code == 422 and "documents" in r.json()["error"]["message"]
-    r = httpx.post(f"{url}/v1/documents", content=b"{not json", headers=W)
+    r = httpx.post(f"{url}/v1/documents", content=b"{not json", headers=W, timeout=60)
     assert 400 <= r.status_code < 500
 
 
@@ -209,10 +216,10 @@ def test_ids_with_quotes_slashes_and_control_characters(live: LiveServer) -> Non
     r = post_docs(live.url, [{"id": i, "text": f"Odd id number {n}."} for n, i in enumerate(ids)])
     assert r.status_code == 200 and r.json()["counts"] == {"created": len(ids)}, r.text
     for n, i in enumerate(ids):
-        got = httpx.get(f"{live.url}/v1/documents/{quote(i, safe='/')}", headers=R)
+        got = httpx.get(f"{live.url}/v1/documents/{quote(i, safe='/')}", headers=R, timeout=60)
         assert got.status_code == 200 and got.json()["id"] == i, (i, got.text)
         assert got.json()["passages"][0]["text"] == f"Odd id number {n}."
-    r = httpx.post(f"{live.url}/v1/documents/delete", json={"ids": ids}, headers=W)
+    r = httpx.post(f"{live.url}/v1/documents/delete", json={"ids": ids}, headers=W, timeout=60)
     assert r.json()["counts"] == {"deleted": len(ids)}, r.text
 
 
@@ -403,7 +410,7 @@ def test_the_score_cache_never_scores_changed_or_deleted_text(
     fresh = tiny_engine.score(q, [join_title("Birds", after["text"])], instruction)[0]
     assert after["score"] == pytest.approx(fresh, abs=1e-5)
     assert after["score"] != pytest.approx(hit["score"], abs=1e-7)
-    httpx.delete(f"{url}/v1/documents/cache-doc", headers=W)
+    httpx.delete(f"{url}/v1/documents/cache-doc", headers=W, timeout=60)
     assert reranked() == []
 
 
@@ -451,7 +458,9 @@ def test_ingest_server_killed_and_rerun(live: LiveServer, tmp_path: Path) -> Non
     assert int(rows["unchanged (skipped)"]) >= mid - 64  # a batch in flight may have landed
     # nothing duplicated: one passage per document, each as in the corpus
     for i in (0, n // 2, n - 1):
-        got = httpx.get(f"{live.url}/v1/documents/k{i:03d}", headers=R).json()["passages"]
+        got = httpx.get(f"{live.url}/v1/documents/k{i:03d}", headers=R, timeout=60).json()[
+            "passages"
+        ]
         assert [p["text"] for p in got] == [recs[i]["text"]]
     # a third run changes nothing and embeds nothing
     third = ingest_cli(corpus, live.url)
