@@ -417,10 +417,8 @@ class SearchService:
                 cutter_of = getattr(self.reranker, "document_cutter", None)
                 cutter = cutter_of() if callable(cutter_of) else None
                 if cutter is not None:
-                    from pipeline.rerank.cut import TokenCounter
-
                     try:
-                        self._counter = TokenCounter(cutter.tokenizer, cutter.max_length)
+                        self._counter = cutter.token_counter()
                     except Exception:  # usage falls back to the estimate; scoring is unaffected
                         log.warning("cannot copy the reranker's tokenizer: usage is estimated")
                 self._counter_built = True

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import threading
 import time
@@ -141,8 +142,10 @@ def test_frozen_milvus_under_a_burst_keeps_every_deadline_then_recovers(
     assert max(t for _, t, _ in results) <= TIMEOUT + SLACK + baseline, summary(results)
     assert all(code == 503 for code, _, _ in second), summary(second)
     assert max(t for _, t, _ in second) <= SLACK + baseline, summary(second)
-    assert 'winnow_breaker_state{breaker="milvus"} 2.0' in metrics
-    assert 'winnow_breaker_opened_total{breaker="milvus"} 1.0' in metrics
+    # open, or half-open when the 1 s cool-down ran out during the second wave (a probe's trial)
+    state = re.search(r'winnow_breaker_state\{breaker="milvus"\} ([0-9.]+)', metrics)
+    assert state is not None and float(state.group(1)) in (1.0, 2.0), metrics[-2000:]
+    assert re.search(r'winnow_breaker_opened_total\{breaker="milvus"\} [1-9]', metrics)
     assert r.status_code == 200, r.text
     assert r.json()["results"][0]["doc_id"] == "photosynthesis"
 

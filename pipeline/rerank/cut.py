@@ -18,7 +18,9 @@ token counts skip the tokenizer for such documents (:meth:`DocumentCutter.fits_u
 
 from __future__ import annotations
 
+import copy
 import math
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -78,13 +80,17 @@ class DocumentCutter:
     """The card's document cut for one tokenizer and ``max_length``; cheap to call per request."""
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:
-        self.tokenizer = tokenizer
+        # A private copy, used under ``lock``: a fast tokenizer reconfigures itself on every call
+        # (truncation on for the card's cut, off for offsets), so a tokenizer shared with the engine's
+        # worker thread, or used by two requests at once, can cut one request by another's settings.
+        self.tokenizer = copy.deepcopy(tokenizer)
+        self.lock = threading.Lock()
         self.max_length = max_length
-        self.prefix_ids, self.suffix_ids = encode_fixed(tokenizer)
+        self.prefix_ids, self.suffix_ids = encode_fixed(self.tokenizer)
         self.budget = body_budget(max_length, self.prefix_ids, self.suffix_ids)  # validates
         self.cut_documents = 0  # monotonic counters for /metrics
         self.inexact_cuts = 0
-        self.chars_per_token = chars_per_token(tokenizer)
+        self.chars_per_token = chars_per_token(self.tokenizer)
 
     def estimate_tokens(self, request: RerankRequest) -> int:
         """Prompt tokens of ``request``'s pairs without tokenizing them (cheap: the batcher calls it
@@ -116,6 +122,10 @@ class DocumentCutter:
         Raises :class:`~pipeline.rerank.prompt.PromptTooLong` when instruction + query leave no room
         for the document (only documents are ever cut).
         """
+        with self.lock:
+            return self._cut(request, count)
+
+    def _cut(self, request: RerankRequest, count: bool) -> Cut:
         q, instruction, docs = request.query, request.instruction, list(request.docs)
         bodies = [format_body(q, d, instruction) for d in docs]
         todo = (
@@ -149,6 +159,10 @@ class DocumentCutter:
         as the card cuts. Raises :class:`~pipeline.rerank.prompt.PromptTooLong` when the query
         leaves no room for a document.
         """
+        with self.lock:
+            return self._windows(request, max_windows, overlap)
+
+    def _windows(self, request: RerankRequest, max_windows: int, overlap: int) -> list[list[str]]:
         q, instruction = request.query, request.instruction
         head_ids = encode_bodies(self.tokenizer, [format_head(q, instruction)], self.budget)[0]
         check_head_fits(len(head_ids), self.budget)
@@ -197,6 +211,11 @@ class DocumentCutter:
             if keep <= shared:
                 break
         raise RuntimeError("could not write a cut document as text that keeps its tokens")
+
+    def token_counter(self) -> TokenCounter:
+        """A :class:`TokenCounter` over a copy of this cutter's tokenizer (copied under its lock)."""
+        with self.lock:
+            return TokenCounter(self.tokenizer, self.max_length)
 
 
 class TokenCounter:

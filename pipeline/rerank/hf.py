@@ -36,6 +36,7 @@ from pipeline.rerank.attention import (
     install_chunked_attention,
     varlen_available,
 )
+from pipeline.rerank.cut import DocumentCutter
 from pipeline.rerank.plan import Pair, Plan, cut_packed, cut_padded, pack, tokenize
 from pipeline.rerank.prompt import body_budget, encode_fixed, yes_no_token_ids
 
@@ -264,7 +265,7 @@ class HFEngine:
         self._score_lock = threading.Lock()
         self._loaded = False
         self._tokenizer: Any = None
-        self._cutter: Any = None  # DocumentCutter, built on first use
+        self._cutter: Any = None  # DocumentCutter, built by load()
         self._decoder: Any = None
         self._packed: Any = None  # PackedDecoder
         self._packed_fn: Any = None  # the packed forward, compiled or not
@@ -296,11 +297,7 @@ class HFEngine:
 
     def document_cutter(self) -> Any:
         """The card's cut and the windows of long documents with this model's tokenizer (loaded)."""
-        if self._cutter is None:
-            from pipeline.rerank.cut import DocumentCutter
-
-            self.load()
-            self._cutter = DocumentCutter(self._tokenizer, self.max_length)
+        self.load()  # builds it: its private tokenizer copy is taken before any call can run
         return self._cutter
 
     def estimate_tokens(self, request: RerankRequest) -> int:
@@ -371,6 +368,7 @@ class HFEngine:
             self._tokenizer = tok
             self._decoder = decoder
             self.prefix_ids, self.suffix_ids = encode_fixed(tok)
+            self._cutter = DocumentCutter(tok, self.max_length)
             body_budget(self.max_length, self.prefix_ids, self.suffix_ids)  # validates max_length
             self.yes_id, self.no_id = yes, no
             self.device = device
@@ -476,17 +474,19 @@ class HFEngine:
         import torch
 
         t0 = time.perf_counter()
-        plan = self.tokenize(requests)
-        out: list[list[float]] = [[0.0] * len(r.docs) for r in requests]
-        forwards = 0
-        if plan.pairs:
-            # one forward at a time: the batcher calls from its one worker thread, but a start-up
-            # profile, an evaluation or a second batcher over the same engine may call beside it
-            with self._score_lock, torch.inference_mode():
-                if self.plan == "packed":
-                    forwards = self._score_packed(plan, out)
-                else:
-                    forwards = self._score_padded(plan, out)
+        # one call at a time: the batcher calls from its one worker thread, but a start-up profile, an
+        # evaluation or a second batcher over the same engine may call beside it, and the tokenizer
+        # (reconfigured by each truncating call) must never serve two calls at once
+        with self._score_lock:
+            plan = self.tokenize(requests)
+            out: list[list[float]] = [[0.0] * len(r.docs) for r in requests]
+            forwards = 0
+            if plan.pairs:
+                with torch.inference_mode():
+                    if self.plan == "packed":
+                        forwards = self._score_packed(plan, out)
+                    else:
+                        forwards = self._score_padded(plan, out)
         self.requests_scored += len(requests)
         self.pairs_scored += len(plan.pairs)
         self.reference_tokens += plan.reference_tokens
