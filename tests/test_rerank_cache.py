@@ -392,3 +392,17 @@ def test_min_score_on_rerank_and_search(
         ).json()
         assert [h["best_window"] for h in windowed["results"]] == [0, 0, 0]  # short passages
         assert [h["score"] for h in windowed["results"]] == scores[:3]
+
+
+def test_the_cutter_never_shares_the_engines_tokenizer(tiny_engine: Any) -> None:
+    """A fast tokenizer's truncation is set on the object by each call, so one shared by the engine's
+    worker and a request thread (windows, cuts, the usage counter) can cut one call's document by the
+    other's settings: seen as a wrong score for a long document when the usage counter was built
+    beside a request's first scoring. The cutter (and what is built from it) keeps its own copy."""
+    cutter = tiny_engine.document_cutter()
+    engine_tok = tiny_engine._tokenizer
+    assert cutter.tokenizer is not engine_tok
+    assert cutter.tokenizer.backend_tokenizer is not engine_tok.backend_tokenizer
+    counter = cutter.token_counter()
+    request = RerankRequest(WINDOW_QUERY, ["a short document", "word " * 20_000])
+    assert counter.pair_tokens(request) == cutter.cut(request).tokens  # the same count, apart
