@@ -52,8 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.arch == "tiny":
-        sys.path.insert(0, str(ROOT / "tests"))
-        from tiny_qwen import build_tiny_reranker
+        from testkit.tiny_qwen import build_tiny_reranker
 
         path = str(build_tiny_reranker(Path("/tmp/winnow-bench-tiny-qwen3")))
     else:

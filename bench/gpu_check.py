@@ -2,7 +2,7 @@
 
 Steps, each recorded in ``<out>/results.json`` and summarised in ``<out>/summary.md``:
 
-1. equality vs the model card's code (tests/card_reference.py) on tiny random Qwen3 models, fp32
+1. equality vs the model card's code (testkit/card_reference.py) on tiny random Qwen3 models, fp32
    (bound 1e-4) and bf16 (bound 2e-2), for every engine path available on the device: padded, packed
    with the gather kernel, packed with the varlen kernel (CUDA + torch.nn.attention.varlen), and
    packed with ``compile=on`` (unless ``--no-compile``);
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 DOCS = [
     "The capital of China is Beijing.",
@@ -59,12 +59,12 @@ def _paths(device: str, compile_too: bool) -> dict[str, dict[str, str]]:
 
 def equality(device: str, dtypes: list[str], compile_too: bool, work: Path) -> list[dict[str, Any]]:
     """max |Δ| vs the card per (tokenizer, dtype, path) over merged requests with shared heads."""
-    import tiny_qwen
     import torch
-    from card_reference import CardReference
 
     from pipeline.rerank import RerankRequest
     from pipeline.rerank.hf import HFEngine
+    from testkit import tiny_qwen
+    from testkit.card_reference import CardReference
 
     shared = Path(os.environ.get("WINNOW_SHARED", str(ROOT.parent / "shared")))
     tiny_qwen.REAL_TOKENIZER_DIR = shared / "models" / "qwen3-tokenizer"

@@ -42,7 +42,7 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
 
@@ -66,7 +66,7 @@ def load_queries(n: int) -> list[str]:
 
 def reranker_dir(spec: str) -> str:
     if spec == "tiny":
-        from tiny_qwen import build_tiny_reranker
+        from testkit.tiny_qwen import build_tiny_reranker
 
         return str(build_tiny_reranker(Path("/tmp/winnow-bench-tiny-qwen3")))
     if spec == "qwen3-0.6b-random":
@@ -200,10 +200,9 @@ def remote_hop(args: argparse.Namespace) -> dict[str, Any]:
     import multiprocessing
     import tempfile
 
-    from conftest import free_port, wait_port
-
     from pipeline.rerank.batcher import BatchedReranker, MicroBatcher
     from pipeline.rerank.remote import RemoteReranker
+    from testkit.servers import free_port, wait_port
 
     model = reranker_dir(args.reranker)
     docs = load_docs(args.hop_docs)
@@ -316,9 +315,9 @@ def hop_clients(args: argparse.Namespace) -> dict[str, Any]:
     import tempfile
 
     import orjson
-    from conftest import free_port, wait_port
 
     from pipeline.rerank.prompt import DEFAULT_INSTRUCTION
+    from testkit.servers import free_port, wait_port
 
     docs = load_docs(args.hop_docs)
     query = load_queries(1)[0]
@@ -380,13 +379,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.db is None:
         ap.error("--db is required (except with --remote-hop and --hop-clients)")
 
-    from conftest import LiveServer
-
     from pipeline.api import create_app
     from pipeline.config import Settings
     from pipeline.logs import setup_logging
     from pipeline.rerank.batcher import BatchedReranker, MicroBatcher
     from pipeline.rerank.hf import HFEngine
+    from testkit.servers import LiveServer
 
     setup_logging("WARNING")
     settings = Settings(

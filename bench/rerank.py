@@ -17,7 +17,7 @@ leaf compute ops per request on any device, CUDA kernel launches and host syncs 
 reads (``tolist``/``item``: a host sync each when the tensor lives on a GPU). ``--plan packed`` forces
 the padding-free CUDA plan on any device; ``--arch narrow28`` profiles a 28-layer model of hidden 64:
 the same op graph as the 0.6B model at a fraction of the cost (op counts do not depend on width).
-Imports only pipeline.rerank.* and tests/card_reference.py: runs on a bare torch + transformers box.
+Imports only pipeline.rerank.* and testkit/card_reference.py: runs on a bare torch + transformers box.
 
     python bench/rerank.py --queries 1 --plan packed --arch narrow28 --engine-only --profile 3
 
@@ -42,12 +42,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-sys.path.insert(0, str(ROOT / "tests"))
-
-from card_reference import CardReference  # noqa: E402
 
 from pipeline.rerank import RerankRequest  # noqa: E402
 from pipeline.rerank.hf import HFEngine  # noqa: E402
+from testkit.card_reference import CardReference  # noqa: E402
 
 SHARED = Path(os.environ.get("WINNOW_SHARED", str(ROOT.parent / "shared")))
 SCIFACT = SHARED / "data" / "scifact"
@@ -136,8 +134,7 @@ def build_model_dir(out: Path, arch: str = "qwen3-0.6b") -> Path:
     if TOKENIZER_DIR.is_dir():
         tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
     else:  # no shared tokenizer: fall back to the tests' byte-level BPE (vocab padded to the card's)
-        sys.path.insert(0, str(ROOT / "tests"))
-        from tiny_qwen import build_bpe_tokenizer
+        from testkit.tiny_qwen import build_bpe_tokenizer
 
         tok = build_bpe_tokenizer()
     torch.manual_seed(0)

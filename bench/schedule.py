@@ -1,7 +1,7 @@
 """Reranker scheduling benchmark (issue 11 item 6): slices vs head-of-line blocking, goodput under load.
 
 Runs the real ``MicroBatcher`` in front of a real ``HFEngine`` over a tiny random Qwen3 reranker
-(tests/tiny_qwen.py, real Qwen tokenizer when ../shared/models has it), on CPU, in-process (no HTTP,
+(testkit/tiny_qwen.py, real Qwen tokenizer when ../shared/models has it), on CPU, in-process (no HTTP,
 no Milvus: this measures the scheduler, not the web stack).
 
 (a) A 2-document request is submitted while a 40-document request of ~8k-token documents runs:
@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an installed one
 
 from pipeline.config import Settings
@@ -157,9 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
-    from tiny_qwen import build_tiny_reranker, real_tokenizer_available
-
     from pipeline.rerank.hf import HFEngine
+    from testkit.tiny_qwen import build_tiny_reranker, real_tokenizer_available
 
     settings = Settings()
     rng = random.Random(0)

@@ -25,7 +25,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 
 def read_jsonl(path: Path, n: int) -> list[dict]:
@@ -54,7 +53,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import httpx
-    from conftest import LiveServer, write_jsonl
 
     from ingest.job import IngestJob
     from ingest.remote import RemoteIngest
@@ -62,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import Settings
     from pipeline.embedding import Embedder
     from pipeline.logs import setup_logging
+    from testkit.corpus import write_jsonl
+    from testkit.servers import LiveServer
 
     setup_logging("WARNING")
     tmp = Path(tempfile.mkdtemp(prefix="winnow-bench-writes-"))

@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +16,15 @@ from pipeline.config import DEFAULT_EMBED_MODEL
 from pipeline.embedding import Embedder
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+from testkit.corpus import CORPUS, corpus_records, write_jsonl  # noqa: F401  (tests import them from here)
+from testkit.servers import (  # noqa: F401
+    LiveServer,
+    MilvusServer,
+    free_port,
+    wait_healthy,
+    wait_port,
+)
 
 # What makes a test's behaviour depend on ../shared: the tiny Qwen3 models take the real tokenizer
 # when it is there (else a small BPE), and some tests read the tokenizer or SciFact directly.
@@ -42,51 +45,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker("uses_shared")
 
 
-CORPUS = {
-    "photosynthesis": (
-        "Photosynthesis",
-        "Plants use chlorophyll in their leaves to turn sunlight, water and carbon dioxide into "
-        "glucose and oxygen. This process is called photosynthesis.",
-    ),
-    "volcano": (
-        "Volcanoes",
-        "A volcano is a rupture in the crust of a planet where molten lava, ash and gases escape "
-        "from a magma chamber below the surface.",
-    ),
-    "python": (
-        "Python language",
-        "Python is a high-level programming language known for readable syntax; it is used for "
-        "web development, data science and scripting.",
-    ),
-    "marathon": (
-        "Marathon running",
-        "The marathon is a long-distance foot race of 42.195 kilometres, commemorating the run "
-        "of the Greek messenger from Marathon to Athens.",
-    ),
-    "coffee": (
-        "Coffee",
-        "Coffee is brewed from roasted coffee beans, the seeds of berries from Coffea plants; "
-        "caffeine makes it a stimulant.",
-    ),
-    "tides": (
-        "Ocean tides",
-        "Tides are the rise and fall of sea levels caused by the gravitational pull of the moon "
-        "and the sun on the Earth's oceans.",
-    ),
-}
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    import json
-
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return path
-
-
-def corpus_records() -> list[dict]:
-    return [{"_id": k, "title": t, "text": x, "metadata": {}} for k, (t, x) in CORPUS.items()]
-
-
 @pytest.fixture(scope="session")
 def embedder() -> Embedder:
     return Embedder(DEFAULT_EMBED_MODEL, device="cpu").load()
@@ -94,87 +52,9 @@ def embedder() -> Embedder:
 
 @pytest.fixture(scope="session")
 def tiny_reranker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tiny_qwen import build_tiny_reranker
+    from testkit.tiny_qwen import build_tiny_reranker
 
     return build_tiny_reranker(tmp_path_factory.mktemp("tiny-qwen3"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
-
-
-def wait_healthy(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
-    """Poll ``url``/health until 200; fail early with its stderr when ``proc`` has exited."""
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if proc is not None and proc.poll() is not None:
-            err = proc.stderr.read().decode()[-2000:] if proc.stderr is not None else ""
-            raise RuntimeError(f"server exited: {err}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url}/health did not answer within {timeout:g} s")
-        time.sleep(0.2)
-
-
-class MilvusServer:
-    """A ``milvus-lite server`` process: the same gRPC path a Milvus standalone/cluster uses."""
-
-    def __init__(self, data_dir: Path, port: int) -> None:
-        self.data_dir, self.port = data_dir, port
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        exe = shutil.which("milvus-lite") or str(Path(sys.executable).parent / "milvus-lite")
-        self.proc = subprocess.Popen(
-            [
-                exe,
-                "server",
-                "--data-dir",
-                str(self.data_dir),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # its own process group: kill() takes any children with it
-        )
-        try:
-            wait_port(self.port)
-        except TimeoutError:
-            self.kill()
-            raise
-
-    def kill(self) -> None:
-        """SIGKILL, like a crash: nothing is flushed or shut down cleanly."""
-        if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        self.proc = None
 
 
 @pytest.fixture(scope="session")
@@ -183,46 +63,6 @@ def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusSe
     server.start()
     yield server
     server.kill()
-
-
-class LiveServer:
-    """A real uvicorn server on a free loopback port, in a background thread.
-
-    It runs with the app's own HTTP settings (header deadline, keep-alive, concurrency), as ``serve`` does.
-    ``port``: a given one, to restart a server where its clients expect it.
-    """
-
-    def __init__(self, app: object, port: int | None = None) -> None:
-        import uvicorn
-
-        from pipeline.api.server import uvicorn_options
-
-        self.port = port if port is not None else free_port()
-        state = getattr(getattr(app, "state", None), "winnow", None)
-        options = uvicorn_options(state.settings) if state is not None else {}
-        options.update(host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(uvicorn.Config(app, **options))
-        self.thread: object = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> LiveServer:
-        import threading
-
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 120
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="session")

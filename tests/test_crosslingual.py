@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_qwen import load_real_tokenizer, real_tokenizer_available
 
 from pipeline.config import Settings
 from pipeline.domain import Passage
 from pipeline.rerank import prompt
 from pipeline.store import MilvusStore
+from testkit.tiny_qwen import load_real_tokenizer, real_tokenizer_available
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "crosslingual"
 
@@ -131,7 +131,7 @@ def test_jieba_segments_chinese_words_for_bm25(tmp_path: Path) -> None:
 @needs_real
 def test_qwen3_prompt_carries_a_chinese_query_exactly(tiny_reranker_dir: Path) -> None:
     """The prompt string, its token ids and their decoding: the card's, for a Chinese query."""
-    from card_reference import CardReference
+    from testkit.card_reference import CardReference
 
     tok = load_real_tokenizer()
     card = CardReference(tiny_reranker_dir)
@@ -149,7 +149,7 @@ def test_qwen3_prompt_carries_a_chinese_query_exactly(tiny_reranker_dir: Path) -
 
 @needs_real
 def test_engine_scores_chinese_queries_like_the_card(tiny_engine, tiny_reranker_dir: Path) -> None:
-    from card_reference import CardReference
+    from testkit.card_reference import CardReference
 
     card = CardReference(tiny_reranker_dir)
     docs = [

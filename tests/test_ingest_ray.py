@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import corpus_records, write_jsonl
-from shared_dir import SCIFACT as SCIFACT_DIR
 
 from ingest.job import IngestJob
 from pipeline.config import Settings
 from pipeline.store import MilvusStore, SchemaMismatch, in_list
+from testkit.shared_dir import SCIFACT as SCIFACT_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 SCIFACT = SCIFACT_DIR / "corpus.jsonl"

@@ -1,6 +1,6 @@
 """Score cache, long documents in windows, min_score: unit checks and the same over real HTTP.
 
-The engine is the tiny random Qwen3 (tests/tiny_qwen.py) behind the real batcher; the remote cases use
+The engine is the tiny random Qwen3 (testkit/tiny_qwen.py) behind the real batcher; the remote cases use
 real Winnow servers on loopback. The windows test builds a document whose part that this model judges
 relevant lies past token 8192, behind a part it does not: found with windows, missed without.
 """
@@ -190,9 +190,8 @@ def test_cache_over_http_with_metrics(tmp_path: Path, embedder: Any, tiny_engine
 def test_remote_restarted_with_another_model_never_serves_a_stale_score(
     tmp_path: Path, embedder: Any, tiny_engine: Any
 ) -> None:
-    from tiny_qwen import build_tiny_reranker
-
     from pipeline.rerank.hf import HFEngine
+    from testkit.tiny_qwen import build_tiny_reranker
 
     other = HFEngine(
         str(build_tiny_reranker(tmp_path / "other", seed=7)), device="cpu", dtype="float32"

@@ -1,6 +1,6 @@
 """HFEngine returns the model card's scores (fp32 |Δ| ≤ 1e-4), faster, across requests and batchings.
 
-Every path the engine can take on CPU is checked against the card's code (tests/card_reference.py):
+Every path the engine can take on CPU is checked against the card's code (testkit/card_reference.py):
 the padded plan with chunked attention on and off, and the packed plan (forced on CPU). Tiny random
 Qwen3 checkpoints are built per tokenizer: the real Qwen tokenizer when the shared files exist (skipped
 otherwise) and a byte-level BPE built in code (always).
@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 import torch
-from card_reference import CardReference
-from tiny_qwen import build_tiny_reranker, real_tokenizer_available
 
 from pipeline.rerank import RerankRequest
 from pipeline.rerank.attention import ATTENTION_CHUNK_CPU, ATTENTION_NAME, chunked_sdpa
 from pipeline.rerank.hf import HFEngine, resolve_dtype
 from pipeline.rerank.prompt import PromptTooLong
+from testkit.card_reference import CardReference
+from testkit.tiny_qwen import build_tiny_reranker, real_tokenizer_available
 
 # (plan, chunked attention): every path the engine can take on a CPU.
 PATHS = {

@@ -6,12 +6,12 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_qwen import build_bpe_tokenizer
 
 from pipeline.rerank import RerankRequest
 from pipeline.rerank.attention import build_index, gather_attention
 from pipeline.rerank.plan import cut_packed, pack, tokenize
 from pipeline.rerank.prompt import PREFIX, SUFFIX
+from testkit.tiny_qwen import build_bpe_tokenizer
 
 DOCS = ["The capital of China is Beijing.", "", "Gravity " * 40, "no", "x" * 120, "北京" * 9]
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from tiny_qwen import build_bpe_tokenizer
 
 from pipeline.rerank import RerankRequest
 from pipeline.rerank.plan import cut_packed, cut_padded, pack, tokenize
 from pipeline.rerank.prompt import PREFIX, SUFFIX, PromptTooLong, format_pair
+from testkit.tiny_qwen import build_bpe_tokenizer
 
 DOCS = ["The capital of China is Beijing.", "", "Gravity " * 40, "no", "x" * 120, "北京"]
 

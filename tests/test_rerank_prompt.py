@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tiny_qwen import build_bpe_tokenizer, load_real_tokenizer, real_tokenizer_available
 
 from pipeline.rerank import prompt
+from testkit.tiny_qwen import build_bpe_tokenizer, load_real_tokenizer, real_tokenizer_available
 
 CARD_PREFIX = (
     "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "

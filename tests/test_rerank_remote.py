@@ -23,7 +23,6 @@ import pytest
 from conftest import LiveServer, batched, free_port
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from shared_dir import QWEN3_TOKENIZER
 
 from pipeline.config import Settings
 from pipeline.domain import join_title
@@ -53,6 +52,7 @@ from pipeline.rerank.remote import (
     parse_retry_after,
     split_urls,
 )
+from testkit.shared_dir import QWEN3_TOKENIZER
 
 QUERY = "what makes plants produce oxygen?"
 DOCS = [

@@ -18,7 +18,6 @@ from typing import Any
 
 import jinja2
 import pytest
-from tiny_qwen import build_bpe_tokenizer, load_real_tokenizer, real_tokenizer_available
 
 from pipeline.rerank import Reranker, RerankRequest, build_reranker
 from pipeline.rerank.batcher import BatchedReranker, MicroBatcher, Overloaded
@@ -41,6 +40,7 @@ from pipeline.rerank.vllm import (
     extract_scores,
     llm_kwargs,
 )
+from testkit.tiny_qwen import build_bpe_tokenizer, load_real_tokenizer, real_tokenizer_available
 
 needs_real_tokenizer = pytest.mark.skipif(
     not real_tokenizer_available(), reason="real Qwen3 tokenizer not in ../shared/models"
@@ -324,7 +324,8 @@ def test_vllm_real_backend(tmp_path: Path) -> None:
     if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
         pytest.skip("needs vllm and a CUDA GPU")
     from test_rerank_hf import CardReference
-    from tiny_qwen import build_tiny_reranker
+
+    from testkit.tiny_qwen import build_tiny_reranker
 
     path = build_tiny_reranker(tmp_path / "m", "auto")
     engine = VLLMEngine(str(path), gpu_memory_utilization=0.3, max_model_len=256, dtype="float32")

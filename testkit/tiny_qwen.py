@@ -2,7 +2,7 @@
 
 ``build_tiny_reranker(out_dir)`` writes a directory that ``AutoTokenizer`` / ``AutoModelForCausalLM``
 ``.from_pretrained`` load: a 2-layer Qwen3 with either the real Qwen tokenizer (from
-``../shared/models/qwen3-tokenizer``, see shared_dir.py, when present) or a small byte-level BPE built in code with the
+``../shared/models/qwen3-tokenizer``, see testkit/shared_dir.py, when present) or a small byte-level BPE built in code with the
 Qwen special tokens and single-token ``yes`` / ``no``. The yes/no LM-head rows are scaled so scores
 spread over (0, 1) instead of sitting at 0.5, which makes exactness checks meaningful.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from shared_dir import QWEN3_TOKENIZER
+from testkit.shared_dir import QWEN3_TOKENIZER
 
 REAL_TOKENIZER_DIR = QWEN3_TOKENIZER
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
