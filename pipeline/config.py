@@ -203,8 +203,10 @@ class Settings(BaseSettings):
     rerank_deadline_s: float = Field(
         60.0,
         ge=0,
-        description="Refuse up front a rerank request that cannot finish within this many seconds "
-        "at the measured throughput (413 alone, 429 behind the queue); 0 = no deadline.",
+        description="A rerank request that cannot finish within this many seconds is refused up "
+        "front (413 alone, 429 behind the queue), each pair's time predicted from its length by "
+        "the measured cost model; one admitted that then runs slower than predicted is stopped at "
+        "the deadline (503 deadline_exceeded). 0 = no deadline.",
     )
     rerank_cache_mb: int = Field(
         64,

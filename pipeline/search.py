@@ -27,7 +27,7 @@ from pipeline.domain import Hit, join_title
 from pipeline.embedding import Embedder
 from pipeline.errors import RequestError, RerankDisabled, TooLarge
 from pipeline.rerank import Reranker, RerankRequest
-from pipeline.rerank.batcher import WorkTooLarge, estimate_pair_tokens
+from pipeline.rerank.batcher import DeadlineExceeded, WorkTooLarge, estimate_pair_tokens
 from pipeline.store import MilvusStore
 
 log = logging.getLogger(__name__)
@@ -219,6 +219,12 @@ class SearchService:
                     chunks,
                     budget,
                 )
+            except DeadlineExceeded:
+                if budget is None:
+                    raise
+                # planned to fit, ran slower: the candidates keep their recall order (reranked 0)
+                log.warning("rerank missed its deadline; answering in recall order")
+                best = []
             except WorkTooLarge as exc:  # planned to fit: only a race with the cache gets here
                 raise TooLarge(
                     f"{exc.message} Here the work is the {len(hits)} recalled candidates "

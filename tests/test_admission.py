@@ -1,9 +1,10 @@
 """Admission by a cost model that knows length, and a /v1/search that reranks what fits its budget,
 over real HTTP (uvicorn on loopback) with the tiny Qwen3 reranker.
 
-- issue 27 item 3: 30 documents of 100,000 characters are refused up front or finish within the
-  deadline; one heavy request that runs does not make ordinary ones look slow (a burst of 20-document
-  requests afterwards is not refused).
+- issue 27 item 3: 30 documents of 100,000 characters are refused up front, or finish within the
+  deadline, or (admitted, then slower than predicted) are answered 503 at the deadline; one heavy
+  request that runs does not make ordinary ones look slow (a burst of 20-document requests
+  afterwards is not refused). A cost model made too optimistic cannot stretch the deadline.
 - issue 30 item 1: a search whose candidates exceed the rerank budget answers 200 with the
   best-recalled candidates reranked first (score order) and the rest below them in recall order,
   marked; /v1/rerank keeps its 413.
@@ -99,12 +100,16 @@ def test_long_documents_refused_up_front_and_short_ones_not_poisoned(profiled: L
         t0 = time.monotonic()
         r = http.post(url, json={"query": "what moves the tides?", "documents": huge})
         took = time.monotonic() - t0
-        assert r.status_code in (200, 413), r.text[:300]
+        assert r.status_code in (200, 413, 503), r.text[:300]
         print(f"30 x 100,000 chars: {r.status_code} in {took:.2f} s; {r.text[:300]}")
         if r.status_code == 413:
             assert r.json()["error"]["type"] == "work_too_large"
             assert "WINNOW_RERANK_DEADLINE_S" in r.json()["error"]["message"]
             assert took < SLACK_S, took  # up front: no work was done
+        elif r.status_code == 503:  # admitted, ran slower than predicted: stopped at the deadline
+            assert r.json()["error"]["type"] == "deadline_exceeded"
+            assert int(r.headers["Retry-After"]) >= 1
+            assert took <= DEADLINE_S + SLACK_S, took
         else:
             assert took <= DEADLINE_S + SLACK_S, took
 
@@ -137,6 +142,49 @@ def test_long_documents_refused_up_front_and_short_ones_not_poisoned(profiled: L
     # the long bucket kept what it learnt; short pairs are predicted far cheaper per token
     assert batcher.cost.tokens_per_s(300) > 1.5 * batcher.cost.tokens_per_s(8192)
     assert predicted > 0.5
+
+
+@pytest.fixture(scope="module")
+def fooled(tmp_path_factory, sample_db, embedder, tiny_engine) -> Iterator[LiveServer]:
+    db = copy_db(sample_db, tmp_path_factory.mktemp("fooled"))
+    s = app_settings(db, rerank_cache_mb=0)
+    with LiveServer(create_app(s, embedder=embedder, reranker=batched(tiny_engine))) as server:
+        yield server
+
+
+def test_a_cost_model_that_is_wrong_cannot_stretch_the_deadline(fooled: LiveServer) -> None:
+    """The admitted request runs several times slower than predicted (the model is told half the
+    deadline; a quarter of the work fits): it is stopped at the deadline (503 deadline_exceeded,
+    Retry-After), not answered 200 after it; the server then serves on."""
+    rng = random.Random(30)
+    batcher = fooled.server.config.app.state.winnow.runtime.reranker.batcher
+    docs = [prose(rng, 100_000) for _ in range(20)]  # 20 pairs at the 8,192-token limit
+    engine = batcher.engine
+
+    def timed() -> float:
+        t = time.perf_counter()
+        engine.score_requests([RerankRequest("tides", docs[:1])])
+        return time.perf_counter() - t
+
+    real = min(timed(), timed())  # what one such pair really takes here, now
+    _, lengths = batcher._work(RerankRequest("tides", docs))
+    batcher.deadline_s = deadline = 5 * real  # a quarter of the real work fits
+    told = deadline / 2 / len(docs)  # what the model is made to believe: half the deadline in all
+    batcher.cost = CostModel()
+    batcher.cost.set_profile([(lengths[0] / 2, told / 2), (lengths[0], told)])
+    with httpx.Client(timeout=300) as http:
+        t0 = time.monotonic()
+        r = http.post(f"{fooled.url}/v1/rerank", json={"query": "tides", "documents": docs})
+        took = time.monotonic() - t0
+        print(f"deadline {deadline:.2f} s, pair {real:.3f} s: {r.status_code} in {took:.2f} s")
+        assert r.status_code == 503, r.text[:300]
+        assert r.json()["error"]["type"] == "deadline_exceeded", r.text[:300]
+        assert int(r.headers["Retry-After"]) >= 1
+        assert took <= deadline + SLACK_S, took
+        metrics = http.get(f"{fooled.url}/metrics").text
+        assert "winnow_rerank_deadline_missed_total 1.0" in metrics, metrics[-2000:]
+        ok = http.post(f"{fooled.url}/v1/rerank", json={"query": "tides", "documents": ["sea"]})
+        assert ok.status_code == 200, ok.text[:300]
 
 
 # --- issue 30 item 1: search within a budget -----------------------------------------------------

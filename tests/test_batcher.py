@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from pipeline.rerank import RerankRequest
 from pipeline.rerank.batcher import (
     BatchedReranker,
+    DeadlineExceeded,
     MicroBatcher,
     Overloaded,
     WorkTooLarge,
@@ -265,6 +267,46 @@ def test_deadline_refuses_up_front() -> None:
     st = batcher.counters()
     assert st["rerank_too_large"] == 1 and st["rerank_refused_deadline"] == 1
     assert st["rerank_tokens_per_s"] != 100  # measured after the first dispatch
+    asyncio.run(batcher.aclose())
+
+
+class SlowEngine(ScriptedEngine):
+    """Takes ``per_doc`` seconds a document, whatever the cost model was told."""
+
+    def __init__(self, per_doc: float) -> None:
+        super().__init__()
+        self.per_doc = per_doc
+        self.scored = 0
+
+    def score_requests(self, requests: list[RerankRequest]) -> list[list[float]]:
+        n = sum(len(r.docs) for r in requests)
+        time.sleep(self.per_doc * n)
+        self.scored += n
+        return super().score_requests(requests)
+
+
+def test_admitted_request_that_runs_slow_is_answered_at_its_deadline() -> None:
+    """Predicted 1 s, really 4 s, deadline 2 s: the rest is not started and the caller gets
+    DeadlineExceeded (503) by the deadline, not a 200 after it."""
+    engine = SlowEngine(per_doc=0.4)
+    batcher = MicroBatcher(engine, deadline_s=2, max_wait_ms=0, slice_tokens=300)
+    docs = [doc_of(100, f"d{i}") for i in range(10)]
+    per_doc = batcher._estimate(RerankRequest("q", docs[:1]))[0]
+    batcher.cost.set_profile([(per_doc, 0.1), (2 * per_doc, 0.2)])  # 0.1 s a document
+    assert batcher.cost.seconds(batcher._work(RerankRequest("q", docs))[1]) < 2  # admitted
+
+    async def go() -> float:
+        t0 = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match="WINNOW_RERANK_DEADLINE_S") as late:
+            await batcher.submit(RerankRequest("q", docs))
+        assert late.value.retry_after >= 1
+        return time.monotonic() - t0
+
+    took = asyncio.run(go())
+    assert took < 2 + 1.0, took  # the deadline, plus at most a fraction of one slice
+    assert engine.scored < len(docs)  # what could not finish was not run
+    st = batcher.counters()
+    assert st["rerank_deadline_missed"] == 1 and st["rerank_failed"] == 0
     asyncio.run(batcher.aclose())
 
 

@@ -20,7 +20,7 @@ from pipeline.api.schemas import DIALECT_TAGS
 from pipeline.errors import RequestError, RerankDisabled, TooLarge, excerpt
 from pipeline.model_files import ModelUnavailable
 from pipeline.rerank import InstructionNotSupported, RerankerError, RerankerUnavailable
-from pipeline.rerank.batcher import Overloaded, WorkTooLarge
+from pipeline.rerank.batcher import DeadlineExceeded, Overloaded, WorkTooLarge
 from pipeline.rerank.prompt import PromptTooLong
 from pipeline.runtime import CollectionMissing
 from pipeline.store import InvalidFilter, SchemaMismatch, StoreBusy, StoreError, StoreUnavailable
@@ -72,6 +72,9 @@ def to_response(exc: BaseException) -> JSONResponse:
         return _json(422, "prompt_too_long", str(exc))
     if isinstance(exc, WorkTooLarge):
         return _json(413, "work_too_large", exc.message)
+    if isinstance(exc, DeadlineExceeded):
+        retry = str(max(1, math.ceil(exc.retry_after)))
+        return _json(503, "deadline_exceeded", exc.message, {"Retry-After": retry})
     if isinstance(exc, Overloaded):
         retry = str(max(1, math.ceil(exc.retry_after)))
         return _json(429, "overloaded", f"{exc.message}; retry later", {"Retry-After": retry})
@@ -202,6 +205,7 @@ def install(app: FastAPI) -> None:
         RequestError,
         PromptTooLong,
         Overloaded,
+        DeadlineExceeded,
         WorkTooLarge,
         InstructionNotSupported,
         RerankerUnavailable,

@@ -36,6 +36,8 @@ class _StatsCollector(Collector):
             "rerank_estimated_tokens": "estimated tokens admitted (the unit of admission)",
             "rerank_dropped_pairs": "pairs dropped because their client went away",
             "rerank_refused_deadline": "requests refused up front: they could not meet the deadline",
+            "rerank_deadline_missed": "requests admitted, then answered 503 at the deadline: "
+            "they ran slower than predicted",
             "rerank_too_large": "requests refused with 413: more work than one request may carry",
             "rerank_failed": "requests whose scoring failed",
             "rerank_cache_hits": "pairs answered from the score cache",

@@ -98,6 +98,17 @@ class WorkTooLarge(ValueError):
         self.limit = limit
 
 
+class DeadlineExceeded(RuntimeError):
+    """An admitted request ran slower than its cost model predicted and cannot finish within the
+    deadline: the rest of it is not started, and the answer is 503 with ``Retry-After``, at the
+    deadline, not after it. ``message`` is safe to send to the client."""
+
+    def __init__(self, retry_after: float, message: str) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.message = message
+
+
 def estimate_pair_tokens(request: RerankRequest, max_length: int) -> list[int]:
     """Estimated tokens of each (query, document) pair: characters / CHARS_PER_TOKEN, capped."""
     fixed = TEMPLATE_CHARS + len(resolve_instruction(request.instruction)) + len(request.query)
@@ -120,6 +131,7 @@ class BatcherStats:
     )
     refused_deadline: int = 0  # of those, refused because the queue ahead would miss the deadline
     too_large: int = 0  # WorkTooLarge
+    deadline_missed: int = 0  # admitted, then stopped at the deadline (ran slower than predicted)
     failed: int = 0  # requests that ended with an engine error
     last_dispatch_s: float = 0.0
     last_dispatch_pairs: int = 0
@@ -142,6 +154,8 @@ class _Job:
     next_doc: int = 0  # first document not dispatched yet
     rounds: int = 0  # round-robin rounds served
     last_served: float = -1.0  # dispatch number of its last slice (newcomers: just before)
+    expires: float | None = None  # time.monotonic() by which it must be answered (the deadline)
+    slowdown: float = 1.0  # measured / predicted seconds of its last engine call
 
 
 @dataclass(slots=True)
@@ -354,6 +368,7 @@ class MicroBatcher:
             "rerank_dropped_pairs": st.dropped_pairs,
             "rerank_rejected": st.rejected,
             "rerank_refused_deadline": st.refused_deadline,
+            "rerank_deadline_missed": st.deadline_missed,
             "rerank_too_large": st.too_large,
             "rerank_failed": st.failed,
             "queue_depth": self.depth,
@@ -494,6 +509,7 @@ class MicroBatcher:
             waiting_seconds=sum(cost),
             rounds=ring_rounds,  # joins the current round: after those still waiting in it,
             last_served=self._dispatch_no - 0.5,  # before those served by the call in flight
+            expires=None if self.deadline_s is None else time.monotonic() + self.deadline_s,
         )
         self._seq += 1
         self._jobs.add(job)
@@ -523,6 +539,8 @@ class MicroBatcher:
         budget, slice_max = self.slice_tokens, self.slice_tokens
         parts: dict[_Job, _Part] = {}
         used = pairs = 0
+        used_seconds = 0.0  # predicted seconds of the call planned so far
+        now = time.monotonic()
         self._dispatch_no += 1
         progress = True
         while progress and self._ring and used < budget and pairs < self.max_pairs:
@@ -547,6 +565,11 @@ class MicroBatcher:
                     stop += 1
                 if stop == start:
                     continue
+                if job.expires is not None:  # only what is predicted to end by its deadline
+                    stop, tokens = self._within_deadline(job, start, stop, now + used_seconds)
+                    if stop == start:
+                        self._expire(job)
+                        continue
                 seconds = sum(job.cost[start:stop])
                 prev = parts.get(job)
                 if prev is not None:
@@ -561,6 +584,7 @@ class MicroBatcher:
                 job.rounds += 1
                 job.last_served = self._dispatch_no
                 used += tokens
+                used_seconds += seconds
                 pairs += stop - start
                 progress = True
                 if job.next_doc >= docs:
@@ -568,6 +592,35 @@ class MicroBatcher:
                 if used >= budget or pairs >= self.max_pairs:
                     break
         return list(parts.values())
+
+    @staticmethod
+    def _within_deadline(job: _Job, start: int, stop: int, begins: float) -> tuple[int, int]:
+        """The slice ``[start, stop)`` cut to the documents predicted (at the job's measured
+        slowdown) to be scored by its deadline if the call begins at ``begins``; (stop, tokens)."""
+        assert job.expires is not None
+        left = job.expires - begins
+        seconds, tokens, end = 0.0, 0, start
+        while end < stop and seconds + job.cost[end] * job.slowdown <= left:
+            seconds += job.cost[end] * job.slowdown
+            tokens += job.est[end]
+            end += 1
+        return end, tokens
+
+    def _expire(self, job: _Job) -> None:
+        """Answer a job that can no longer finish by its deadline (503), and drop its rest."""
+        if job.future.done():
+            return
+        self.stats.deadline_missed += 1
+        left = job.waiting_seconds * job.slowdown
+        job.future.set_exception(
+            DeadlineExceeded(
+                self._retry_after(left),
+                f"the reranker could not finish this request within {self.deadline_s:g} s "
+                "(WINNOW_RERANK_DEADLINE_S): it ran slower than predicted, so the rest of it was "
+                "not started; retry later, or send fewer or shorter documents",
+            )
+        )
+        self._finished(job)  # now, not from the callback: the planner must not see it again
 
     async def _run(self) -> None:
         assert self._wakeup is not None
@@ -602,6 +655,11 @@ class MicroBatcher:
             )
             elapsed = time.perf_counter() - t0
             self.measure(tokens, elapsed)
+            predicted = sum(p.seconds for p in parts)
+            if predicted > 0:  # what each job's rest will take, for its deadline
+                slowdown = min(4.0, max(0.5, elapsed / predicted))
+                for p in parts:
+                    p.job.slowdown = slowdown
             self.cost.observe([n for p in parts for n in p.job.lens[p.start : p.stop]], elapsed)
         except Exception as exc:
             if len(parts) == 1:
