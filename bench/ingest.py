@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     out["rerun_s"] = round(time.perf_counter() - t0, 2)
     out["rerun_embedded"] = again.embedded
 
-    chunker = chunker_for(embedder, settings)
+    chunker = chunker_for(embedder, settings.ingest)
     texts = [
         p.search_text
         for _, item in read_corpus(args.corpus)

@@ -1,7 +1,8 @@
 """``python -m pipeline eval`` / ``python -m evaluation``: flags and the command.
 
 Imported by ``pipeline/__main__.py`` to build its parser, so this module imports nothing heavy (and not
-``ingest``) at import time.
+``ingest``) at import time. It never imports the CLI back: ``python -m evaluation`` builds its own
+parser here (:func:`main`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from pathlib import Path
 
 from evaluation.data import SPLITS
 from evaluation.report import MODES
-from pipeline.config import Settings
+from pipeline.config import Settings, add_settings_arguments, settings_or_exit
+from pipeline.logs import setup_logging
 
 
 def _modes_arg(value: str) -> list[str]:
@@ -127,3 +129,17 @@ def run_eval_cli(args: argparse.Namespace, settings: Settings) -> int:
         path.write_text(report.markdown(), encoding="utf-8")
         out.print(f"report → {path}", highlight=False)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m evaluation DATASET_DIR …``: the eval subcommand's flags and settings, on its own."""
+    p = argparse.ArgumentParser(
+        prog="python -m evaluation",
+        description="BEIR-format evaluation: nDCG, Recall, MRR per mode",
+    )
+    add_eval_arguments(p)
+    add_settings_arguments(p)
+    args = p.parse_args(argv)
+    settings = settings_or_exit(p, args)
+    setup_logging(settings.log_level)
+    return run_eval_cli(args, settings)

@@ -168,7 +168,7 @@ class IngestJob:
         dimension rule refuses a run before any document is read."""
         self.embedder.load()
         self.store.ensure_collection(self.embedder.dim, self.settings.embed_model)
-        return chunker_for(self.embedder, self.settings)
+        return chunker_for(self.embedder, self.settings.ingest)
 
     def documents(
         self,

@@ -15,7 +15,7 @@ from pipeline.config import SettingsError
 from pipeline.domain import Document, Passage
 
 if TYPE_CHECKING:
-    from pipeline.config import Settings
+    from pipeline.config import IngestSettings
     from pipeline.embedding import Embedder
 
 BOUNDARY_LOOKBACK = 16  # tokens a cut may move back to land between words
@@ -86,8 +86,9 @@ class Chunker:
         ]
 
 
-def chunker_for(embedder: Embedder, settings: Settings) -> Chunker:
-    """The chunker of this embedder and settings: the ingest job and the write API cut alike."""
+def chunker_for(embedder: Embedder, settings: IngestSettings) -> Chunker:
+    """The chunker of this embedder and the ingest settings (``settings.ingest``): the ingest job
+    and the write API cut alike."""
     prompt_tokens = 0
     prompts = getattr(embedder.encoder, "prompts", None) or {}
     if prompts.get("document"):

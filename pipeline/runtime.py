@@ -31,9 +31,8 @@ def build_embedder(settings: Settings) -> Embedder:
     """The configured embedder, not yet loaded (``load()`` reads the weights)."""
     from pipeline.embedding import Embedder
 
-    return Embedder(
-        settings.embed_model, device=settings.embed_device, batch_size=settings.embed_batch_size
-    )
+    embed = settings.embed
+    return Embedder(embed.embed_model, device=embed.embed_device, batch_size=embed.embed_batch_size)
 
 
 def open_store(settings: Settings, collection: str | None = None) -> MilvusStore:

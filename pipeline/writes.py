@@ -113,7 +113,7 @@ class WriteService:
     @property
     def chunker(self) -> Chunker:
         if self._chunker is None:
-            self._chunker = chunker_for(self.embedder, self.settings)
+            self._chunker = chunker_for(self.embedder, self.settings.ingest)
         return self._chunker
 
     def stats(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import Settings
+from pipeline.config import FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -19,7 +19,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 ENV_EXAMPLE = ROOT / ".env.example"
 STACK_DOC = ROOT / "docs" / "stack.md"
 
-SETTINGS_ENV = {f"WINNOW_{name.upper()}" for name in Settings.model_fields}
+SETTINGS_ENV = {f"WINNOW_{name.upper()}" for name in FIELDS}
 # WINNOW_-prefixed variables that only docker compose reads (not Settings fields).
 COMPOSE_ONLY_WINNOW = {"WINNOW_DATA_DIR"}
 MILVUS_URI_IN_STACK = "http://milvus:19530"

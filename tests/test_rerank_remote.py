@@ -201,7 +201,7 @@ def test_built_from_settings() -> None:
         Settings(rerank_backend="remote", rerank_url="http://a/rerank", rerank_remote_model="m")
     )
     assert r2.model == r2.remote_model == "m"
-    assert "rerank_api_key" not in Settings(rerank_api_key="").model_dump(exclude_none=True)
+    assert Settings(rerank_api_key="").rerank_api_key is None  # blank = unset
     assert Settings(rerank_api_key="secret").non_default()["rerank_api_key"] == "***"
     with pytest.raises(ValueError, match="WINNOW_RERANK_URL"):
         build_reranker(Settings(rerank_backend="remote"))

@@ -42,7 +42,7 @@ from stack_files import (
     only,
 )
 
-from pipeline.config import DEFAULT_EMBED_MODEL, Settings
+from pipeline.config import DEFAULT_EMBED_MODEL, FIELDS, Settings
 
 
 @pytest.fixture(scope="module")
@@ -246,13 +246,13 @@ def test_env_example_values_are_the_defaults(monkeypatch: pytest.MonkeyPatch) ->
             monkeypatch.delenv(key)
     values = {n: v for n, v, _ in env_example() if n in SETTINGS_ENV}
     for name, value in values.items():
-        field = Settings.model_fields[name.removeprefix("WINNOW_").lower()]
+        field = FIELDS[name.removeprefix("WINNOW_").lower()]
         if value == "":
             assert field.default is None, f"{name} is blank but has a default"
             continue
         monkeypatch.setenv(name, value)
     settings = Settings()  # parsed the way the service parses its environment
-    for name, field in Settings.model_fields.items():
+    for name, field in FIELDS.items():
         assert getattr(settings, name) == field.default, f"WINNOW_{name.upper()}"
 
 

@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import Settings, add_settings_arguments, settings_or_exit  # noqa: E402
+from pipeline.config import FIELDS, Settings, add_settings_arguments, settings_or_exit  # noqa: E402
 
 MODES = ("dense", "bm25", "hybrid")
 GROUPS = ("en", "zh", "zh+latin")
@@ -73,8 +73,7 @@ def example_settings(settings: Settings) -> Settings:
     update = {
         k: v
         for k, v in defaults.items()
-        if getattr(settings, k) == Settings.model_fields[k].default
-        and f"WINNOW_{k.upper()}" not in os.environ
+        if getattr(settings, k) == FIELDS[k].default and f"WINNOW_{k.upper()}" not in os.environ
     }
     s = settings.model_copy(update=update)
     if "WINNOW_COLLECTION" not in os.environ and s.collection == "winnow":
@@ -176,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rerank", action="store_true", help="also rerank hybrid recall (Qwen3)")
     p.add_argument("--top-k", type=int, default=5, help="candidates per question (default 5)")
     p.add_argument("--json", type=Path, help="write the ranks and the summary as JSON")
-    add_settings_arguments(p, only=[n for n in Settings.model_fields if n != "rerank"])
+    add_settings_arguments(p, only=[n for n in FIELDS if n != "rerank"])
     args = p.parse_args(argv)
     settings = example_settings(settings_or_exit(p, args))
     from pipeline.logs import setup_logging

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from pipeline.api.server import _HeaderDeadline
+from pipeline.api.connections import HeaderDeadline
 
 
-class GuardedHttpToolsProtocol(_HeaderDeadline, HttpToolsProtocol):
+class GuardedHttpToolsProtocol(HeaderDeadline, HttpToolsProtocol):
     pass
