@@ -15,6 +15,8 @@ from typing import Any, Literal, get_args, get_origin
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pipeline.fusion import FusionName
+
 DEFAULT_EMBED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_RERANK_MODEL = "Qwen/Qwen3-Reranker-0.6B"
 
@@ -72,7 +74,7 @@ class Settings(BaseSettings):
     hnsw_m: int = Field(16, ge=4, le=64, description="HNSW graph degree.")
     hnsw_ef_construction: int = Field(200, ge=8, description="HNSW build-time candidate list.")
     hnsw_ef: int = Field(200, ge=8, description="HNSW search-time candidate list (raised to k).")
-    fusion: Literal["rrf", "weighted", "normalized"] = Field(
+    fusion: FusionName = Field(  # the names of pipeline.fusion.FUSIONS
         "rrf",
         description="How hybrid recall fuses its dense and BM25 lists: rrf (Milvus RRFRanker, "
         "WINNOW_RRF_K), weighted (Milvus WeightedRanker: weighted sum of Milvus-normalised "

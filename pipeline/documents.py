@@ -22,7 +22,7 @@ from pipeline.domain import Document, Passage, invalid_unicode_at
 if TYPE_CHECKING:
     import numpy as np
 
-    from pipeline.store import MilvusStore
+    from pipeline.store import VectorStore
 
 Status = Literal["created", "updated", "unchanged"]
 
@@ -107,7 +107,7 @@ def plan_changes(
 
 
 def write_plan(
-    store: MilvusStore,
+    store: VectorStore,
     todo: Sequence[Passage],
     vectors: np.ndarray,
     stale: Sequence[str],

@@ -1,16 +1,20 @@
-"""The passage store: re-exports only (the code lives in the modules of this package)."""
+"""The passage store: re-exports only (the code lives in the modules of this package).
 
-from pipeline.store.milvus import (
+``base`` (the contract), ``errors``, ``filters``, ``connection`` (deadline, reconnect, breaker),
+``lite`` (Milvus Lite's quirks, installed on use), ``milvus`` (schema and CRUD), ``search``.
+"""
+
+from pipeline.store.base import VectorStore
+from pipeline.store.errors import (
     InvalidFilter,
-    MilvusStore,
     SchemaMismatch,
     StoreBusy,
     StoreError,
     StoreInUse,
     StoreUnavailable,
-    in_list,
-    quote,
 )
+from pipeline.store.filters import in_list, quote
+from pipeline.store.milvus import MilvusStore
 
 __all__ = [
     "InvalidFilter",
@@ -20,6 +24,7 @@ __all__ = [
     "StoreError",
     "StoreInUse",
     "StoreUnavailable",
+    "VectorStore",
     "in_list",
     "quote",
 ]
