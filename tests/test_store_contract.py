@@ -260,3 +260,20 @@ def test_memory_filter_subset() -> None:
     for bad in ('json_contains(metadata["tags"], "x")', "chunk = 0", 'doc_id == "x" junk'):
         with pytest.raises(InvalidFilter):
             compile_filter(bad)
+
+
+def test_importing_the_store_patches_nothing() -> None:
+    """Lite's quirks are installed when a Lite file is first connected, never on import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, sys, pipeline.store, pipeline.store.milvus, testkit.memory_store\n"
+        "from pipeline.store import lite\n"
+        "names = ('milvus_lite.server_manager', 'pymilvus.decorators')\n"
+        "assert not any(logging.getLogger(n).filters for n in names)\n"
+        "assert not lite.installed() and 'pymilvus' not in sys.modules and 'jieba' not in sys.modules\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
