@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.domain import Hit  # noqa: E402
+from pipeline.fusion import FUSIONS, FusionParams, combine  # noqa: E402
 
 Fuse = Callable[[list[Hit], list[Hit], int], list[Hit]]
 WEIGHTS = [round(0.05 * i, 2) for i in range(1, 20)]  # dense weight; BM25 gets 1 − w
@@ -61,8 +62,6 @@ class Config:
 
     @property
     def label(self) -> str:
-        from pipeline.fusion import FUSIONS
-
         if self.method in FUSIONS and FUSIONS[self.method].param == "rrf_k":
             return f"{self.method} k={self.param:g}"
         d, b = self.weights
@@ -73,8 +72,6 @@ def fuser(cfg: Config) -> Fuse:
     """The fusion function of one configuration: the registry's formula (``pipeline.fusion``, what
     Milvus computes for its rankers and the product computes for the rest), or the study-only
     ``weighted-raw``."""
-    from pipeline.fusion import FUSIONS, FusionParams, combine
-
     w = cfg.weights
     if cfg.method == "weighted-raw":
         return lambda d, b, k: combine(d, b, k, lambda r, _rank, h: w[r] * h.score)
@@ -85,8 +82,6 @@ def fuser(cfg: Config) -> Fuse:
 
 def grid() -> list[Config]:
     """Every registered fusion method over its parameter's range, and the study-only raw sum."""
-    from pipeline.fusion import FUSIONS
-
     configs = [
         Config(name, p)
         for name, method in FUSIONS.items()
@@ -135,8 +130,6 @@ def rankings(fuse: Fuse, lists: dict, k: int) -> dict[str, list[tuple[str, float
 def check_against_milvus(args: argparse.Namespace, queries: dict, lists: dict) -> dict:
     """Replay the first ``--check`` queries through MilvusStore.hybrid per method; count mismatches."""
     store, embedder = args._store, args._embedder
-    from pipeline.fusion import FUSIONS
-
     picks = [
         Config(name, p)
         for name, method in FUSIONS.items()
@@ -171,8 +164,6 @@ def kfold(
     per_query: dict[Config, dict[str, float]], qids: Sequence[str], folds: int, seed: int
 ) -> list[dict]:
     """Per fold: the configuration with the best mean on the other folds, and its held-out mean."""
-    from pipeline.fusion import FUSIONS
-
     order = sorted(qids)
     random.Random(seed).shuffle(order)
     parts = [order[i::folds] for i in range(folds)]
@@ -265,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             (c for c in per_query if c.method == method),
             key=lambda c: mean(per_query[c], list(qrels)),
         )
-        for method in ("rrf", "weighted", "weighted-raw", "normalized")
+        for method in (*FUSIONS, "weighted-raw")
     }
     base = Config("rrf", 60)
     pairs = [(best[m], base) for m in best] + [(best["normalized"], best["rrf"])]
@@ -320,21 +311,14 @@ def markdown(result: dict) -> str:
     )
     lines += [
         "",
-        "| fold | "
-        + " | ".join(f"{m} pick → held out" for m in ("rrf", "weighted", "normalized"))
-        + " |",
+        "| fold | " + " | ".join(f"{m} pick → held out" for m in FUSIONS) + " |",
     ]
-    lines.append("|---:|---|---|---|")
+    lines.append("|---:|" + "---|" * len(FUSIONS))
     for f in result["folds"]:
         pm = f["per_method"]
-        cells = [
-            f"{pm[m]['pick']} → {pm[m]['test']:.4f}" for m in ("rrf", "weighted", "normalized")
-        ]
+        cells = [f"{pm[m]['pick']} → {pm[m]['test']:.4f}" for m in FUSIONS]
         lines.append(f"| {f['fold']} | " + " | ".join(cells) + " |")
-    means = [
-        sum(f["per_method"][m]["test"] for f in result["folds"]) / n
-        for m in ("rrf", "weighted", "normalized")
-    ]
+    means = [sum(f["per_method"][m]["test"] for f in result["folds"]) / n for m in FUSIONS]
     lines.append("| mean | " + " | ".join(f"{v:.4f}" for v in means) + " |")
     lines += ["", "| a − b (nDCG@10, per query) | mean | 95% CI | queries better / worse |"]
     lines.append("|---|---:|---|---:|")
