@@ -277,3 +277,37 @@ def test_importing_the_store_patches_nothing() -> None:
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, timeout=60)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
+
+
+def test_search_service_runs_on_the_double() -> None:
+    """SearchService needs nothing of a store beyond the contract: the double serves every mode,
+    its filters and the empty-collection message (no Milvus, no model)."""
+    import asyncio
+
+    from pipeline.config import Settings
+    from pipeline.search import EMPTY_COLLECTION, SearchService
+
+    class Vectors:  # the query embedding of a passage's text is its stored vector
+        dim = DIM
+
+        def embed(self, texts, *, query: bool) -> np.ndarray:
+            by_text = {p.text: v for p, v in zip(PASSAGES, VECTORS, strict=True)}
+            return np.stack([by_text.get(t, VECTORS[0]) for t in texts])
+
+    store = MemoryStore("svc")
+    store.ensure_collection(DIM, MODEL)
+    service = SearchService(Settings(rerank=False), Vectors(), store)  # type: ignore[arg-type]
+
+    def search(query: str, **kw):
+        return asyncio.run(service.search(query, rerank=False, top_n=3, **kw))
+
+    assert search("moon", mode="dense").message == EMPTY_COLLECTION
+    store.upsert(PASSAGES, VECTORS)
+    assert search(PASSAGES[4].text, mode="dense").results[0].doc_id == "garden"
+    assert search("quiche", mode="bm25").results[0].doc_id == "kitchen"
+    hybrid = search("tides moon", mode="hybrid")
+    assert hybrid.mode == "hybrid" and hybrid.results[0].doc_id == "ocean"
+    fr = search("moon", mode="dense", filter='metadata["lang"] == "fr"')
+    assert [r.doc_id for r in fr.results] == ["kitchen"]
+    with pytest.raises(InvalidFilter):
+        search("moon", mode="dense", filter="lang ==")
