@@ -30,17 +30,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.domain import Hit  # noqa: E402
+from pipeline.fusion import FUSIONS, FusionParams, combine  # noqa: E402
 
 Fuse = Callable[[list[Hit], list[Hit], int], list[Hit]]
 WEIGHTS = [round(0.05 * i, 2) for i in range(1, 20)]  # dense weight; BM25 gets 1 − w
@@ -50,8 +50,9 @@ RAW_BM25_WEIGHTS = [0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1]  # dense w
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    method: str  # rrf | weighted | weighted-raw | normalized
-    param: float  # k for rrf, else the dense weight (weighted-raw: the BM25 weight, dense 1)
+    method: str  # a name of pipeline.fusion.FUSIONS, or weighted-raw (study only)
+    param: float  # k for a method reading rrf_k, else the dense weight (weighted-raw: the BM25
+    # weight, dense 1)
 
     @property
     def weights(self) -> tuple[float, float]:
@@ -61,49 +62,32 @@ class Config:
 
     @property
     def label(self) -> str:
-        if self.method == "rrf":
-            return f"rrf k={self.param:g}"
+        if self.method in FUSIONS and FUSIONS[self.method].param == "rrf_k":
+            return f"{self.method} k={self.param:g}"
         d, b = self.weights
         return f"{self.method} {d:g}/{b:g}"
 
 
-def _combine(
-    dense: list[Hit], bm25: list[Hit], k: int, score: Callable[[int, int, Hit], float]
-) -> list[Hit]:
-    """Sum ``score(route, rank, hit)`` per passage over both lists; best ``k``, ties by id (Milvus)."""
-    total: dict[str, list] = {}
-    for route, hits in enumerate((dense, bm25)):
-        for rank, h in enumerate(hits):
-            entry = total.setdefault(h.id, [h, 0.0])
-            entry[1] += score(route, rank, h)
-    ranked = sorted(total.values(), key=lambda e: (-e[1], e[0].id))[:k]
-    return [replace(h, score=s) for h, s in ranked]
-
-
 def fuser(cfg: Config) -> Fuse:
-    """The fusion function of one configuration (Milvus's formula, or the product's code)."""
-    from pipeline.fusion import normalized_fusion
-
-    if cfg.method == "rrf":
-        return lambda d, b, k: _combine(d, b, k, lambda _r, rank, _h: 1.0 / (cfg.param + rank + 1))
+    """The fusion function of one configuration: the registry's formula (``pipeline.fusion``, what
+    Milvus computes for its rankers and the product computes for the rest), or the study-only
+    ``weighted-raw``."""
     w = cfg.weights
-    if cfg.method == "weighted":
-        norm = (lambda s: (1.0 + s) * 0.5, lambda s: 2.0 * math.atan(s) / math.pi)
-        return lambda d, b, k: _combine(d, b, k, lambda r, _rank, h: w[r] * norm[r](h.score))
     if cfg.method == "weighted-raw":
-        return lambda d, b, k: _combine(d, b, k, lambda r, _rank, h: w[r] * h.score)
-    if cfg.method == "normalized":
-        return lambda d, b, k: normalized_fusion(d, b, w[0], w[1], k)
-    raise ValueError(cfg.method)
+        return lambda d, b, k: combine(d, b, k, lambda r, _rank, h: w[r] * h.score)
+    method = FUSIONS[cfg.method]
+    params = FusionParams(rrf_k=int(cfg.param) if method.param == "rrf_k" else 5, weights=w)
+    return lambda d, b, k: method.fuse(d, b, params, k)
 
 
 def grid() -> list[Config]:
-    return (
-        [Config("rrf", k) for k in RRF_KS]
-        + [Config("weighted", w) for w in WEIGHTS]
-        + [Config("weighted-raw", w) for w in RAW_BM25_WEIGHTS]
-        + [Config("normalized", w) for w in WEIGHTS]
-    )
+    """Every registered fusion method over its parameter's range, and the study-only raw sum."""
+    configs = [
+        Config(name, p)
+        for name, method in FUSIONS.items()
+        for p in (RRF_KS if method.param == "rrf_k" else WEIGHTS)
+    ]
+    return configs + [Config("weighted-raw", w) for w in RAW_BM25_WEIGHTS]
 
 
 def fetch(args: argparse.Namespace) -> tuple[dict, dict, dict[str, tuple[list[Hit], list[Hit]]]]:
@@ -146,14 +130,17 @@ def rankings(fuse: Fuse, lists: dict, k: int) -> dict[str, list[tuple[str, float
 def check_against_milvus(args: argparse.Namespace, queries: dict, lists: dict) -> dict:
     """Replay the first ``--check`` queries through MilvusStore.hybrid per method; count mismatches."""
     store, embedder = args._store, args._embedder
-    picks = [Config("rrf", 60), Config("rrf", 20), Config("weighted", 0.5)]
-    picks += [Config("weighted", 0.8), Config("normalized", 0.5), Config("normalized", 0.7)]
+    picks = [
+        Config(name, p)
+        for name, method in FUSIONS.items()
+        for p in ((60, 20) if method.param == "rrf_k" else (0.5, 0.8))
+    ]
     out = {}
     qids = list(lists)[: args.check]
     for cfg in picks:
         s = store  # one open store: switch its fusion setting per method
         s.fusion, s.fusion_weights = cfg.method, cfg.weights
-        if cfg.method == "rrf":
+        if FUSIONS[cfg.method].param == "rrf_k":
             s.rrf_k = int(cfg.param)
         fuse, differ, score_err = fuser(cfg), 0, 0.0
         for qid in qids:
@@ -186,7 +173,7 @@ def kfold(
         train = [q for j, p in enumerate(parts) if j != i for q in p]
         best = max(per_query, key=lambda c: mean(per_query[c], train))
         per_method = {}
-        for method in ("rrf", "weighted", "normalized"):
+        for method in FUSIONS:
             cands = [c for c in per_query if c.method == method]
             pick = max(cands, key=lambda c: mean(per_query[c], train))
             per_method[method] = {"pick": pick.label, "test": mean(per_query[pick], test)}
@@ -269,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             (c for c in per_query if c.method == method),
             key=lambda c: mean(per_query[c], list(qrels)),
         )
-        for method in ("rrf", "weighted", "weighted-raw", "normalized")
+        for method in (*FUSIONS, "weighted-raw")
     }
     base = Config("rrf", 60)
     pairs = [(best[m], base) for m in best] + [(best["normalized"], best["rrf"])]
@@ -324,21 +311,14 @@ def markdown(result: dict) -> str:
     )
     lines += [
         "",
-        "| fold | "
-        + " | ".join(f"{m} pick → held out" for m in ("rrf", "weighted", "normalized"))
-        + " |",
+        "| fold | " + " | ".join(f"{m} pick → held out" for m in FUSIONS) + " |",
     ]
-    lines.append("|---:|---|---|---|")
+    lines.append("|---:|" + "---|" * len(FUSIONS))
     for f in result["folds"]:
         pm = f["per_method"]
-        cells = [
-            f"{pm[m]['pick']} → {pm[m]['test']:.4f}" for m in ("rrf", "weighted", "normalized")
-        ]
+        cells = [f"{pm[m]['pick']} → {pm[m]['test']:.4f}" for m in FUSIONS]
         lines.append(f"| {f['fold']} | " + " | ".join(cells) + " |")
-    means = [
-        sum(f["per_method"][m]["test"] for f in result["folds"]) / n
-        for m in ("rrf", "weighted", "normalized")
-    ]
+    means = [sum(f["per_method"][m]["test"] for f in result["folds"]) / n for m in FUSIONS]
     lines.append("| mean | " + " | ".join(f"{v:.4f}" for v in means) + " |")
     lines += ["", "| a − b (nDCG@10, per query) | mean | 95% CI | queries better / worse |"]
     lines.append("|---|---:|---|---:|")

@@ -24,7 +24,7 @@ from pipeline.documents import check_document, plan_changes, write_plan
 from pipeline.domain import Passage
 from pipeline.embedding import Embedder
 from pipeline.runtime import build_embedder, open_store
-from pipeline.store import MilvusStore
+from pipeline.store import VectorStore
 
 from .sources import Document, FieldMap, Problem, read_corpus
 
@@ -76,7 +76,7 @@ class Plan:
 
 
 def upsert_bounded(
-    store: MilvusStore, passages: Sequence[Passage], vectors: np.ndarray, limit: int
+    store: VectorStore, passages: Sequence[Passage], vectors: np.ndarray, limit: int
 ) -> None:
     """Upsert in slices of at most ``limit`` rows (the Ray engine's writers; no deletes)."""
     write_plan(store, passages, vectors, [], limit)
@@ -155,7 +155,7 @@ class IngestJob:
         settings: Settings,
         *,
         embedder: Embedder | None = None,
-        store: MilvusStore | None = None,
+        store: VectorStore | None = None,
         collection: str | None = None,
     ) -> None:
         self.settings = settings

@@ -38,6 +38,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from pipeline.fusion import FusionName, fusion_help
+
 DEFAULT_EMBED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_RERANK_MODEL = "Qwen/Qwen3-Reranker-0.6B"
 
@@ -118,13 +120,10 @@ class StoreSettings(_Group):
     hnsw_m: int = Field(16, ge=4, le=64, description="HNSW graph degree.")
     hnsw_ef_construction: int = Field(200, ge=8, description="HNSW build-time candidate list.")
     hnsw_ef: int = Field(200, ge=8, description="HNSW search-time candidate list (raised to k).")
-    fusion: Literal["rrf", "weighted", "normalized"] = Field(
+    fusion: FusionName = Field(  # the names of pipeline.fusion.FUSIONS
         "rrf",
         description=(
-            "How hybrid recall fuses its dense and BM25 lists: `rrf` (Milvus `RRFRanker`, "
-            "`WINNOW_RRF_K`), `weighted` (Milvus `WeightedRanker`: weighted sum of "
-            "Milvus-normalised scores), `normalized` (weighted sum of per-query min-max "
-            "normalised scores, fused by Winnow). See "
+            f"How hybrid recall fuses its dense and BM25 lists: {fusion_help()}. See "
             "[docs/evaluation.md](docs/evaluation.md#hybrid-fusion-study)."
         ),
     )

@@ -17,18 +17,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from pipeline.domain import Document, Passage, invalid_unicode_at
+from pipeline.domain import MAX_DOC_ID_BYTES, MAX_TITLE_BYTES, Document, Passage, invalid_unicode_at
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from pipeline.store import MilvusStore
+    from pipeline.store import VectorStore
 
 Status = Literal["created", "updated", "unchanged"]
 
-# what the collection's schema can hold (pipeline.store's field sizes; no Milvus import here)
-MAX_DOC_ID_BYTES = 512
-MAX_TITLE_BYTES = 2048
 MAX_METADATA_BYTES = 65536
 INT64 = (-(2**63), 2**63 - 1)
 
@@ -107,7 +104,7 @@ def plan_changes(
 
 
 def write_plan(
-    store: MilvusStore,
+    store: VectorStore,
     todo: Sequence[Passage],
     vectors: np.ndarray,
     stale: Sequence[str],

@@ -10,6 +10,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+# what the collection's schema can hold (the store's field sizes; documents are checked against them)
+MAX_DOC_ID_BYTES = 512
+MAX_TITLE_BYTES = 2048
+
 
 def passage_id(doc_id: str, chunk: int, text: str, title: str = "", metadata: Any = None) -> str:
     """Stable id of a passage: re-ingesting the same content upserts instead of duplicating."""

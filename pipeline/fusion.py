@@ -1,4 +1,9 @@
-"""Hybrid fusion that Milvus's rankers cannot do: a weighted sum of per-query min-max scores.
+"""The hybrid fusion methods: one registry (:data:`FUSIONS`) that config, the stores and bench read.
+
+Each method is its formula over the two lists (dense, BM25; best first) and, where Milvus can fuse
+it inside ``hybrid_search``, the Milvus ranker that computes the same formula. Adding a method is
+one :class:`Fusion` entry here (plus its test): the ``fusion`` setting's values, the stores and
+``bench/fusion.py`` take their names from this registry.
 
 Milvus fuses ``rrf`` (``RRFRanker``) and ``weighted`` (``WeightedRanker``) itself. Its
 ``WeightedRanker`` normalises each score by a fixed function of the metric — ``(1 + cos) / 2`` for
@@ -11,10 +16,20 @@ no Milvus ranker has; so ``normalized`` takes the two lists Milvus returns and f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import replace
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 from pipeline.domain import Hit
+
+
+@dataclass(frozen=True, slots=True)
+class FusionParams:
+    """The settings a fusion reads: WINNOW_RRF_K, WINNOW_FUSION_{DENSE,BM25}_WEIGHT."""
+
+    rrf_k: int = 5
+    weights: tuple[float, float] = (0.5, 0.5)  # dense, BM25
 
 
 def minmax(scores: Sequence[float]) -> list[float]:
@@ -34,7 +49,7 @@ def normalized_fusion(
 
     A passage missing from one list gets 0 from it (the bottom of that list), as Milvus's own
     WeightedRanker does; equal scores are ordered by passage id, as Milvus breaks ties. BM25
-    scores must already be positive (MilvusStore makes them so).
+    scores must already be positive (the stores make them so).
     """
     fused: dict[str, list] = {}  # passage id -> [hit, score]
     for hits, weight in ((dense, w_dense), (bm25, w_bm25)):
@@ -43,3 +58,106 @@ def normalized_fusion(
             entry[1] += weight * norm
     ranked = sorted(fused.values(), key=lambda e: (-e[1], e[0].id))[:k]
     return [replace(hit, score=score) for hit, score in ranked]
+
+
+def combine(
+    dense: Sequence[Hit], bm25: Sequence[Hit], k: int, score: Callable[[int, int, Hit], float]
+) -> list[Hit]:
+    """Sum ``score(route, rank, hit)`` per passage over both lists (route 0 dense, 1 BM25); best
+    ``k``, equal scores ordered by passage id, as Milvus's sort breaks ties."""
+    total: dict[str, list] = {}
+    for route, hits in enumerate((dense, bm25)):
+        for rank, h in enumerate(hits):
+            entry = total.setdefault(h.id, [h, 0.0])
+            entry[1] += score(route, rank, h)
+    ranked = sorted(total.values(), key=lambda e: (-e[1], e[0].id))[:k]
+    return [replace(h, score=s) for h, s in ranked]
+
+
+def _rrf(dense: Sequence[Hit], bm25: Sequence[Hit], p: FusionParams, k: int) -> list[Hit]:
+    """Σ 1/(k + rank) per passage, rank from 1 (Milvus ``RRFRanker(k)``)."""
+    return combine(dense, bm25, k, lambda _route, rank, _h: 1.0 / (p.rrf_k + rank + 1))
+
+
+# Milvus WeightedRanker's norm_score: COSINE as (1 + s) / 2, BM25 as 2·atan(s)/π
+_MILVUS_NORM = (lambda s: (1.0 + s) * 0.5, lambda s: 2.0 * math.atan(s) / math.pi)
+
+
+def _weighted(dense: Sequence[Hit], bm25: Sequence[Hit], p: FusionParams, k: int) -> list[Hit]:
+    """w·(1 + cos)/2 + w'·2·atan(bm25)/π (Milvus ``WeightedRanker(w, w', norm_score=True)``)."""
+    w = p.weights
+    return combine(dense, bm25, k, lambda route, _rank, h: w[route] * _MILVUS_NORM[route](h.score))
+
+
+def _normalized(dense: Sequence[Hit], bm25: Sequence[Hit], p: FusionParams, k: int) -> list[Hit]:
+    return normalized_fusion(dense, bm25, p.weights[0], p.weights[1], k)
+
+
+def _rrf_ranker(p: FusionParams) -> Any:
+    from pymilvus import RRFRanker
+
+    return RRFRanker(p.rrf_k)
+
+
+def _weighted_ranker(p: FusionParams) -> Any:
+    # norm_score=True: the same normalisation in Milvus Lite (which turns its negative BM25
+    # distances positive before fusing) and a Milvus server
+    from pymilvus import WeightedRanker
+
+    return WeightedRanker(*p.weights, norm_score=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Fusion:
+    """One hybrid fusion method.
+
+    ``fuse(dense, bm25, params, k)``: the formula over the two lists (BM25 scores positive), best
+    ``k`` first. ``milvus_ranker(params)``: the pymilvus ranker that computes the same formula
+    inside ``hybrid_search``, or None when Milvus cannot (the store then fetches both lists and
+    fuses them with ``fuse``). ``param``: which setting it reads (bench sweeps that one).
+    """
+
+    name: str
+    param: Literal["rrf_k", "weights"]
+    fuse: Callable[[Sequence[Hit], Sequence[Hit], FusionParams, int], list[Hit]]
+    milvus_ranker: Callable[[FusionParams], Any] | None = None
+    help: str = ""  # one phrase for the setting's description
+
+
+FUSIONS: dict[str, Fusion] = {
+    f.name: f
+    for f in (
+        Fusion("rrf", "rrf_k", _rrf, _rrf_ranker, "Milvus RRFRanker, WINNOW_RRF_K"),
+        Fusion(
+            "weighted",
+            "weights",
+            _weighted,
+            _weighted_ranker,
+            "Milvus WeightedRanker: weighted sum of Milvus-normalised scores",
+        ),
+        Fusion(
+            "normalized",
+            "weights",
+            _normalized,
+            help="weighted sum of per-query min-max normalised scores, fused here",
+        ),
+    )
+}
+FUSION_NAMES: tuple[str, ...] = tuple(FUSIONS)
+# the ``fusion`` setting's type, derived from the registry (pydantic checks the value against it)
+FusionName = Literal[FUSION_NAMES]  # type: ignore[valid-type]
+
+
+def fusion_help() -> str:
+    """The methods for the ``fusion`` setting's description: ``rrf (…), weighted (…), …``."""
+    return ", ".join(
+        f"`{f.name}` ({f.help})" if f.help else f"`{f.name}`" for f in FUSIONS.values()
+    )
+
+
+def fusion(name: str) -> Fusion:
+    """The registry entry of ``name``; ValueError naming the choices otherwise."""
+    try:
+        return FUSIONS[name]
+    except KeyError:
+        raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, not {name!r}") from None

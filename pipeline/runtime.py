@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from pipeline.embedding import Embedder
     from pipeline.rerank import Reranker
     from pipeline.search import SearchService
-    from pipeline.store import MilvusStore
+    from pipeline.store import VectorStore
     from pipeline.writes import WriteService
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def build_embedder(settings: Settings) -> Embedder:
     return Embedder(embed.embed_model, device=embed.embed_device, batch_size=embed.embed_batch_size)
 
 
-def open_store(settings: Settings, collection: str | None = None) -> MilvusStore:
+def open_store(settings: Settings, collection: str | None = None) -> VectorStore:
     """A store handle on ``collection`` (default ``WINNOW_COLLECTION``); connects lazily."""
     from pipeline.store import MilvusStore
 
@@ -68,7 +68,7 @@ class Runtime:
     settings: Settings
     collection: str | None = None
     embedder: Embedder = None  # type: ignore[assignment]
-    store: MilvusStore = None  # type: ignore[assignment]
+    store: VectorStore = None  # type: ignore[assignment]
     reranker: Reranker | None = None
     loaded: bool = False
     _owns_reranker: bool = field(default=True, repr=False)

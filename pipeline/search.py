@@ -28,7 +28,7 @@ from pipeline.embedding import Embedder
 from pipeline.errors import RequestError, RerankDisabled, TooLarge
 from pipeline.rerank import Reranker, RerankRequest
 from pipeline.rerank.batcher import DeadlineExceeded, WorkTooLarge, estimate_pair_tokens
-from pipeline.store import MilvusStore
+from pipeline.store import VectorStore
 
 log = logging.getLogger(__name__)
 RecallMode = Literal["dense", "hybrid", "bm25"]
@@ -136,7 +136,7 @@ class SearchService:
         self,
         settings: Settings,
         embedder: Embedder,
-        store: MilvusStore,
+        store: VectorStore,
         reranker: Reranker | None = None,
     ) -> None:
         self.settings = settings
@@ -157,7 +157,7 @@ class SearchService:
         if mode != "bm25":
             vector = (await asyncio.to_thread(self.embedder.embed, [query], query=True))[0]
         t1 = time.perf_counter()
-        # on the store's own threads, under a deadline that holds here (see MilvusStore.arun)
+        # on the store's own threads, under a deadline that holds here (see VectorStore.arun)
         if mode == "dense":
             hits = await self.store.arun(self.store.dense, vector, top_k, filter)
         elif mode == "hybrid":

@@ -39,7 +39,7 @@ from pipeline.documents import Change, check_document, plan_changes, write_plan
 from pipeline.domain import Document, Hit, Passage
 from pipeline.embedding import Embedder
 from pipeline.errors import RequestError, TooLarge
-from pipeline.store import MilvusStore, StoreError
+from pipeline.store import StoreError, VectorStore
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class PartialWrite(StoreError):
 
 
 class WriteService:
-    def __init__(self, settings: Settings, embedder: Embedder, store: MilvusStore) -> None:
+    def __init__(self, settings: Settings, embedder: Embedder, store: VectorStore) -> None:
         self.settings = settings
         self.embedder = embedder
         self.store = store

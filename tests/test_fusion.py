@@ -232,3 +232,36 @@ def test_readme_documents_every_setting() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     missing = [n for n in FIELDS if f"| `WINNOW_{n.upper()}` |" not in readme]
     assert not missing, f"README configuration table lacks: {missing}"
+
+
+def test_one_registry_names_the_methods() -> None:
+    """Config's choices, the stores' validation and bench's grid all come from pipeline.fusion."""
+    import typing
+
+    from pipeline.fusion import FUSIONS, FusionParams, fusion, fusion_help
+
+    field = FIELDS["fusion"]
+    assert typing.get_args(field.annotation) == tuple(FUSIONS)
+    assert fusion_help() in (field.description or "")
+    for name, method in FUSIONS.items():
+        assert fusion(name) is method and method.name == name
+        if method.milvus_ranker is not None:
+            assert method.milvus_ranker(FusionParams()).dict()["strategy"]
+        assert f"`{name}` (" in fusion_help()
+    with pytest.raises(ValueError, match=f"fusion must be one of {', '.join(FUSIONS)}, not 'max'"):
+        fusion("max")
+
+
+@pytest.mark.parametrize("fusion", ["rrf", "weighted"])
+def test_registry_formula_is_what_milvus_computes(store: MilvusStore, fusion: str) -> None:
+    """The registry's formula of a Milvus ranker gives Milvus's order (the test double and bench
+    fuse with it), with the scores to float32 precision."""
+    from pipeline.fusion import fusion as method
+
+    for weights, rrf_k in (((0.5, 0.5), 60), ((0.8, 0.2), 5)):
+        got = order(store, fusion, weights, rrf_k)
+        want = method(fusion).fuse(
+            store.dense(QUERY, 10), store.bm25(TEXT, 10), store.fusion_params, 10
+        )
+        assert [h.id for h in got] == [h.id for h in want]
+        assert [h.score for h in got] == pytest.approx([h.score for h in want], rel=1e-5)

@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "ingest", "evaluation", "testkit", "bench")
 # Restructured in the same round (issue 26: rerank/ into a package with backends, store.py into
 # store/): their own circles are theirs to remove; drop these once they have.
-EXEMPT = ("pipeline.rerank", "pipeline.store")
+EXEMPT = (
+    "pipeline.rerank",
+)  # being restructured (issue 26): drop once it is a package with backends
 
 
 def _modules() -> dict[str, Path]:
@@ -68,7 +70,59 @@ def _exempt(*names: str) -> bool:
 
 
 def _package(name: str) -> str:
-    return name if MODULES[name].name == "__init__.py" else name.rpartition(".")[0]
+    """A folder's node; ``pipeline/``'s own files are nodes each: they span several layers (below)."""
+    if MODULES[name].name == "__init__.py" or (
+        name.count(".") == 1 and name.startswith("pipeline.")
+    ):
+        return name
+    return name.rpartition(".")[0]
+
+
+# The layers (docs/architecture.md), lowest first: a module may import its own layer or a lower one.
+LAYERS: list[tuple[str, ...]] = [
+    (  # foundation: pure types, rules and settings (no Milvus, no torch at import)
+        "pipeline.domain",
+        "pipeline.errors",
+        "pipeline.fusion",
+        "pipeline.breaker",
+        "pipeline.logs",
+        "pipeline.model_files",
+        "pipeline.devices",
+        "pipeline.config",
+    ),
+    ("pipeline.store", "pipeline.rerank", "pipeline.embedding"),  # components, behind contracts
+    # use cases over the contracts (chunking cuts by the embedder's tokenizer)
+    ("pipeline.search", "pipeline.writes", "pipeline.documents", "pipeline.chunking"),
+    ("pipeline.runtime",),  # the composition root: builds the components from Settings
+    ("pipeline.api", "pipeline.__main__", "pipeline.settings_docs", "ingest", "evaluation"),
+    ("testkit", "bench"),  # test support and benchmarks, above everything they drive
+]
+
+
+def _layer(name: str) -> int | None:
+    for i, layer in enumerate(LAYERS):
+        if any(name == p or name.startswith(p + ".") for p in layer):
+            return i
+    return None
+
+
+def test_every_module_has_a_layer() -> None:
+    missing = [m for m in MODULES if m != "pipeline" and _layer(m) is None]
+    assert not missing, f"place these in LAYERS (and docs/architecture.md): {missing}"
+
+
+def test_no_import_from_a_lower_layer_up() -> None:
+    up = sorted(
+        (a, b)
+        for a, targets in GRAPH.items()
+        for b in targets
+        if b != "pipeline"
+        and (la := _layer(a)) is not None
+        and (lb := _layer(b)) is not None
+        and lb > la
+        and not _exempt(a, b)
+    )
+    assert not up, f"imports from a lower layer up to a higher one: {up}"
 
 
 def test_graph_is_read() -> None:

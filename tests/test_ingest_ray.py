@@ -127,7 +127,7 @@ def rows(store: MilvusStore, ids: list[str]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for i in range(0, len(ids), 200):
         part = ids[i : i + 200]
-        got = store._call(
+        got = store.conn.call(
             lambda c, left, part=part: c.query(
                 store.collection, filter=in_list("id", part), output_fields=fields, timeout=left()
             )
