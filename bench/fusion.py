@@ -100,7 +100,7 @@ def fetch(args: argparse.Namespace) -> tuple[dict, dict, dict[str, tuple[list[Hi
     settings = Settings(milvus_uri=args.milvus_uri)
     data = load_dataset(args.dataset, args.split, args.max_queries)
     name = args.collection or default_collection(data.root, settings.embed_model)
-    store = MilvusStore.from_settings(settings, name)
+    store = MilvusStore.from_settings(settings.store, name)
     model, dim = store.open()
     if model is None:
         raise SystemExit(f"no collection {name} in {args.milvus_uri}: run `pipeline eval` first")

@@ -39,7 +39,7 @@ def open_store(settings: Settings, collection: str | None = None) -> VectorStore
     """A store handle on ``collection`` (default ``WINNOW_COLLECTION``); connects lazily."""
     from pipeline.store import MilvusStore
 
-    return MilvusStore.from_settings(settings, collection)
+    return MilvusStore.from_settings(settings.store, collection)
 
 
 def load_reranker(settings: Settings) -> Reranker | None:

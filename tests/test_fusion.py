@@ -107,7 +107,7 @@ def test_ranker_given_to_milvus() -> None:
 
 def test_settings_reach_the_store() -> None:
     s = Settings(fusion="normalized", fusion_dense_weight=0.8, fusion_bm25_weight=0.1, rrf_k=5)
-    store = MilvusStore.from_settings(s)
+    store = MilvusStore.from_settings(s.store)
     assert (store.fusion, store.fusion_weights, store.rrf_k) == ("normalized", (0.8, 0.1), 5)
 
 

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from pymilvus import MilvusClient
 
     from pipeline.breaker import Breaker
-    from pipeline.config import Settings
+    from pipeline.config import StoreSettings
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,8 @@ class MilvusStore(VectorStore):
         return self.conn.breaker
 
     @classmethod
-    def from_settings(cls, s: Settings, collection: str | None = None) -> MilvusStore:
+    def from_settings(cls, s: StoreSettings, collection: str | None = None) -> MilvusStore:
+        """The store as its settings group says (``settings.store``)."""
         return cls(
             s.milvus_uri,
             collection if collection is not None else s.collection,
