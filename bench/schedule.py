@@ -29,7 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an installed one
 
 from pipeline.config import Settings
-from pipeline.rerank import RerankRequest
+from pipeline.rerank.base import RerankRequest
 from pipeline.rerank.batcher import MicroBatcher, Overloaded, WorkTooLarge
 
 WORDS = [
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
-    from pipeline.rerank.hf import HFEngine
+    from pipeline.rerank.backends.hf.engine import HFEngine
     from testkit.tiny_qwen import build_tiny_reranker, real_tokenizer_available
 
     settings = Settings()

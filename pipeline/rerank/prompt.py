@@ -167,3 +167,12 @@ def vllm_chat_template() -> str:
         + " ~ ".join(parts)
         + " -}}\n"
     )
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """Tokens two id lists share at their start (a request's head is its bodies' shared prefix)."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
