@@ -24,7 +24,6 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline.rerank.base import Stats, counter
 from pipeline.rerank.prompt import (
     MIN_DOC_TOKENS,
     body_budget,
@@ -35,9 +34,10 @@ from pipeline.rerank.prompt import (
     format_body,
     format_head,
 )
+from pipeline.rerank.stats import Stats, counter
 
 if TYPE_CHECKING:
-    from pipeline.rerank.base import RerankRequest
+    from pipeline.rerank.prompt import RerankRequest
 
 MAX_CUT_RETRIES = 4  # a UTF-8 character is at most 4 byte tokens
 # Tokens a window leaves free in its pair's budget: a window's text re-tokenized after "<Document>: "

@@ -30,7 +30,7 @@ from pipeline.rerank.prompt import (
 )
 
 if TYPE_CHECKING:
-    from pipeline.rerank.base import RerankRequest
+    from pipeline.rerank.prompt import RerankRequest
 
 
 @dataclass(slots=True)
