@@ -87,7 +87,7 @@ def make_batcher(engine: Any, settings: Settings, **over: Any) -> MicroBatcher:
 async def head_of_line(batcher: MicroBatcher, long_docs: list[str], short_docs: list[str]) -> dict:
     t0 = time.perf_counter()
     long_task = asyncio.ensure_future(batcher.submit(RerankRequest("long query", long_docs)))
-    while batcher.stats.dispatches == 0 and batcher._inflight_tokens == 0:
+    while batcher.stats.dispatches == 0 and batcher.inflight_seconds == 0:
         await asyncio.sleep(0.005)  # wait until the long request is in the engine
     await asyncio.sleep(0.05)
     s0 = time.perf_counter()

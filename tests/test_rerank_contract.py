@@ -1,7 +1,7 @@
 """The reranker contract (pipeline/rerank/base.py), one set of tests for every implementation.
 
 Engines (``RerankEngine``): the test double ``testkit.fake_engine.FakeEngine`` and the real
-``HFEngine`` over the tiny Qwen3 pass the same tests, so a fast test that uses the fake relies only on
+``HFEngine`` over the tiny Qwen3 (``slow``: building it takes ~15-30 s on 2 cores) pass the same tests, so a fast test that uses the fake relies only on
 what the real engine does too. Rerankers (``Reranker``): the batched engine and the score cache in
 front of it.
 """
@@ -31,7 +31,7 @@ DOCS = [
 ]
 
 
-@pytest.fixture(params=["fake", "hf"])
+@pytest.fixture(params=["fake", pytest.param("hf", marks=pytest.mark.slow)])
 def engine(request: pytest.FixtureRequest) -> RerankEngine:
     if request.param == "fake":
         return FakeEngine()

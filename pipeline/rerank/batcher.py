@@ -296,6 +296,11 @@ class MicroBatcher:
         return sum(j.waiting_seconds for j in self._ring)
 
     @property
+    def inflight_seconds(self) -> float:
+        """Predicted seconds of the engine call running now (0 when idle)."""
+        return self._inflight_seconds
+
+    @property
     def tokens_per_s(self) -> float:
         """Measured throughput in estimated tokens per second over all lengths (for /metrics; the
         deadline uses the cost model, which knows length)."""
