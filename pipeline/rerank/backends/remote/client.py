@@ -106,3 +106,68 @@ async def all_or_cancel(aws: Sequence[Awaitable[T]]) -> list[T]:
             if not t.done():
                 t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class EndpointPool:
+    """The rerank URLs of one reranker and the pooled HTTP session that reaches them."""
+
+    def __init__(self, urls: Sequence[str], api_key: str | None, timeout: float) -> None:
+        self.endpoints = [Endpoint(u) for u in urls]
+        self.timeout = timeout
+        self._api_key = api_key
+        self._client: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._rr = 0
+
+    @property
+    def urls(self) -> list[str]:
+        return [e.url for e in self.endpoints]
+
+    def session(self) -> aiohttp.ClientSession:
+        """The pooled session of the running loop (a new loop, e.g. a second ``asyncio.run``, gets
+        its own: a session cannot outlive the loop its connections belong to)."""
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop or self._client.closed:
+            headers = {"Content-Type": "application/json"}
+            if self._api_key:
+                headers["Authorization"] = f"Bearer {self._api_key}"
+            connector = aiohttp.TCPConnector(
+                limit=100,
+                # under the 5 s keep-alive of uvicorn (Winnow, vllm serve): a connection the server
+                # is about to close is not reused
+                keepalive_timeout=KEEPALIVE_S,
+            )
+            self._client = aiohttp.ClientSession(
+                connector=connector,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                raise_for_status=False,
+                trust_env=False,  # straight to the URL: no proxy variables, no ~/.netrc per request
+            )
+            self._loop = loop
+        return self._client
+
+    def pick(self) -> tuple[Endpoint, float]:
+        """(endpoint, seconds to wait): the least busy one that is up, round-robin among equals;
+        when all are backing off, the one that comes back first."""
+        now = time.monotonic()
+        n = len(self.endpoints)
+        up = [i for i, e in enumerate(self.endpoints) if e.down_until <= now]
+        if up:
+            best = min(up, key=lambda i: (self.endpoints[i].inflight, (i - self._rr) % n))
+            self._rr = (best + 1) % n
+            return self.endpoints[best], 0.0
+        ep = min(self.endpoints, key=lambda e: e.down_until)
+        return ep, ep.down_until - now
+
+    async def aclose(self) -> None:
+        """Close the session (only from the loop it belongs to; another loop's is dropped)."""
+        client, self._client = self._client, None
+        if client is None:
+            return
+        try:
+            same_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            same_loop = False
+        if same_loop:
+            await client.close()

@@ -54,10 +54,10 @@ import orjson
 from pipeline.breaker import Breaker
 from pipeline.rerank.backends.remote.client import (
     HEALTH_TIMEOUT_S,
-    KEEPALIVE_S,
     RETRY_STATUS,
     TRANSPORT_ERRORS,
     Endpoint,
+    EndpointPool,
     all_or_cancel,
     parse_retry_after,
     split_urls,
@@ -147,7 +147,7 @@ class RemoteReranker(Reranker):
     ) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"WINNOW_RERANK_REMOTE_FORMAT: {fmt!r} is not one of {FORMATS}")
-        self.endpoints = [Endpoint(u) for u in split_urls(urls)]
+        self.pool = EndpointPool(split_urls(urls), api_key, timeout)
         self.model = model
         self.remote_model = remote_model
         self.format = fmt
@@ -161,10 +161,6 @@ class RemoteReranker(Reranker):
         self.served_model: str | None = None  # the `model` the last answer named
         self.epoch = 0
         self._cutter: DocumentCutter | None = None
-        self._api_key = api_key
-        self._client: aiohttp.ClientSession | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._rr = 0
         self.counters = RemoteStats()  # read by /metrics at scrape time
         # failed calls in a row (unreachable, timed out, 502-504) open it: then requests get 503 at
         # once instead of paying the retries; after the cool-down one request tries again
@@ -201,7 +197,11 @@ class RemoteReranker(Reranker):
 
     @property
     def urls(self) -> list[str]:
-        return [e.url for e in self.endpoints]
+        return self.pool.urls
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        return self.pool.endpoints
 
     def load(self) -> None:
         """Load the tokenizer that cuts documents, if any (blocking; the HTTP client is created in
@@ -235,43 +235,6 @@ class RemoteReranker(Reranker):
             return list(docs)
         return (await asyncio.to_thread(cutter.cut, request, count=False)).docs
 
-    def _http(self) -> aiohttp.ClientSession:
-        """The pooled session of the running loop (a new loop, e.g. a second ``asyncio.run``, gets
-        its own: a session cannot outlive the loop its connections belong to)."""
-        loop = asyncio.get_running_loop()
-        if self._client is None or self._loop is not loop or self._client.closed:
-            headers = {"Content-Type": "application/json"}
-            if self._api_key:
-                headers["Authorization"] = f"Bearer {self._api_key}"
-            connector = aiohttp.TCPConnector(
-                limit=100,
-                # under the 5 s keep-alive of uvicorn (Winnow, vllm serve): a connection the server
-                # is about to close is not reused
-                keepalive_timeout=KEEPALIVE_S,
-            )
-            self._client = aiohttp.ClientSession(
-                connector=connector,
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
-                raise_for_status=False,
-                trust_env=False,  # straight to the URL: no proxy variables, no ~/.netrc per request
-            )
-            self._loop = loop
-        return self._client
-
-    def _pick(self) -> tuple[Endpoint, float]:
-        """(endpoint, seconds to wait): the least busy one that is up, round-robin among equals;
-        when all are backing off, the one that comes back first."""
-        now = time.monotonic()
-        n = len(self.endpoints)
-        up = [i for i, e in enumerate(self.endpoints) if e.down_until <= now]
-        if up:
-            best = min(up, key=lambda i: (self.endpoints[i].inflight, (i - self._rr) % n))
-            self._rr = (best + 1) % n
-            return self.endpoints[best], 0.0
-        ep = min(self.endpoints, key=lambda e: e.down_until)
-        return ep, ep.down_until - now
-
     async def score(
         self, query: str, docs: Sequence[str], instruction: str | None = None
     ) -> list[float]:
@@ -302,7 +265,7 @@ class RemoteReranker(Reranker):
         self.counters.requests += 1
         self.counters.pairs += len(docs)
         deadline = time.monotonic() + self.timeout
-        client = self._http()
+        client = self.pool.session()
         gate = asyncio.Semaphore(self.max_concurrency)
 
         async def one(payload: bytes, n: int) -> list[float]:
@@ -333,7 +296,7 @@ class RemoteReranker(Reranker):
         attempt = 0
         last = "no attempt made"
         while True:
-            ep, wait = self._pick()
+            ep, wait = self.pool.pick()
             remaining = deadline - time.monotonic()
             if wait >= remaining:
                 raise RerankerUnavailable(
@@ -406,7 +369,7 @@ class RemoteReranker(Reranker):
     async def health(self) -> bool:
         """True when at least one rerank server answers ``GET /health`` (404/405 count as up: a
         hosted API without that route still answers HTTP). Bounded by a short timeout."""
-        client = self._http()
+        client = self.pool.session()
 
         async def probe(ep: Endpoint) -> bool:
             try:
@@ -447,12 +410,4 @@ class RemoteReranker(Reranker):
         return {**super().stats(), **self.breaker.stats()}
 
     async def aclose(self) -> None:
-        client, self._client = self._client, None
-        if client is None:
-            return
-        try:
-            same_loop = asyncio.get_running_loop() is self._loop
-        except RuntimeError:
-            same_loop = False
-        if same_loop:
-            await client.close()
+        await self.pool.aclose()
