@@ -8,8 +8,8 @@ probes a reranker with ``getattr``:
 - :class:`Reranker`: the async scorer search and the API call (the batched engine, the score cache,
   a remote /rerank server).
 
-Counters are typed (:mod:`pipeline.rerank.stats`): a :class:`Stats` dataclass per component, each field declared with
-:func:`counter` or :func:`gauge`, which name its Prometheus metric and help text. ``/metrics`` exports
+Counters are typed (:mod:`pipeline.rerank.stats`): a :class:`Stats` dataclass per component, each
+field declared with :func:`counter` or :func:`gauge`, which name its Prometheus metric and help text. ``/metrics`` exports
 a reranker's :meth:`Reranker.samples` as they are declared (no list of names elsewhere), and a test
 iterates the declarations to check each one reaches ``/metrics``.
 
