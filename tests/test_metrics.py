@@ -104,6 +104,8 @@ def test_every_declared_counter_reaches_metrics() -> None:
     covered: set[str] = set()
     for reranker in rerankers:
         samples = reranker.samples()
+        names = [m.name for m, _ in samples]
+        assert len(names) == len(set(names)), f"a metric reported twice by {reranker.backend}"
         text = scrape(samples)
         for metric, value in samples:
             assert isinstance(value, int | float), metric
