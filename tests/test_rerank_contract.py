@@ -1,9 +1,9 @@
 """The reranker contract (pipeline/rerank/base.py), one set of tests for every implementation.
 
 Engines (``RerankEngine``): the test double ``testkit.fake_engine.FakeEngine`` and the real
-``HFEngine`` over the tiny Qwen3 (``slow``: building it takes ~15-30 s on 2 cores) pass the same tests, so a fast test that uses the fake relies only on
-what the real engine does too. Rerankers (``Reranker``): the batched engine and the score cache in
-front of it.
+``HFEngine`` over the tiny Qwen3 (``slow``: building it takes ~15-30 s on 2 cores) pass the same
+tests, so a fast test that uses the fake relies only on what the real engine does too. Rerankers (``Reranker``): the batched engine, the score cache in
+front of it, and the remote reranker against a loopback /rerank server over the fake engine.
 """
 
 from __future__ import annotations
@@ -15,11 +15,14 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
+from fastapi import FastAPI, Request
 
+from pipeline.rerank.backends.remote.reranker import RemoteReranker
 from pipeline.rerank.base import EngineStats, RerankEngine, Reranker, RerankRequest, Sample
 from pipeline.rerank.batcher import BatchedReranker, MicroBatcher
 from pipeline.rerank.cache import CachedReranker, ScoreCache
 from testkit.fake_engine import FakeEngine, fake_score
+from testkit.servers import LiveServer
 
 QUERY = "what makes plants produce oxygen"
 DOCS = [
@@ -134,7 +137,7 @@ def test_engine_defaults() -> None:
         RerankEngine()  # type: ignore[abstract]
 
 
-# --- rerankers --------------------------------------------------------------------------------------
+# --- rerankers ---------------------------------------------------------------------------------------
 def batched(engine: RerankEngine) -> Reranker:
     return BatchedReranker(engine, "model", MicroBatcher(engine, max_wait_ms=1))
 
@@ -143,56 +146,95 @@ def cached(engine: RerankEngine) -> Reranker:
     return CachedReranker(batched(engine), ScoreCache(1 << 20), "model")
 
 
-WRAPPERS: dict[str, Callable[[RerankEngine], Reranker]] = {"batched": batched, "cached": cached}
+def rerank_app(engine: RerankEngine) -> Any:
+    """A /rerank server in Winnow's format (raw query, documents, instruction) over ``engine``."""
+    app = FastAPI()
+
+    @app.post("/v1/rerank")
+    async def rerank(request: Request) -> dict[str, Any]:
+        body = await request.json()
+        scores = engine.score(body["query"], body["documents"], body.get("instruction"))
+        results = [{"index": i, "relevance_score": s} for i, s in enumerate(scores)]
+        return {"model": "model", "results": results[::-1]}  # any order: matched by index
+
+    return app
 
 
-@pytest.fixture(params=sorted(WRAPPERS))
-def reranker(request: pytest.FixtureRequest) -> Iterator[Reranker]:
-    r = WRAPPERS[request.param](FakeEngine())
-    yield r
-    asyncio.run(r.aclose())
+@pytest.fixture(params=["batched", "cached", "remote"])
+def make_reranker(request: pytest.FixtureRequest) -> Iterator[Callable[[], Reranker]]:
+    """A factory of the reranker under test (an async test builds and closes it in its own loop)."""
+    if request.param == "remote":
+        with LiveServer(rerank_app(FakeEngine())) as server:
+            url = f"{server.url}/v1/rerank"
+            yield lambda: RemoteReranker(url, model="model", fmt="winnow", max_documents=2)
+        return
+    wrap = batched if request.param == "batched" else cached
+    yield lambda: wrap(FakeEngine())
 
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-def test_reranker_scores_like_its_engine(reranker: Reranker) -> None:
-    async def go() -> tuple[list[float], list[float], list[float]]:
-        first = await reranker.score(QUERY, DOCS)
-        again = await reranker.score(QUERY, DOCS)  # the cache's hits: the very same floats
-        reverse = await reranker.score(QUERY, DOCS[::-1])
-        return first, again, reverse
+def test_reranker_scores_like_its_engine(make_reranker: Callable[[], Reranker]) -> None:
+    async def go() -> None:
+        reranker = make_reranker()
+        try:
+            first = await reranker.score(QUERY, DOCS)
+            again = await reranker.score(QUERY, DOCS)  # the cache's hits: the very same floats
+            reverse = await reranker.score(QUERY, DOCS[::-1])
+            instructed = await reranker.score(QUERY, DOCS, "Given a question, find the answer")
+            assert await reranker.score(QUERY, []) == []
+        finally:
+            await reranker.aclose()
+        assert close(first, [fake_score(QUERY, d) for d in DOCS], 1e-9)
+        assert again == first and reverse == first[::-1]
+        assert close(
+            instructed,
+            [fake_score(QUERY, d, "Given a question, find the answer") for d in DOCS],
+            1e-9,
+        )
 
-    first, again, reverse = run(go())
-    assert first == [fake_score(QUERY, d) for d in DOCS]
-    assert again == first and reverse == first[::-1]
-    assert run(reranker.score(QUERY, [])) == []
+    run(go())
 
 
-def test_reranker_concurrent_requests_each_get_their_own(reranker: Reranker) -> None:
-    queries = [QUERY, "capital of china", "volcano crust", ""]
+def test_reranker_concurrent_requests_each_get_their_own(
+    make_reranker: Callable[[], Reranker],
+) -> None:
+    queries = [QUERY, "capital of china", "volcano crust", "nothing in common"]
 
     async def go() -> list[list[float]]:
-        return await asyncio.gather(*(reranker.score(q, DOCS) for q in queries))
+        reranker = make_reranker()
+        try:
+            return await asyncio.gather(*(reranker.score(q, DOCS) for q in queries))
+        finally:
+            await reranker.aclose()
 
     for q, scores in zip(queries, run(go()), strict=True):
-        assert scores == [fake_score(q, d) for d in DOCS]
+        assert close(scores, [fake_score(q, d) for d in DOCS], 1e-9)
 
 
-def test_reranker_capabilities_and_stats(reranker: Reranker) -> None:
-    assert reranker.backend == "fake" and reranker.model == "model"
-    assert reranker.document_cutter() is None  # the fake has no tokenizer
-    assert run(reranker.health()) is True
-    assert reranker.epoch == 0
-    assert run(reranker.affordable(QUERY, DOCS)) == len(DOCS)
-    assert run(reranker.affordable(QUERY, DOCS, budget_s=math.inf, free=[True] * 5)) == 5
-    run(reranker.score(QUERY, DOCS))
-    stats = reranker.stats()
-    assert stats["rerank_requests"] == 1 and stats["rerank_pairs"] == len(DOCS)
-    assert stats["rerank_forward_passes"] >= 1
-    samples: list[Sample] = reranker.samples()
-    assert {m.key for m, _ in samples} == set(stats)
+def test_reranker_capabilities_and_stats(make_reranker: Callable[[], Reranker]) -> None:
+    async def go() -> None:
+        reranker = make_reranker()
+        try:
+            assert reranker.backend in ("fake", "remote") and reranker.model == "model"
+            assert reranker.document_cutter() is None  # no tokenizer here
+            assert await reranker.health() is True
+            assert reranker.epoch == 0
+            assert await reranker.affordable(QUERY, DOCS) == len(DOCS)
+            assert await reranker.affordable(QUERY, DOCS, free=[True] * len(DOCS)) == len(DOCS)
+            await reranker.score(QUERY, DOCS)
+            stats = reranker.stats()
+            samples: list[Sample] = reranker.samples()
+        finally:
+            await reranker.aclose()
+        assert stats["rerank_requests"] == 1 and stats["rerank_pairs"] == len(DOCS)
+        assert set(stats) >= {m.key for m, _ in samples}
+        names = [m.name for m, _ in samples]
+        assert len(names) == len(set(names))
+
+    run(go())
 
 
 class Bare(Reranker):
