@@ -26,9 +26,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from rerank import ARCHS, build_model_dir  # noqa: E402
 
-from pipeline.rerank import RerankRequest  # noqa: E402
+from pipeline.rerank.backends.hf.engine import HFEngine  # noqa: E402
+from pipeline.rerank.base import RerankRequest  # noqa: E402
 from pipeline.rerank.batcher import CALIBRATION_TEXT, CHARS_PER_TOKEN, MicroBatcher  # noqa: E402
-from pipeline.rerank.hf import HFEngine  # noqa: E402
 
 
 def doc_of(engine_tokens: float, scale: float) -> str:
@@ -73,7 +73,7 @@ def main() -> int:
         req = RerankRequest(
             "what do the documents say?", [doc_of(n, batcher.token_scale)] * args.pairs
         )
-        _, lens = batcher._work(req)
+        _, lens = batcher.work(req)
         predicted = batcher.cost.seconds(lens)
         t0 = time.perf_counter()
         engine.score_requests([req])
@@ -96,10 +96,10 @@ def main() -> int:
     fit = batcher.affordable(search, args.budget_s)
     out["search"] = {
         "candidates": args.candidates,
-        "passage_engine_tokens": round(batcher._work(search)[1][0]),
+        "passage_engine_tokens": round(batcher.work(search)[1][0]),
         "budget_s": args.budget_s,
         "reranked": fit,
-        "predicted_s": round(batcher.cost.seconds(batcher._work(search)[1][:fit]), 1),
+        "predicted_s": round(batcher.cost.seconds(batcher.work(search)[1][:fit]), 1),
     }
     print(json.dumps(out["search"]), flush=True)
     if args.json is not None:

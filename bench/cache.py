@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from rerank import ARCHS, build_model_dir, emit, header, load_scifact  # noqa: E402
 
 from pipeline.config import Settings  # noqa: E402
-from pipeline.rerank import build_reranker  # noqa: E402
+from pipeline.rerank.factory import build_reranker  # noqa: E402
 
 
 def percentile(values: Sequence[float], q: float) -> float:

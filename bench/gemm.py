@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
     import torch.utils.mkldnn
 
-    from pipeline.rerank.hf import onednn_linear
+    from pipeline.rerank.backends.hf.linear import onednn_linear
 
     print(f"threads {torch.get_num_threads()}, torch {torch.__version__}")
     print("| GEMM (M × K × N) | torch F.linear | MkldnnLinear | oneDNN prepacked | max abs diff |")

@@ -47,7 +47,7 @@ DOCS = [
 
 def _paths(device: str, compile_too: bool) -> dict[str, dict[str, str]]:
     """Engine paths to check on ``device`` (compile only where asked: it costs a minute each)."""
-    from pipeline.rerank.attention import varlen_available
+    from pipeline.rerank.backends.hf.attention import varlen_available
 
     paths = {"padded": {"plan": "padded"}, "packed-gather": {"plan": "packed"}}
     if varlen_available(device):
@@ -61,8 +61,8 @@ def equality(device: str, dtypes: list[str], compile_too: bool, work: Path) -> l
     """max |Δ| vs the card per (tokenizer, dtype, path) over merged requests with shared heads."""
     import torch
 
-    from pipeline.rerank import RerankRequest
-    from pipeline.rerank.hf import HFEngine
+    from pipeline.rerank.backends.hf.engine import HFEngine
+    from pipeline.rerank.base import RerankRequest
     from testkit import tiny_qwen
     from testkit.card_reference import CardReference
 
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         # the padded plan (today's CPU engine) on the same device: the before figure
         "padded": [*base, "--plan", "padded", "--engine-only", "--skip-merged", *prof],
     }
-    from pipeline.rerank.attention import varlen_available
+    from pipeline.rerank.backends.hf.attention import varlen_available
 
     if varlen_available(device):
         benches["packed-varlen"] = [

@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from rerank import build_model_dir, emit, header, load_scifact  # noqa: E402
 
-from pipeline.rerank import RerankRequest  # noqa: E402
+from pipeline.rerank.base import RerankRequest  # noqa: E402
 
 
 def card_tokens(path: str, reqs: Sequence[RerankRequest], max_length: int) -> list[int]:
@@ -96,7 +96,7 @@ def through_batcher(
 
 # --- one engine in this process -------------------------------------------------------------------
 def run_hf(args: argparse.Namespace, path: str) -> dict[str, Any]:
-    from pipeline.rerank.hf import HFEngine
+    from pipeline.rerank.backends.hf.engine import HFEngine
 
     seq, conc = requests(args)
     engine = HFEngine(path, device=args.device, dtype=args.dtype, max_length=args.max_length)
@@ -121,8 +121,8 @@ def run_vllm(args: argparse.Namespace, path: str) -> dict[str, Any]:
         import vllm
     except ImportError as exc:
         return {"engine": "vllm", "error": f"vLLM not installed here ({exc})"}
+    from pipeline.rerank.backends.vllm import VLLMEngine, extract_scores, llm_kwargs
     from pipeline.rerank.prompt import format_document, format_query
-    from pipeline.rerank.vllm import VLLMEngine, extract_scores, llm_kwargs
 
     seq, conc = requests(args)
     kwargs = llm_kwargs(
@@ -155,7 +155,7 @@ def run_vllm(args: argparse.Namespace, path: str) -> dict[str, Any]:
     llm.reset_prefix_cache()
     # the same concurrent requests through Winnow's vLLM backend (batcher + VLLMEngine)
     engine = VLLMEngine(path, max_model_len=args.max_length, dtype=args.dtype)
-    engine._attach(llm)
+    engine.attach(llm)
     via, via_s, via_calls = through_batcher(engine, conc)
     return {
         "engine": f"vllm {vllm.__version__} pooling runner",
@@ -252,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out.write_text(json.dumps(run), encoding="utf-8")
         return 0
 
-    from pipeline.rerank.hf import cpu_has_fast_bf16, resolve_device
+    from pipeline.devices import cpu_has_fast_bf16, resolve_device
 
     device = resolve_device(args.device)
     seq, conc = requests(args)

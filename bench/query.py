@@ -44,6 +44,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
+from pipeline.rerank.base import EngineStats, RerankEngine  # noqa: E402
+
 SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
 
 
@@ -121,14 +123,20 @@ def load_docs(n: int) -> list[str]:
     return out
 
 
-class NullEngine:
+class NullEngine(RerankEngine):
     """Answers instantly: what is left of a remote call is the hop itself (HTTP, JSON, the route)."""
 
-    pairs_scored = tokens_scored = forward_passes = 0
+    backend = "null"
     dtype = device = "none"
+
+    def __init__(self) -> None:
+        self.counters = EngineStats()
 
     def load(self) -> None:
         pass
+
+    def stats(self) -> EngineStats:
+        return self.counters
 
     def score_requests(self, requests: Any) -> list[list[float]]:
         return [[0.5] * len(r.docs) for r in requests]
@@ -137,7 +145,7 @@ class NullEngine:
 def make_engine(kind: str, model: str, dtype: str) -> Any:
     if kind == "null":
         return NullEngine()
-    from pipeline.rerank.hf import HFEngine
+    from pipeline.rerank.backends.hf.engine import HFEngine
 
     engine = HFEngine(model, dtype=dtype)
     engine.load()
@@ -200,8 +208,8 @@ def remote_hop(args: argparse.Namespace) -> dict[str, Any]:
     import multiprocessing
     import tempfile
 
+    from pipeline.rerank.backends.remote.reranker import RemoteReranker
     from pipeline.rerank.batcher import BatchedReranker, MicroBatcher
-    from pipeline.rerank.remote import RemoteReranker
     from testkit.servers import free_port, wait_port
 
     model = reranker_dir(args.reranker)
@@ -382,8 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.api import create_app
     from pipeline.config import Settings
     from pipeline.logs import setup_logging
+    from pipeline.rerank.backends.hf.engine import HFEngine
     from pipeline.rerank.batcher import BatchedReranker, MicroBatcher
-    from pipeline.rerank.hf import HFEngine
     from testkit.servers import LiveServer
 
     setup_logging("WARNING")

@@ -43,8 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-from pipeline.rerank import RerankRequest  # noqa: E402
-from pipeline.rerank.hf import HFEngine  # noqa: E402
+from pipeline.rerank.backends.hf.engine import HFEngine  # noqa: E402
+from pipeline.rerank.base import RerankRequest  # noqa: E402
 from testkit.card_reference import CardReference  # noqa: E402
 
 SHARED = Path(os.environ.get("WINNOW_SHARED", str(ROOT.parent / "shared")))
@@ -257,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from pipeline.rerank.hf import resolve_device
+    from pipeline.devices import resolve_device
 
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -400,7 +400,7 @@ def _time_vllm(
     args: argparse.Namespace, path: str, device: str, reqs: Sequence[RerankRequest]
 ) -> dict[str, Any]:
     """The vLLM backend as the service calls it: one ``score`` per request."""
-    from pipeline.rerank.vllm import VLLMEngine
+    from pipeline.rerank.backends.vllm import VLLMEngine
 
     if device.startswith("cuda"):
         import torch
@@ -476,7 +476,7 @@ def profile_requests(
 
     for name in originals:
         setattr(torch.Tensor, name, counting(name))
-    forwards0 = engine.forward_passes
+    forwards0 = engine.counters.forward_passes
     try:
         with profile(activities=acts) as prof:
             for r in sample:
@@ -498,7 +498,7 @@ def profile_requests(
     out = {
         "requests": n,
         "pairs_per_request": round(sum(len(r.docs) for r in sample) / n, 1),
-        "forwards_per_request": round((engine.forward_passes - forwards0) / n, 2),
+        "forwards_per_request": round((engine.counters.forward_passes - forwards0) / n, 2),
         "aten_ops_per_request": round(len(aten) / n, 1),
         "top_level_aten_ops_per_request": round(len(top) / n, 1),
         "op_launches_per_request": round(len(launched) / n, 1),

@@ -29,7 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, not an installed one
 
 from pipeline.config import Settings
-from pipeline.rerank import RerankRequest
+from pipeline.rerank.base import RerankRequest
 from pipeline.rerank.batcher import MicroBatcher, Overloaded, WorkTooLarge
 
 WORDS = [
@@ -87,7 +87,7 @@ def make_batcher(engine: Any, settings: Settings, **over: Any) -> MicroBatcher:
 async def head_of_line(batcher: MicroBatcher, long_docs: list[str], short_docs: list[str]) -> dict:
     t0 = time.perf_counter()
     long_task = asyncio.ensure_future(batcher.submit(RerankRequest("long query", long_docs)))
-    while batcher.stats.dispatches == 0 and batcher._inflight_tokens == 0:
+    while batcher.stats.dispatches == 0 and batcher.inflight_seconds == 0:
         await asyncio.sleep(0.005)  # wait until the long request is in the engine
     await asyncio.sleep(0.05)
     s0 = time.perf_counter()
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
-    from pipeline.rerank.hf import HFEngine
+    from pipeline.rerank.backends.hf.engine import HFEngine
     from testkit.tiny_qwen import build_tiny_reranker, real_tokenizer_available
 
     settings = Settings()

@@ -21,7 +21,7 @@ from pipeline.config import Settings
 
 if TYPE_CHECKING:
     from pipeline.embedding import Embedder
-    from pipeline.rerank import Reranker
+    from pipeline.rerank.base import Reranker
     from pipeline.runtime import Runtime
     from pipeline.search import RecallMode
 

@@ -17,9 +17,10 @@ log = logging.getLogger("winnow")
 
 
 def _device_summary(settings: Settings) -> str:
-    from pipeline.rerank import cuda_available, pick_backend
+    from pipeline.devices import cuda_available
+    from pipeline.runtime import rerank_backend
 
-    backend = pick_backend(settings) if settings.rerank else "off"
+    backend = rerank_backend(settings)
     device = "cuda" if cuda_available() else "cpu"
     return f"device={device} rerank_backend={backend}"
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.devices import resolve_device
 from pipeline.model_files import resolve_model
 
 if TYPE_CHECKING:
@@ -17,18 +18,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 FOREGROUND_TURNS = 4  # foreground embeds that may overtake a waiting background one
-
-
-def pick_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 class Embedder:
@@ -54,7 +43,7 @@ class Embedder:
             path = resolve_model(
                 self.model_name, what="embedding model", setting="WINNOW_EMBED_MODEL"
             )
-            self.device = pick_device(self.device)
+            self.device = resolve_device(self.device)
             self._model = SentenceTransformer(path, device=self.device)
             log.info(
                 "embedder %s on %s (dim %d, max %d tokens)",

@@ -15,7 +15,7 @@ from pipeline.config import Settings
 
 if TYPE_CHECKING:
     from pipeline.embedding import Embedder
-    from pipeline.rerank import Reranker
+    from pipeline.rerank.base import Reranker
     from pipeline.search import SearchService
     from pipeline.store import VectorStore
     from pipeline.writes import WriteService
@@ -42,12 +42,22 @@ def open_store(settings: Settings, collection: str | None = None) -> VectorStore
     return MilvusStore.from_settings(settings.store, collection)
 
 
+def rerank_backend(settings: Settings) -> str:
+    """The backend ``WINNOW_RERANK_BACKEND`` resolves to here (``auto``: vLLM on CUDA when
+    installed, else hf), or ``off``."""
+    if not settings.rerank:
+        return "off"
+    from pipeline.rerank.factory import pick_backend
+
+    return pick_backend(settings)
+
+
 def load_reranker(settings: Settings) -> Reranker | None:
     """The loaded reranker, or None when ``WINNOW_RERANK=off``; missing weights fail fast."""
     if not settings.rerank:
         return None
     from pipeline.model_files import resolve_model
-    from pipeline.rerank import build_reranker, pick_backend
+    from pipeline.rerank.factory import build_reranker, pick_backend
 
     path = None
     if pick_backend(settings) != "remote":  # a remote reranker has no local weights

@@ -26,7 +26,7 @@ from pipeline.config import Settings
 from pipeline.domain import Hit, join_title
 from pipeline.embedding import Embedder
 from pipeline.errors import RequestError, RerankDisabled, TooLarge
-from pipeline.rerank import Reranker, RerankRequest
+from pipeline.rerank.base import Reranker, RerankRequest
 from pipeline.rerank.batcher import DeadlineExceeded, WorkTooLarge, estimate_pair_tokens
 from pipeline.store import VectorStore
 
@@ -420,8 +420,7 @@ class SearchService:
     def _build_counter(self) -> Any:
         with self._counter_lock:
             if not self._counter_built:
-                cutter_of = getattr(self.reranker, "document_cutter", None)
-                cutter = cutter_of() if callable(cutter_of) else None
+                cutter = self.reranker.document_cutter() if self.reranker is not None else None
                 if cutter is not None:
                     try:
                         self._counter = cutter.token_counter()
@@ -454,8 +453,7 @@ class SearchService:
                 return [], []
             scores = await self.reranker.score(query, texts, instruction)
             return [(score, 0) for score in scores], list(texts)
-        cutter_of = getattr(self.reranker, "document_cutter", None)
-        cutter = cutter_of() if callable(cutter_of) else None
+        cutter = self.reranker.document_cutter()
         if cutter is None:
             raise RequestError(
                 "max_chunks_per_doc > 1 needs the reranker's tokenizer, which this server's "

@@ -68,7 +68,7 @@ def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusSe
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_reranker_dir: Path):
     """One loaded fp32 HFEngine over the tiny Qwen3; apps wrap it in their own batcher."""
-    from pipeline.rerank.hf import HFEngine
+    from pipeline.rerank.backends.hf.engine import HFEngine
 
     engine = HFEngine(str(tiny_reranker_dir), device="cpu", dtype="float32")
     engine.load()

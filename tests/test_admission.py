@@ -25,7 +25,7 @@ from test_api import app_settings, copy_db
 
 from pipeline.api import create_app
 from pipeline.domain import join_title
-from pipeline.rerank import RerankRequest
+from pipeline.rerank.base import RerankRequest
 from pipeline.rerank.cost import CostModel
 
 pytestmark = pytest.mark.slow
@@ -167,7 +167,7 @@ def test_a_cost_model_that_is_wrong_cannot_stretch_the_deadline(fooled: LiveServ
         return time.perf_counter() - t
 
     real = min(timed(), timed())  # what one such pair really takes here, now
-    _, lengths = batcher._work(RerankRequest("tides", docs))
+    _, lengths = batcher.work(RerankRequest("tides", docs))
     batcher.deadline_s = deadline = 5 * real  # a quarter of the real work fits
     told = deadline / 2 / len(docs)  # what the model is made to believe: half the deadline in all
     batcher.cost = CostModel()
@@ -196,7 +196,7 @@ def look_slow(server: LiveServer, query: str, docs: list[str], pair_s: float = P
     """Profile the reranker as a slow machine would measure it (fresh model: nothing learnt yet):
     each of these pairs costs about ``pair_s``, whatever unit the batcher's estimate uses."""
     batcher = server.server.config.app.state.winnow.runtime.reranker.batcher
-    _, lengths = batcher._work(RerankRequest(query, docs))
+    _, lengths = batcher.work(RerankRequest(query, docs))
     per_token_s = pair_s / (sum(lengths) / len(lengths))
     batcher.cost = CostModel()
     batcher.cost.set_profile([(n, n * per_token_s) for n in (100, 1000)])

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.rerank import RerankRequest
+from pipeline.rerank.base import EngineStats, RerankEngine, RerankRequest
 from pipeline.rerank.batcher import (
     BatchedReranker,
     DeadlineExceeded,
@@ -29,13 +29,14 @@ def det_score(query: str, doc: str) -> float:
     return (sum(f"{query}|{doc}".encode()) % 1009) / 1009
 
 
-class ScriptedEngine:
+class ScriptedEngine(RerankEngine):
     """Records each call's (query, docs) parts; blocks while ``gate`` is clear; fails on 'boom'."""
 
     backend = "scripted"
 
     def __init__(self) -> None:
         self.calls: list[list[tuple[str, tuple[str, ...]]]] = []
+        self.counters = EngineStats()
         self.gate = threading.Event()
         self.gate.set()
         self.started = threading.Event()
@@ -43,8 +44,10 @@ class ScriptedEngine:
     def load(self) -> None:
         pass
 
-    def stats(self) -> dict[str, int | float]:
-        return {"tokens_scored": 7 * len(self.calls), "forward_passes": len(self.calls)}
+    def stats(self) -> EngineStats:
+        self.counters.tokens_scored = 7 * len(self.calls)
+        self.counters.forward_passes = len(self.calls)
+        return self.counters
 
     def score_requests(self, requests: list[RerankRequest]) -> list[list[float]]:
         self.calls.append([(r.query, tuple(r.docs)) for r in requests])
@@ -192,7 +195,7 @@ def test_cancelled_request_drops_its_remaining_slices() -> None:
     asyncio.run(go())
     assert engine.queries_per_call() == [["long"], ["next"]]
     first_slice = len(engine.calls[0][0][1])
-    st = batcher.counters()
+    st = batcher.counters().as_dict()
     assert st["rerank_dropped"] == 1 and st["rerank_dropped_pairs"] == 20 - first_slice
     asyncio.run(batcher.aclose())
 
@@ -220,7 +223,7 @@ def test_admission_is_bounded_in_tokens() -> None:
         await asyncio.gather(running, waiting, small)
 
     asyncio.run(go())
-    st = batcher.counters()
+    st = batcher.counters().as_dict()
     assert st["rerank_too_large"] == 1 and st["rerank_rejected"] == 1 and st["rerank_requests"] == 3
     asyncio.run(batcher.aclose())
 
@@ -264,7 +267,7 @@ def test_deadline_refuses_up_front() -> None:
         await running
 
     asyncio.run(go())
-    st = batcher.counters()
+    st = batcher.counters().as_dict()
     assert st["rerank_too_large"] == 1 and st["rerank_refused_deadline"] == 1
     assert st["rerank_tokens_per_s"] != 100  # measured after the first dispatch
     asyncio.run(batcher.aclose())
@@ -293,7 +296,7 @@ def test_admitted_request_that_runs_slow_is_answered_at_its_deadline() -> None:
     docs = [doc_of(100, f"d{i}") for i in range(10)]
     per_doc = batcher._estimate(RerankRequest("q", docs[:1]))[0]
     batcher.cost.set_profile([(per_doc, 0.1), (2 * per_doc, 0.2)])  # 0.1 s a document
-    assert batcher.cost.seconds(batcher._work(RerankRequest("q", docs))[1]) < 2  # admitted
+    assert batcher.cost.seconds(batcher.work(RerankRequest("q", docs))[1]) < 2  # admitted
 
     async def go() -> float:
         t0 = time.monotonic()
@@ -306,15 +309,15 @@ def test_admitted_request_that_runs_slow_is_answered_at_its_deadline() -> None:
     assert took < 2 + 1.0, took  # the deadline, plus at most a fraction of one slice
     assert engine.scored < len(docs)  # what could not finish was not run
     st = batcher.counters()
-    assert st["rerank_deadline_missed"] == 1 and st["rerank_failed"] == 0
+    assert st.deadline_missed == 1 and st.failed == 0
     asyncio.run(batcher.aclose())
 
 
 def test_profile_seeds_the_cost_model_at_two_lengths(tiny_engine: Any) -> None:
     batcher = MicroBatcher(tiny_engine, start_tokens_per_s=1.0)
-    calls = tiny_engine.batches
+    calls = tiny_engine.counters.batches
     rate = batcher.calibrate()
-    assert rate > 1.0 and tiny_engine.batches - calls >= 2  # a short request, long pairs
+    assert rate > 1.0 and tiny_engine.counters.batches - calls >= 2  # a short request, long pairs
     lengths = [n for n, _ in batcher.cost.profile]
     assert lengths[0] < lengths[1] and lengths[1] >= 256 and lengths == sorted(lengths)
     assert 0.3 < batcher.token_scale < 1.5  # engine tokens per estimated token: near 1
@@ -405,5 +408,5 @@ def test_failed_merged_call_isolates_the_bad_request() -> None:
     good, bad = asyncio.run(go())
     assert good == [det_score("good", "d")] and isinstance(bad, ValueError)
     assert engine.queries_per_call() == [["good", "boom"], ["good"], ["boom"]]
-    assert batcher.counters()["rerank_failed"] == 1
+    assert batcher.counters().as_dict()["rerank_failed"] == 1
     asyncio.run(batcher.aclose())

@@ -24,6 +24,7 @@ import pytest
 from pipeline.config import Settings
 from pipeline.domain import Passage
 from pipeline.rerank import prompt
+from pipeline.rerank.base import Reranker, Sample
 from pipeline.store import MilvusStore
 from testkit.tiny_qwen import load_real_tokenizer, real_tokenizer_available
 
@@ -50,18 +51,24 @@ def corpus() -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
-class SpyReranker:
+class SpyReranker(Reranker):
     """Records what SearchService hands the reranker; scores by document length (any order will do)."""
+
+    backend = "spy"
+    model = "spy"
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[str]]] = []
 
+    def load(self) -> None:
+        pass
+
+    def samples(self) -> list[Sample]:
+        return []
+
     async def score(self, query: str, docs, instruction: str | None = None) -> list[float]:
         self.calls.append((query, list(docs)))
         return [1.0 / (1 + len(d)) for d in docs]
-
-    async def affordable(self, query: str, docs, instruction=None, budget_s=0.0, free=None) -> int:
-        return len(docs)  # no cost model: every candidate fits
 
 
 @pytest.fixture(scope="module")

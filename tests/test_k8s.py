@@ -40,7 +40,7 @@ from stack_files import (
 )
 
 from pipeline.config import Settings
-from pipeline.rerank.vllm import HF_OVERRIDES
+from pipeline.rerank.backends.vllm import HF_OVERRIDES
 
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = {"base": K8S / "base", "gpu": K8S / "overlays" / "gpu"}

@@ -13,7 +13,7 @@ from test_api import app_settings, copy_db
 
 from pipeline.api import create_app
 from pipeline.config import Settings
-from pipeline.rerank import with_cache
+from pipeline.rerank.factory import with_cache
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,8 @@ from conftest import LiveServer, batched, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.config import Settings
-from pipeline.rerank import RerankRequest, with_cache
+from pipeline.rerank.backends.remote.reranker import RemoteReranker
+from pipeline.rerank.base import RerankRequest
 from pipeline.rerank.cache import (
     DIGEST_BYTES,
     ENTRY_BYTES,
@@ -29,8 +30,8 @@ from pipeline.rerank.cache import (
     pair_keys,
     unwrap,
 )
+from pipeline.rerank.factory import with_cache
 from pipeline.rerank.prompt import encode_fixed
-from pipeline.rerank.remote import RemoteReranker
 
 QUERY = "what makes plants produce oxygen?"
 DOCS = [
@@ -154,7 +155,7 @@ def test_only_misses_reach_the_batcher(tiny_engine: Any) -> None:
 
 
 def test_the_cache_is_on_by_default_and_off_at_zero() -> None:
-    from pipeline.rerank import build_reranker
+    from pipeline.rerank.factory import build_reranker
 
     assert Settings().rerank_cache_mb == 64
     assert isinstance(build_reranker(Settings(rerank_backend="hf")), CachedReranker)
@@ -190,7 +191,7 @@ def test_cache_over_http_with_metrics(tmp_path: Path, embedder: Any, tiny_engine
 def test_remote_restarted_with_another_model_never_serves_a_stale_score(
     tmp_path: Path, embedder: Any, tiny_engine: Any
 ) -> None:
-    from pipeline.rerank.hf import HFEngine
+    from pipeline.rerank.backends.hf.engine import HFEngine
     from testkit.tiny_qwen import build_tiny_reranker
 
     other = HFEngine(

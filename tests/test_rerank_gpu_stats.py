@@ -1,10 +1,10 @@
-"""pipeline.rerank.gpu: empty (never an error) without a GPU; real gauges on CUDA machines."""
+"""pipeline.gpu: empty (never an error) without a GPU; real gauges on CUDA machines."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.rerank.gpu import gpu_stats, gpu_summary
+from pipeline.gpu import gpu_stats, gpu_summary
 
 
 def test_no_gpu_gives_empty_or_valid_gauges() -> None:

@@ -8,15 +8,17 @@ otherwise) and a byte-level BPE built in code (always).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from pipeline.rerank import RerankRequest
-from pipeline.rerank.attention import ATTENTION_CHUNK_CPU, ATTENTION_NAME, chunked_sdpa
-from pipeline.rerank.hf import HFEngine, resolve_dtype
+from pipeline.devices import resolve_dtype
+from pipeline.rerank.backends.hf.attention import ATTENTION_CHUNK_CPU, ATTENTION_NAME, chunked_sdpa
+from pipeline.rerank.backends.hf.engine import HFEngine
+from pipeline.rerank.base import RerankRequest
 from pipeline.rerank.prompt import PromptTooLong
 from testkit.card_reference import CardReference
 from testkit.tiny_qwen import build_tiny_reranker, real_tokenizer_available
@@ -82,7 +84,7 @@ def test_constructor_is_cheap_and_lazy() -> None:
     engine = HFEngine("/does/not/exist", max_batch_tokens=1024)
     assert not engine.loaded
     assert engine.max_batch_tokens == 1024
-    assert engine.pairs_scored == 0
+    assert engine.counters.pairs_scored == 0
 
 
 def test_load_sets_device_dtype(setup: Any) -> None:
@@ -131,9 +133,9 @@ def test_tiny_budget_many_batches(setup: Any) -> None:
     saved = engine.max_batch_tokens
     engine.max_batch_tokens = 64  # smaller than any row: one row per forward
     try:
-        before = engine.forward_passes
+        before = engine.counters.forward_passes
         got = engine.score(query, docs)
-        assert engine.forward_passes - before >= len(docs)
+        assert engine.counters.forward_passes - before >= len(docs)
     finally:
         engine.max_batch_tokens = saved
     _assert_close(got, ref.score(query, docs))
@@ -154,10 +156,10 @@ def test_merged_requests_share_forward_passes(setup: Any) -> None:
         got = engine.score_requests(reqs)
     finally:
         engine.max_batch_tokens, engine.max_padding = saved
-    assert engine.last_batch_requests == len(reqs)
-    assert engine.last_batch_pairs == sum(len(r.docs) for r in reqs)
+    assert engine.counters.last_batch_requests == len(reqs)
+    assert engine.counters.last_batch_pairs == sum(len(r.docs) for r in reqs)
     # padded: one forward for the 3 unique heads, one for all 19 tails; packed: one for everything
-    assert engine.last_batch_forwards == (1 if engine.plan == "packed" else 2)
+    assert engine.counters.last_batch_forwards == (1 if engine.plan == "packed" else 2)
     assert got[3] == []
     for r, g in zip(reqs, got, strict=True):
         if r.docs:
@@ -324,16 +326,15 @@ def test_max_length_too_small_rejected(setup: Any) -> None:
 
 def test_stats_counters(setup: Any) -> None:
     _, engine, _ = setup
-    before = engine.stats()
+    before = dataclasses.replace(engine.stats())
     engine.score("q", ["a", "b", "c"])
     after = engine.stats()
-    assert after["pairs_scored"] - before["pairs_scored"] == 3
-    assert after["batches"] - before["batches"] == 1
-    assert after["forward_passes"] > before["forward_passes"]
-    assert after["tokens_scored"] > before["tokens_scored"]
-    assert after["padded_tokens"] >= after["tokens_scored"]
-    assert after["last_batch_pairs"] == 3
-    assert all(isinstance(v, int) for k, v in after.items() if k != "last_batch_seconds")
+    assert after.pairs_scored - before.pairs_scored == 3
+    assert after.batches - before.batches == 1
+    assert after.forward_passes > before.forward_passes
+    assert after.tokens_scored > before.tokens_scored
+    assert after.padded_tokens >= after.tokens_scored
+    assert after.last_batch_pairs == 3
 
 
 def test_bf16_close_to_card_bf16(tmp_path: Path) -> None:
@@ -363,7 +364,7 @@ def test_cuda_packed_matches_card(tmp_path: Path, dtype: str, attention: str) ->
     """CUDA: the packed plan (the auto plan there) vs the card on the GPU, fp32 1e-4, bf16 2e-2."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    from pipeline.rerank.attention import varlen_available
+    from pipeline.rerank.backends.hf.attention import varlen_available
 
     if attention == "varlen" and not varlen_available("cuda"):
         pytest.skip("torch.nn.attention.varlen absent")

@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 import torch
 
-from pipeline.rerank import RerankRequest
-from pipeline.rerank.attention import build_index, gather_attention
-from pipeline.rerank.plan import cut_packed, pack, tokenize
+from pipeline.rerank.backends.hf.attention import build_index, gather_attention
+from pipeline.rerank.backends.hf.plan import cut_packed, pack, tokenize
+from pipeline.rerank.base import RerankRequest
 from pipeline.rerank.prompt import PREFIX, SUFFIX
 from testkit.tiny_qwen import build_bpe_tokenizer
 

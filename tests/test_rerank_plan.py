@@ -1,4 +1,4 @@
-"""Planning (pipeline/rerank/plan.py) without a model: the card's tokens, heads, batches, packed layout."""
+"""Planning (pipeline/rerank/backends/hf/plan.py) without a model: the card's tokens, heads, batches, packed layout."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from pipeline.rerank import RerankRequest
-from pipeline.rerank.plan import cut_packed, cut_padded, pack, tokenize
+from pipeline.rerank.backends.hf.plan import cut_packed, cut_padded, pack, tokenize
+from pipeline.rerank.base import RerankRequest
 from pipeline.rerank.prompt import PREFIX, SUFFIX, PromptTooLong, format_pair
 from testkit.tiny_qwen import build_bpe_tokenizer
 

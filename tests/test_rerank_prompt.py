@@ -139,7 +139,7 @@ def test_vllm_chat_template_renders_the_card_prompt() -> None:
 
 def _work_estimate_tracks_the_tokenizer(tok) -> None:
     """The batcher's work estimate follows the tokenizer it will run, not a fixed 3 chars/token."""
-    from pipeline.rerank import RerankRequest
+    from pipeline.rerank.base import RerankRequest
     from pipeline.rerank.cut import DocumentCutter
 
     cutter = DocumentCutter(tok, 8192)

@@ -26,14 +26,17 @@ from fastapi.responses import Response
 
 from pipeline.config import Settings
 from pipeline.domain import join_title
-from pipeline.rerank import (
+from pipeline.rerank.backends.remote.client import health_url, parse_retry_after, split_urls
+from pipeline.rerank.backends.remote.formats import build_payload, parse_results
+from pipeline.rerank.backends.remote.reranker import RemoteReranker
+from pipeline.rerank.base import (
     InstructionNotSupported,
     Reranker,
     RerankerError,
     RerankerUnavailable,
-    build_reranker,
 )
 from pipeline.rerank.cache import CachedReranker, unwrap
+from pipeline.rerank.factory import build_reranker
 from pipeline.rerank.prompt import (
     DEFAULT_INSTRUCTION,
     PREFIX,
@@ -43,14 +46,6 @@ from pipeline.rerank.prompt import (
     format_document,
     format_pair,
     format_query,
-)
-from pipeline.rerank.remote import (
-    RemoteReranker,
-    build_payload,
-    health_url,
-    parse_results,
-    parse_retry_after,
-    split_urls,
 )
 from testkit.shared_dir import QWEN3_TOKENIZER
 
@@ -231,7 +226,7 @@ def test_formatted_sides_tokenize_like_the_card() -> None:
 
 
 def test_tokenizer_for_settings() -> None:
-    from pipeline.rerank.remote import tokenizer_for
+    from pipeline.rerank.backends.remote.reranker import tokenizer_for
 
     base = {"rerank_backend": "remote", "rerank_url": "http://a/v1/rerank", "rerank_model": "m"}
     for fmt, want in (("qwen3-formatted", "m"), ("cohere", "m"), ("winnow", None)):

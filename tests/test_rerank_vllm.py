@@ -19,9 +19,18 @@ from typing import Any
 import jinja2
 import pytest
 
-from pipeline.rerank import Reranker, RerankRequest, build_reranker
+from pipeline.rerank.backends.vllm import (
+    CONCAT_TEMPLATE,
+    HF_OVERRIDES,
+    VLLMEngine,
+    build_score_inputs,
+    extract_scores,
+    llm_kwargs,
+)
+from pipeline.rerank.base import Reranker, RerankRequest
 from pipeline.rerank.batcher import BatchedReranker, MicroBatcher, Overloaded
 from pipeline.rerank.cache import unwrap
+from pipeline.rerank.factory import build_reranker
 from pipeline.rerank.prompt import (
     SUFFIX,
     PromptTooLong,
@@ -31,14 +40,6 @@ from pipeline.rerank.prompt import (
     format_document,
     format_pair,
     format_query,
-)
-from pipeline.rerank.vllm import (
-    CONCAT_TEMPLATE,
-    HF_OVERRIDES,
-    VLLMEngine,
-    build_score_inputs,
-    extract_scores,
-    llm_kwargs,
 )
 from testkit.tiny_qwen import build_bpe_tokenizer, load_real_tokenizer, real_tokenizer_available
 
@@ -114,7 +115,7 @@ def make_engine(
 ) -> tuple[VLLMEngine, FakeLLM]:
     fake = FakeLLM(tokenizer, **fake_kw)
     engine = VLLMEngine("fake/model", max_model_len=max_model_len)
-    engine._attach(fake)
+    engine.attach(fake)
     return engine, fake
 
 
@@ -268,7 +269,7 @@ def test_long_documents_cut_keeping_the_suffix() -> None:
             body, want_body = ids[len(prefix) : -len(suffix)], want[len(prefix) : -len(suffix)]
             assert want_body[: len(body)] == body and len(want_body) - len(body) <= 3
     assert engine.cut_documents == 3
-    assert engine.tokens_scored == sum(len(i) for i in fake_ids(fake))
+    assert engine.counters.tokens_scored == sum(len(i) for i in fake_ids(fake))
 
 
 def test_oversized_instruction_fails_alone_not_its_batch(bpe: Any) -> None:

@@ -25,10 +25,10 @@ from stack_files import (
 )
 
 from pipeline.config import Settings
-from pipeline.rerank import build_reranker
+from pipeline.rerank.backends.remote.reranker import RemoteReranker
+from pipeline.rerank.backends.vllm import HF_OVERRIDES
 from pipeline.rerank.cache import unwrap
-from pipeline.rerank.remote import RemoteReranker
-from pipeline.rerank.vllm import HF_OVERRIDES
+from pipeline.rerank.factory import build_reranker
 
 REMOTE = ROOT / "docker-compose.remote.yml"
 NGINX = ROOT / "deploy" / "nginx.conf"

@@ -41,8 +41,8 @@ from conftest import LiveServer, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.config import Settings
-from pipeline.rerank import InstructionNotSupported, RerankerError
-from pipeline.rerank.remote import RemoteReranker
+from pipeline.rerank.backends.remote.reranker import RemoteReranker
+from pipeline.rerank.base import InstructionNotSupported, RerankerError
 from testkit.card_reference import CARD_SUFFIX, CardReference
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.timeout(900)]

@@ -25,7 +25,7 @@ from pipeline.api.routes import STATIC, router
 from pipeline.api.state import AppState
 from pipeline.config import Settings
 from pipeline.embedding import Embedder
-from pipeline.rerank import Reranker
+from pipeline.rerank.base import Reranker
 from pipeline.runtime import CollectionMissing, Runtime
 from pipeline.store import StoreError
 

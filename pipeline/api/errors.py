@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pipeline.api.schemas import DIALECT_TAGS
 from pipeline.errors import RequestError, RerankDisabled, TooLarge, excerpt
 from pipeline.model_files import ModelUnavailable
-from pipeline.rerank import InstructionNotSupported, RerankerError, RerankerUnavailable
+from pipeline.rerank.base import InstructionNotSupported, RerankerError, RerankerUnavailable
 from pipeline.rerank.batcher import DeadlineExceeded, Overloaded, WorkTooLarge
 from pipeline.rerank.prompt import PromptTooLong
 from pipeline.runtime import CollectionMissing

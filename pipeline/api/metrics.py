@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -11,65 +11,41 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from pipeline.breaker import metric_families as breaker_metric_families
+from pipeline.rerank.base import Sample
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
-class _StatsCollector(Collector):
-    """Reads the batcher's and engine's plain counters at scrape time (no locking on the hot path)."""
+def sample_families(samples: Iterable[Sample]) -> Iterator[Any]:
+    """One family per declared metric (:class:`~pipeline.rerank.base.Metric`), as it is declared
+    where it is counted: no list of names here. A name reported twice keeps its first value."""
+    seen: set[str] = set()
+    for metric, value in samples:
+        if metric.name in seen:
+            continue
+        seen.add(metric.name)
+        if metric.kind == "counter":
+            yield CounterMetricFamily(metric.name, metric.help, value=value)
+        else:
+            yield GaugeMetricFamily(metric.name, metric.help, value=value)
 
-    def __init__(self, source: Callable[[], dict[str, Any]]) -> None:
+
+class _StatsCollector(Collector):
+    """Reads the reranker's declared samples and the other components' plain counters at scrape
+    time (no locking on the hot path)."""
+
+    def __init__(
+        self,
+        source: Callable[[], dict[str, Any]],
+        samples: Callable[[], Iterable[Sample]],
+    ) -> None:
         self.source = source
+        self.samples = samples
 
     def collect(self) -> Iterator[Any]:
+        yield from sample_families(self.samples())
         s = self.source()
-        counters = {
-            "rerank_requests": "rerank requests submitted to the batcher",
-            "rerank_dispatches": "engine calls made by the batcher",
-            "rerank_merged_dispatches": "engine calls that merged several requests",
-            "rerank_pairs": "query-document pairs scored",
-            "rerank_tokens": "tokens run through the reranker (padding excluded)",
-            "rerank_forward_passes": "reranker forward passes",
-            "rerank_dropped": "requests dropped because their client went away",
-            "rerank_rejected": "requests rejected with 429 (queue full)",
-            "rerank_slices": "slices of requests dispatched to the engine",
-            "rerank_estimated_tokens": "estimated tokens admitted (the unit of admission)",
-            "rerank_dropped_pairs": "pairs dropped because their client went away",
-            "rerank_refused_deadline": "requests refused up front: they could not meet the deadline",
-            "rerank_deadline_missed": "requests admitted, then answered 503 at the deadline: "
-            "they ran slower than predicted",
-            "rerank_too_large": "requests refused with 413: more work than one request may carry",
-            "rerank_failed": "requests whose scoring failed",
-            "rerank_cache_hits": "pairs answered from the score cache",
-            "rerank_cache_misses": "pairs the score cache did not hold (scored by the reranker)",
-            "rerank_cache_evictions": "score cache entries dropped to stay within its size",
-            "rerank_cache_invalidations": "times the score cache was emptied (remote model changed)",
-            "remote_calls": "HTTP calls to the remote reranker",
-            "remote_retries": "remote reranker calls retried",
-            "remote_errors": "remote reranker calls that failed",
-            "remote_unavailable": "requests answered 503 because the remote reranker was down",
-            "remote_latency_seconds_sum": "seconds spent in remote reranker calls",
-            "remote_latency_seconds_count": "remote reranker calls timed",
-        }
-        for name, doc in counters.items():
-            if name in s:
-                yield CounterMetricFamily(f"winnow_{name}", doc, value=s[name])
-        if "queue_depth" in s:
-            yield GaugeMetricFamily(
-                "winnow_rerank_queue_depth",
-                "requests waiting for the reranker",
-                value=s["queue_depth"],
-            )
         gauges = {
-            "queue_tokens": ("winnow_rerank_queue_tokens", "estimated tokens waiting"),
-            "queue_seconds": (
-                "winnow_rerank_queue_seconds",
-                "predicted seconds of rerank work waiting or running (the cost model)",
-            ),
-            "rerank_tokens_per_s": ("winnow_rerank_tokens_per_s", "measured throughput"),
-            "last_dispatch_tokens": ("winnow_rerank_last_batch_tokens", "tokens in the last call"),
-            "rerank_cache_entries": ("winnow_rerank_cache_entries", "pairs in the score cache"),
-            "rerank_cache_bytes": ("winnow_rerank_cache_bytes", "score cache size (bytes charged)"),
             "milvus_inflight": ("winnow_milvus_inflight", "Milvus calls holding a store thread"),
             "write_queue_depth": ("winnow_write_queue_depth", "write requests running or waiting"),
             "write_queue_chars": (
@@ -82,18 +58,6 @@ class _StatsCollector(Collector):
                 yield GaugeMetricFamily(name, doc, value=s[key])
         yield from _device_gauges(s)
         yield from breaker_metric_families(s)
-        if "remote_inflight" in s:
-            yield GaugeMetricFamily(
-                "winnow_rerank_remote_inflight",
-                "remote reranker calls in flight",
-                value=s["remote_inflight"],
-            )
-        if "last_dispatch_pairs" in s:
-            yield GaugeMetricFamily(
-                "winnow_rerank_last_batch_pairs",
-                "pairs in the last dispatch",
-                value=s["last_dispatch_pairs"],
-            )
 
 
 DEVICE_KEY = re.compile(r"^(gpu|torch_cuda)(\d+)_(\w+)$")
@@ -115,7 +79,14 @@ def _device_gauges(stats: dict[str, Any]) -> Iterator[Any]:
 
 
 class Metrics:
-    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+    """The app's registry: HTTP and stage histograms, the reranker's declared samples, and the
+    store's, writes', breakers' and devices' counters from ``stats``."""
+
+    def __init__(
+        self,
+        stats: Callable[[], dict[str, Any]],
+        samples: Callable[[], Iterable[Sample]] = tuple,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "winnow_http_requests", "HTTP requests", ["route", "status"], registry=self.registry
@@ -140,4 +111,4 @@ class Metrics:
             buckets=(1, 5, 10, 20, 50, 100, 200, 500, 1000),
             registry=self.registry,
         )
-        self.registry.register(_StatsCollector(stats))
+        self.registry.register(_StatsCollector(stats, samples))

@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import gpu
 from pipeline.api.errors import NotReady
 from pipeline.api.metrics import Metrics
 from pipeline.config import Settings
-from pipeline.rerank import gpu
+from pipeline.rerank.base import Sample
 from pipeline.runtime import CollectionMissing, Runtime
 from pipeline.search import SearchService
 from pipeline.store import StoreError
@@ -36,7 +37,7 @@ class AppState:
     _count_at: float = field(default=-1e9, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.metrics = Metrics(self.stats)
+        self.metrics = Metrics(self.stats, self.rerank_samples)
 
     @property
     def service(self) -> SearchService:
@@ -56,6 +57,11 @@ class AppState:
         self.service  # noqa: B018 - 503 while the models load
         await asyncio.to_thread(self.runtime.check_collection, create=True)
         return self.runtime.writes
+
+    def rerank_samples(self) -> list[Sample]:
+        """The reranker's declared counters (whichever backend runs), for /metrics."""
+        reranker = self.runtime.reranker
+        return reranker.samples() if reranker is not None else []
 
     def stats(self) -> dict[str, Any]:
         """Reranker (whichever backend runs) and store counters for /metrics."""
@@ -95,9 +101,8 @@ class AppState:
                 )
         reranker = rt.reranker
         rerank_ok = True
-        health = getattr(reranker, "health", None)
-        if health is not None:
-            rerank_ok = bool(await _bounded(health(), False))
+        if reranker is not None:
+            rerank_ok = bool(await _bounded(reranker.health(), False))
         ok = bool(rt.loaded and milvus and rerank_ok)
         body = {
             "ready": ok,

@@ -38,13 +38,21 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
-from pipeline.rerank import RerankEngine, RerankRequest
+from pipeline.rerank.base import (
+    RerankEngine,
+    Reranker,
+    RerankRequest,
+    Sample,
+    Stats,
+    counter,
+    gauge,
+)
 from pipeline.rerank.cost import CostModel
+from pipeline.rerank.cut import DocumentCutter
 from pipeline.rerank.prompt import BODY_TEMPLATE, PREFIX, SUFFIX, resolve_instruction
 
 log = logging.getLogger(__name__)
@@ -116,26 +124,61 @@ def estimate_pair_tokens(request: RerankRequest, max_length: int) -> list[int]:
 
 
 @dataclass
-class BatcherStats:
-    requests: int = 0  # admitted
-    dispatches: int = 0  # engine calls
-    merged_dispatches: int = 0  # engine calls that carried slices of more than one request
-    max_requests_per_dispatch: int = 0
-    slices: int = 0  # (request, document range) parts dispatched
-    pairs: int = 0  # pairs scored
-    estimated_tokens: int = 0  # estimated tokens scored
-    dropped: int = 0  # requests whose caller went away before they were finished
-    dropped_pairs: int = 0  # their pairs that were never dispatched
-    rejected: int = (
-        0  # Overloaded: queue full (requests or tokens) or deadline because of the queue
+class BatcherStats(Stats):
+    """The batcher's counters; the queue gauges are filled in by :meth:`MicroBatcher.counters`."""
+
+    requests: int = counter("rerank_requests", "rerank requests submitted to the batcher")
+    dispatches: int = counter("rerank_dispatches", "engine calls made by the batcher")
+    merged_dispatches: int = counter(
+        "rerank_merged_dispatches", "engine calls that merged several requests"
     )
-    refused_deadline: int = 0  # of those, refused because the queue ahead would miss the deadline
-    too_large: int = 0  # WorkTooLarge
-    deadline_missed: int = 0  # admitted, then stopped at the deadline (ran slower than predicted)
-    failed: int = 0  # requests that ended with an engine error
-    last_dispatch_s: float = 0.0
-    last_dispatch_pairs: int = 0
-    last_dispatch_tokens: int = 0
+    max_requests_per_dispatch: int = gauge(
+        "rerank_max_requests_per_dispatch", "most requests merged into one engine call so far"
+    )
+    slices: int = counter("rerank_slices", "slices of requests dispatched to the engine")
+    pairs: int = counter("rerank_pairs", "query-document pairs scored")
+    estimated_tokens: int = counter(
+        "rerank_estimated_tokens", "estimated tokens admitted (the unit of admission)"
+    )
+    dropped: int = counter("rerank_dropped", "requests dropped because their client went away")
+    dropped_pairs: int = counter(
+        "rerank_dropped_pairs", "pairs dropped because their client went away"
+    )
+    # Overloaded: queue full (requests or tokens) or deadline because of the queue
+    rejected: int = counter("rerank_rejected", "requests rejected with 429 (queue full)")
+    refused_deadline: int = counter(
+        "rerank_refused_deadline", "requests refused up front: they could not meet the deadline"
+    )
+    too_large: int = counter(
+        "rerank_too_large", "requests refused with 413: more work than one request may carry"
+    )
+    failed: int = counter("rerank_failed", "requests whose scoring failed")
+    deadline_missed: int = counter(
+        "rerank_deadline_missed",
+        "requests admitted, then answered 503 at the deadline: they ran slower than predicted",
+    )
+    last_dispatch_s: float = gauge(
+        "rerank_last_dispatch_seconds", "seconds of the last engine call", default=0.0
+    )
+    last_dispatch_pairs: int = gauge(
+        "last_dispatch_pairs", "pairs in the last dispatch", name="winnow_rerank_last_batch_pairs"
+    )
+    last_dispatch_tokens: int = gauge(
+        "last_dispatch_tokens", "tokens in the last call", name="winnow_rerank_last_batch_tokens"
+    )
+    queue_depth: int = gauge(
+        "queue_depth", "requests waiting for the reranker", name="winnow_rerank_queue_depth"
+    )
+    queue_tokens: int = gauge(
+        "queue_tokens", "estimated tokens waiting", name="winnow_rerank_queue_tokens"
+    )
+    queue_seconds: float = gauge(
+        "queue_seconds",
+        "predicted seconds of rerank work waiting or running (the cost model)",
+        name="winnow_rerank_queue_seconds",
+        default=0.0,
+    )
+    tokens_per_s: float = gauge("rerank_tokens_per_s", "measured throughput", default=0.0)
     dispatch_sizes: list[int] = field(default_factory=list)  # pairs of the last 100 dispatches
 
 
@@ -203,7 +246,6 @@ class MicroBatcher:
         self._rate_tokens = 0.0  # decayed sums behind tokens_per_s
         self._rate_seconds = 0.0
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="winnow-rerank")
-        self._raw_estimate: Callable[[RerankRequest], list[int]] = self._pick_estimator()
         # engine tokens per estimated token, measured by the profile (the cost model's unit)
         self.token_scale = 1.0
         self._reset()
@@ -220,18 +262,24 @@ class MicroBatcher:
         self._seq = 0
         self._dispatch_no = 0
 
-    def _pick_estimator(self) -> Callable[[RerankRequest], list[int]]:
-        """Uncapped estimated tokens per pair (the pair limit is applied by the callers)."""
-        est = getattr(self.engine, "estimate_tokens", None)
-        if callable(est):
-            return lambda r: [int(est(RerankRequest(r.query, [d], r.instruction))) for d in r.docs]
-        return lambda r: estimate_pair_tokens(r, UNCAPPED)
+    def _raw_estimate(self, request: RerankRequest) -> list[int]:
+        """Uncapped estimated tokens per pair (the pair limit is applied by the callers): the
+        engine's estimate when it has one, else characters / ``CHARS_PER_TOKEN``."""
+        out = []
+        for doc in request.docs:
+            n = self.engine.estimate_tokens(
+                RerankRequest(request.query, [doc], request.instruction)
+            )
+            if n is None:
+                return estimate_pair_tokens(request, UNCAPPED)
+            out.append(int(n))
+        return out
 
     def _estimate(self, request: RerankRequest) -> list[int]:
         """Estimated tokens per pair, capped by the pair limit: the unit of the queue bounds."""
         return [min(self.max_length, n) for n in self._raw_estimate(request)]
 
-    def _work(self, request: RerankRequest) -> tuple[list[int], list[float]]:
+    def work(self, request: RerankRequest) -> tuple[list[int], list[float]]:
         """(estimated tokens, the cost model's lengths) per pair.
 
         The lengths are the engine's tokens as the profile measured them against the estimate, and
@@ -246,8 +294,8 @@ class MicroBatcher:
     def slice_tokens(self) -> int:
         if self._slice_tokens is not None:
             return self._slice_tokens
-        budget = getattr(self.engine, "max_batch_tokens", None)
-        return max(budget if isinstance(budget, int) else 0, DEFAULT_SLICE_TOKENS)
+        budget = self.engine.max_batch_tokens
+        return max(budget if budget is not None else 0, DEFAULT_SLICE_TOKENS)
 
     @property
     def depth(self) -> int:
@@ -263,6 +311,11 @@ class MicroBatcher:
     def waiting_seconds(self) -> float:
         """Predicted seconds of the work queued and not dispatched yet."""
         return sum(j.waiting_seconds for j in self._ring)
+
+    @property
+    def inflight_seconds(self) -> float:
+        """Predicted seconds of the engine call running now (0 when idle)."""
+        return self._inflight_seconds
 
     @property
     def tokens_per_s(self) -> float:
@@ -342,9 +395,7 @@ class MicroBatcher:
 
     def _engine_tokens(self) -> int | None:
         """Tokens the engine says it ran (None when it does not count them)."""
-        stats = self.engine.stats()
-        value = stats.get("tokens_scored") if isinstance(stats, dict) else None
-        return int(value) if isinstance(value, int | float) else None
+        return self.engine.tokens_scored()
 
     def _timed(self, request: RerankRequest) -> float:
         """Seconds of one engine call on ``request``, counted in the throughput figure."""
@@ -354,30 +405,15 @@ class MicroBatcher:
         self.measure(sum(self._estimate(request)), seconds)
         return seconds
 
-    def counters(self) -> dict[str, int | float]:
-        """Batcher counters under the /metrics names (engine counters are merged by the reranker)."""
+    def counters(self) -> BatcherStats:
+        """The batcher's counters with the queue gauges as they are now (engine counters are
+        exported beside them by the reranker)."""
         st = self.stats
-        return {
-            "rerank_requests": st.requests,
-            "rerank_dispatches": st.dispatches,
-            "rerank_merged_dispatches": st.merged_dispatches,
-            "rerank_slices": st.slices,
-            "rerank_pairs": st.pairs,
-            "rerank_estimated_tokens": st.estimated_tokens,
-            "rerank_dropped": st.dropped,
-            "rerank_dropped_pairs": st.dropped_pairs,
-            "rerank_rejected": st.rejected,
-            "rerank_refused_deadline": st.refused_deadline,
-            "rerank_deadline_missed": st.deadline_missed,
-            "rerank_too_large": st.too_large,
-            "rerank_failed": st.failed,
-            "queue_depth": self.depth,
-            "queue_tokens": self._waiting_tokens,
-            "last_dispatch_pairs": st.last_dispatch_pairs,
-            "last_dispatch_tokens": st.last_dispatch_tokens,
-            "rerank_tokens_per_s": round(self.tokens_per_s, 3),
-            "queue_seconds": round(self.waiting_seconds + self._inflight_seconds, 3),
-        }
+        st.queue_depth = self.depth
+        st.queue_tokens = self._waiting_tokens
+        st.tokens_per_s = round(self.tokens_per_s, 3)
+        st.queue_seconds = round(self.waiting_seconds + self._inflight_seconds, 3)
+        return st
 
     # --- admission ----------------------------------------------------------------------------
     def _ensure_started(self) -> None:
@@ -456,7 +492,7 @@ class MicroBatcher:
         (a score-cache hit). Raises ``Overloaded`` when some documents would fit an idle queue but
         none fit now: that is overload (429), not a budget too small.
         """
-        est, lens = self._work(request)
+        est, lens = self.work(request)
         if free is not None:
             est = [0 if f else n for n, f in zip(est, free, strict=True)]
         budget = budget_s if self.deadline_s is None else min(budget_s, self.deadline_s)
@@ -490,7 +526,7 @@ class MicroBatcher:
         if not request.docs:
             return []
         self._ensure_started()
-        est, lens = self._work(request)
+        est, lens = self.work(request)
         cost = [self.cost.pair_seconds(n) for n in lens]
         total = sum(est)
         self._admit(est, cost)
@@ -734,14 +770,14 @@ class MicroBatcher:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-class BatchedReranker:
+class BatchedReranker(Reranker):
     """A ``Reranker``: any ``RerankEngine`` (transformers, vLLM) behind a :class:`MicroBatcher`."""
 
     def __init__(self, engine: RerankEngine, model: str, batcher: MicroBatcher) -> None:
         self.engine = engine
         self.model = model
         self.batcher = batcher
-        self.backend: str = str(getattr(engine, "backend", "hf"))
+        self.backend: str = engine.backend
         self._load_lock = threading.Lock()
 
     def load(self) -> None:
@@ -770,21 +806,14 @@ class BatchedReranker:
     ) -> list[float]:
         return await self.batcher.submit(RerankRequest(query, list(docs), instruction))
 
-    def document_cutter(self) -> Any:
+    def document_cutter(self) -> DocumentCutter | None:
         """The engine's :class:`~pipeline.rerank.cut.DocumentCutter` (windows), if it has one."""
-        fn = getattr(self.engine, "document_cutter", None)
-        return fn() if callable(fn) else None
+        return self.engine.document_cutter()
 
-    def stats(self) -> dict[str, int | float]:
-        """Batcher + engine counters under the names /metrics exports, the same for every backend."""
-        out = self.batcher.counters()
-        engine_stats: dict[str, Any] = {}
-        stats_fn = getattr(self.engine, "stats", None)
-        if callable(stats_fn):
-            engine_stats = stats_fn()
-        out["rerank_tokens"] = int(engine_stats.get("tokens_scored", 0))
-        out["rerank_forward_passes"] = int(engine_stats.get("forward_passes", 0))
-        return out
+    def samples(self) -> list[Sample]:
+        """Batcher + engine counters, each as it is declared (the same batcher names for every
+        engine, the engine's own beside them)."""
+        return [*self.batcher.counters().samples(), *self.engine.samples()]
 
     async def aclose(self) -> None:
         await self.batcher.aclose()

@@ -31,13 +31,15 @@ import sys
 from collections import OrderedDict
 from collections.abc import Sequence
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pipeline.rerank.base import Reranker, Sample, Stats, counter, gauge
 from pipeline.rerank.prompt import resolve_instruction
 
 if TYPE_CHECKING:
     from pipeline.config import Settings
-    from pipeline.rerank import Reranker
+    from pipeline.rerank.cut import DocumentCutter
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,24 @@ def identity(settings: Settings) -> str:
             s.rerank_tokenizer,
         ]
     return "\x1f".join(parts)
+
+
+@dataclass
+class CacheStats(Stats):
+    """What the score cache counts (a snapshot: :meth:`ScoreCache.counters`)."""
+
+    hits: int = counter("rerank_cache_hits", "pairs answered from the score cache")
+    misses: int = counter(
+        "rerank_cache_misses", "pairs the score cache did not hold (scored by the reranker)"
+    )
+    evictions: int = counter(
+        "rerank_cache_evictions", "score cache entries dropped to stay within its size"
+    )
+    invalidations: int = counter(
+        "rerank_cache_invalidations", "times the score cache was emptied (remote model changed)"
+    )
+    entries: int = gauge("rerank_cache_entries", "pairs in the score cache")
+    bytes: int = gauge("rerank_cache_bytes", "score cache size (bytes charged)")
 
 
 class ScoreCache:
@@ -110,15 +130,13 @@ class ScoreCache:
             self.invalidations += 1
         self._data.clear()
 
-    def stats(self) -> dict[str, int]:
-        return {
-            "rerank_cache_hits": self.hits,
-            "rerank_cache_misses": self.misses,
-            "rerank_cache_evictions": self.evictions,
-            "rerank_cache_invalidations": self.invalidations,
-            "rerank_cache_entries": len(self._data),
-            "rerank_cache_bytes": self.bytes,
-        }
+    def counters(self) -> CacheStats:
+        return CacheStats(
+            self.hits, self.misses, self.evictions, self.invalidations, len(self._data), self.bytes
+        )
+
+    def stats(self) -> dict[str, int | float]:
+        return self.counters().as_dict()
 
 
 def pair_keys(ident: str, query: str, docs: Sequence[str], instruction: str | None) -> list[bytes]:
@@ -136,8 +154,9 @@ def pair_keys(ident: str, query: str, docs: Sequence[str], instruction: str | No
     return keys
 
 
-class CachedReranker:
-    """A Reranker whose repeated pairs come from a :class:`ScoreCache`; anything else it forwards."""
+class CachedReranker(Reranker):
+    """A Reranker whose repeated pairs come from a :class:`ScoreCache`; the rest of the contract
+    goes to the reranker behind it (``inner``; :func:`unwrap` for backend-specific members)."""
 
     def __init__(self, inner: Reranker, cache: ScoreCache, ident: str) -> None:
         self.inner = inner
@@ -145,13 +164,20 @@ class CachedReranker:
         self.ident = ident
         self.backend = inner.backend
         self.model = inner.model
-        self._epoch = getattr(inner, "epoch", 0)
-
-    def __getattr__(self, name: str) -> Any:  # engine, batcher, urls, health, document_cutter …
-        return getattr(self.inner, name)
+        self._epoch = inner.epoch
 
     def load(self) -> None:
         self.inner.load()
+
+    def document_cutter(self) -> DocumentCutter | None:
+        return self.inner.document_cutter()
+
+    async def health(self) -> bool:
+        return await self.inner.health()
+
+    @property
+    def epoch(self) -> int:
+        return self.inner.epoch
 
     async def score(
         self, query: str, docs: Sequence[str], instruction: str | None = None
@@ -203,7 +229,7 @@ class CachedReranker:
 
     def _sync_epoch(self) -> bool:
         """Drop the cache when the backend's ``epoch`` moved (remote: restart or another model)."""
-        epoch = getattr(self.inner, "epoch", 0)
+        epoch = self.inner.epoch
         if epoch == self._epoch:
             return False
         self._epoch = epoch
@@ -212,6 +238,9 @@ class CachedReranker:
         self.cache.clear()
         return True
 
+    def samples(self) -> list[Sample]:
+        return [*self.inner.samples(), *self.cache.counters().samples()]
+
     def stats(self) -> dict[str, int | float]:
         return {**self.inner.stats(), **self.cache.stats()}
 
@@ -219,6 +248,7 @@ class CachedReranker:
         await self.inner.aclose()
 
 
-def unwrap(reranker: Any) -> Any:
-    """The backend behind a :class:`CachedReranker` (or the reranker itself)."""
+def unwrap(reranker: Reranker) -> Any:
+    """The backend behind a :class:`CachedReranker` (or the reranker itself), for its own members
+    (a batcher, URLs): typed ``Any`` because those are not part of the contract."""
     return reranker.inner if isinstance(reranker, CachedReranker) else reranker

@@ -24,19 +24,20 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline.rerank.plan import common_prefix_len
 from pipeline.rerank.prompt import (
     MIN_DOC_TOKENS,
     body_budget,
     check_head_fits,
+    common_prefix_len,
     encode_bodies,
     encode_fixed,
     format_body,
     format_head,
 )
+from pipeline.rerank.stats import Stats, counter
 
 if TYPE_CHECKING:
-    from pipeline.rerank import RerankRequest
+    from pipeline.rerank.prompt import RerankRequest
 
 MAX_CUT_RETRIES = 4  # a UTF-8 character is at most 4 byte tokens
 # Tokens a window leaves free in its pair's budget: a window's text re-tokenized after "<Document>: "
@@ -76,6 +77,18 @@ class Cut:
     tokens: list[int] | None
 
 
+@dataclass
+class CutStats(Stats):
+    """What a :class:`DocumentCutter` counts."""
+
+    cut_documents: int = counter(
+        "rerank_cut_documents", "documents cut to the pair limit by the card's rule (as text)"
+    )
+    inexact_cuts: int = counter(
+        "rerank_inexact_cuts", "cuts that dropped trailing byte tokens inside a character"
+    )
+
+
 class DocumentCutter:
     """The card's document cut for one tokenizer and ``max_length``; cheap to call per request."""
 
@@ -88,9 +101,16 @@ class DocumentCutter:
         self.max_length = max_length
         self.prefix_ids, self.suffix_ids = encode_fixed(self.tokenizer)
         self.budget = body_budget(max_length, self.prefix_ids, self.suffix_ids)  # validates
-        self.cut_documents = 0  # monotonic counters for /metrics
-        self.inexact_cuts = 0
+        self.counters = CutStats()  # for /metrics (the engine or remote reranker reports them)
         self.chars_per_token = chars_per_token(self.tokenizer)
+
+    @property
+    def cut_documents(self) -> int:
+        return self.counters.cut_documents
+
+    @property
+    def inexact_cuts(self) -> int:
+        return self.counters.inexact_cuts
 
     def estimate_tokens(self, request: RerankRequest) -> int:
         """Prompt tokens of ``request``'s pairs without tokenizing them (cheap: the batcher calls it
@@ -144,7 +164,7 @@ class DocumentCutter:
         for i, body in zip(todo, encoded[1:], strict=True):
             kept = len(body)
             if kept >= self.budget:
-                self.cut_documents += 1
+                self.counters.cut_documents += 1
                 docs[i], kept = self._reconstruct(request, head_ids, body)
             if tokens is not None:
                 tokens[i] = self.fixed_tokens + kept
@@ -205,7 +225,7 @@ class DocumentCutter:
                 )[0]
                 if again == body[:keep]:
                     if keep != len(body):
-                        self.inexact_cuts += 1
+                        self.counters.inexact_cuts += 1
                     return doc, keep
             keep -= 1
             if keep <= shared:

@@ -7,10 +7,9 @@ of a request (``head``) across all of its documents; :func:`format_pair` gives t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from collections.abc import Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 PREFIX = (
     "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and "
@@ -167,3 +166,21 @@ def vllm_chat_template() -> str:
         + " ~ ".join(parts)
         + " -}}\n"
     )
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """Tokens two id lists share at their start (a request's head is its bodies' shared prefix)."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass(frozen=True, slots=True)
+class RerankRequest:
+    """One query with its documents; the unit the batcher merges across concurrent requests."""
+
+    query: str
+    docs: Sequence[str]
+    instruction: str | None = None

@@ -3,7 +3,7 @@
 Runs the weights of the loaded transformers model (no copy: q/k/v and gate/up are fused into one
 matrix each and the original ``nn.Linear`` weights become views of it, so the padded plan still works)
 with a minimal op sequence per layer: one GEMM for q/k/v, one RMSNorm for q and k together, one RoPE
-for both, one attention call (:mod:`pipeline.rerank.attention`), one GEMM for gate/up. On a GPU the
+for both, one attention call (:mod:`pipeline.rerank.backends.hf.attention`), one GEMM for gate/up. On a GPU the
 eager transformers layer spends most of its time launching ~45 kernels of elementwise glue; this one
 launches about half as many, and the last layer runs its MLP for the pairs' last tokens only.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from pipeline.rerank.attention import (
+from pipeline.rerank.backends.hf.attention import (
     PackedIndex,
     build_index,
     gather_attention,
@@ -23,7 +23,7 @@ from pipeline.rerank.attention import (
 if TYPE_CHECKING:
     import torch
 
-    from pipeline.rerank.plan import PackedLayout
+    from pipeline.rerank.backends.hf.plan import PackedLayout
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@
   FLOPs on the masked upper triangle than one masked call); fp32 on a CPU as batched GEMMs with the
   query heads of a KV head stacked (:func:`grouped_attention`), else SDPA.
 - :class:`PackedIndex` + :func:`gather_attention` / :func:`varlen_attention` — the packed plan's kernels
-  over one padding-free token stream (see :class:`pipeline.rerank.plan.PackedLayout`). ``gather``
+  over one padding-free token stream (see :class:`pipeline.rerank.backends.hf.plan.PackedLayout`). ``gather``
   gathers each attention row (head + own tokens) into a small padded block and runs one masked SDPA
   per layer: it runs on every device and is what CI verifies. ``varlen`` (CUDA only, torch ≥ 2.10)
   hands the stream to flash attention's variable-length kernel with the queries in place and each
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from pipeline.rerank.plan import PackedLayout
+    from pipeline.rerank.backends.hf.plan import PackedLayout
 
 # Queries per attention call in the padded plan's tail forwards (keys cut at the chunk's horizon).
 ATTENTION_CHUNK_CPU = 128

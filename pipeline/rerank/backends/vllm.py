@@ -22,9 +22,10 @@ import inspect
 import logging
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from pipeline.rerank import RerankRequest
+from pipeline.rerank.base import EngineStats, RerankEngine, RerankRequest, Sample, counter
 from pipeline.rerank.cut import DocumentCutter
 from pipeline.rerank.prompt import format_document, format_query
 
@@ -86,7 +87,17 @@ def llm_kwargs(
     }
 
 
-class VLLMEngine:
+@dataclass
+class VLLMStats(EngineStats):
+    """The vLLM engine's counters: ``forward_passes`` and ``batches`` are ``LLM.score`` calls (vLLM
+    plans its own forwards); ``tokens_scored``: prompt tokens sent (prefix + cut body + suffix)."""
+
+    cached_tokens: int = counter(
+        "rerank_cached_tokens", "prompt tokens served from vLLM's prefix cache (when reported)"
+    )
+
+
+class VLLMEngine(RerankEngine):
     """Synchronous RerankEngine over ``vllm.LLM``; ``load()`` imports vllm lazily."""
 
     backend = "vllm"
@@ -109,21 +120,11 @@ class VLLMEngine:
         self._cutter: DocumentCutter | None = None
         self._use_template = False
         self._lock = threading.Lock()
-        # Counters (monotonic) for /metrics.
-        self.requests_scored = 0
-        self.pairs_scored = 0
-        self.tokens_scored = 0  # prompt tokens sent (prefix + cut body + suffix)
-        self.cached_tokens = 0  # of those, served from vLLM's prefix cache (when reported)
-        self.score_calls = 0
+        self.counters = VLLMStats()  # read by /metrics at scrape time
 
     @property
     def loaded(self) -> bool:
         return self._llm is not None
-
-    @property
-    def forward_passes(self) -> int:
-        """``LLM.score`` calls (vLLM plans its own forwards); the name the HF engine uses."""
-        return self.score_calls
 
     @property
     def cut_documents(self) -> int:
@@ -144,18 +145,14 @@ class VLLMEngine:
         """Work of ``request`` in tokens, by this tokenizer's measured characters per token."""
         return self.document_cutter().estimate_tokens(request)
 
-    def stats(self) -> dict[str, int | float]:
-        """Counters; ``forward_passes`` is the number of ``LLM.score`` calls (vLLM plans its forwards)."""
-        return {
-            "requests_scored": self.requests_scored,
-            "pairs_scored": self.pairs_scored,
-            "tokens_scored": self.tokens_scored,
-            "cached_tokens": self.cached_tokens,
-            "forward_passes": self.score_calls,
-            "batches": self.score_calls,
-            "cut_documents": self.cut_documents,
-            "inexact_cuts": self.inexact_cuts,
-        }
+    def stats(self) -> VLLMStats:
+        """The live counters (read at scrape time)."""
+        return self.counters
+
+    def samples(self) -> list[Sample]:
+        """Its counters and its cutter's (documents cut as text, inexact cuts)."""
+        cut = list(self._cutter.counters.samples()) if self._cutter is not None else []
+        return [*self.counters.samples(), *cut]
 
     def load(self) -> None:
         with self._lock:
@@ -176,10 +173,10 @@ class VLLMEngine:
             except TypeError:  # older vLLM spells the pooling runner task="score"
                 kwargs.pop("runner")
                 llm = vllm.LLM(task="score", **kwargs)
-            self._attach(llm)
+            self.attach(llm)
             log.info("vLLM reranker %s loaded (template=%s)", self.model, self._use_template)
 
-    def _attach(self, llm: Any) -> None:
+    def attach(self, llm: Any) -> None:
         """Take an ``LLM`` (real, or a test double): tokenizer, fixed ids, template support."""
         cutter = DocumentCutter(llm.get_tokenizer(), self.max_length)  # validates max_length
         try:
@@ -222,11 +219,13 @@ class VLLMEngine:
             kwargs["chat_template"] = CONCAT_TEMPLATE
         outputs = self._llm.score(data_1, data_2, **kwargs)
         flat = extract_scores(outputs, len(data_2))
-        self.score_calls += 1
-        self.requests_scored += len(requests)
-        self.pairs_scored += len(data_2)
-        self.tokens_scored += tokens
-        self.cached_tokens += sum(int(getattr(o, "num_cached_tokens", 0) or 0) for o in outputs)
+        st = self.counters
+        st.forward_passes += 1
+        st.batches += 1
+        st.requests_scored += len(requests)
+        st.pairs_scored += len(data_2)
+        st.tokens_scored += tokens
+        st.cached_tokens += sum(int(getattr(o, "num_cached_tokens", 0) or 0) for o in outputs)
         out: list[list[float]] = []
         at = 0
         for n in sizes:

@@ -4,7 +4,7 @@ The score of a pair is ``softmax([logit_no, logit_yes])[1]`` at the last token o
 ``PREFIX + body + SUFFIX`` (body tokenized exactly as the card does, :func:`prompt.encode_bodies`).
 This engine returns the same numbers (fp32 |Δ| ≤ 1e-4, checked in tests against
 testkit/card_reference.py) by one of two plans, chosen at load (``plan="auto"``: packed on CUDA, padded
-elsewhere); planning is shared (:mod:`pipeline.rerank.plan`), the kernels are not:
+elsewhere); planning is shared (:mod:`pipeline.rerank.backends.hf.plan`), the kernels are not:
 
 - **padded** (CPU): each request's head (system + instruction + query) runs once and its KV is reused
   by every document; tails are sorted by length and cut by a token budget that counts padding and by a
@@ -12,7 +12,7 @@ elsewhere); planning is shared (:mod:`pipeline.rerank.plan`), the kernels are no
   (:func:`attention.chunked_sdpa`). Only the decoder runs, and the yes/no rows of the LM head are dotted
   with the last hidden state (never the 151,669-wide vocabulary).
 - **packed** (CUDA): one padding-free token stream per forward — each distinct head once, then its
-  tails — through :class:`pipeline.rerank.packed.PackedDecoder`: fused GEMMs, one attention call per
+  tails — through :class:`pipeline.rerank.backends.hf.packed.PackedDecoder`: fused GEMMs, one attention call per
   layer restricted so a tail sees only its head and itself causally, the card's RoPE positions, yes/no
   read at each tail's last token; index tensors built on the device, one host sync per call. On a
   GPU the enemy is launches and glue, not FLOPs on padding.
@@ -20,44 +20,29 @@ elsewhere); planning is shared (:mod:`pipeline.rerank.plan`), the kernels are no
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import threading
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
-from pipeline.rerank import RerankRequest
-from pipeline.rerank.attention import (
-    ATTENTION_CHUNK_CPU,
-    ATTENTION_NAME,
-    chunked_sdpa,
-    install_chunked_attention,
-    varlen_available,
-)
+from pipeline.devices import resolve_device, resolve_dtype
+from pipeline.rerank.backends.hf.attention import install_chunked_attention, varlen_available
+from pipeline.rerank.backends.hf.linear import onednn_is_faster, use_onednn_linears
+from pipeline.rerank.backends.hf.padded import DEFAULT_BATCH_TOKENS_CPU, PaddedPlan
+from pipeline.rerank.backends.hf.plan import Pair, Plan, cut_packed, cut_padded, pack, tokenize
+from pipeline.rerank.base import EngineStats, RerankEngine, RerankRequest, counter, gauge
 from pipeline.rerank.cut import DocumentCutter
-from pipeline.rerank.plan import Pair, Plan, cut_packed, cut_padded, pack, tokenize
 from pipeline.rerank.prompt import body_budget, encode_fixed, yes_no_token_ids
-
-if TYPE_CHECKING:
-    import torch
-
-__all__ = [
-    "ATTENTION_CHUNK_CPU",
-    "ATTENTION_NAME",
-    "HFEngine",
-    "chunked_sdpa",
-    "resolve_device",
-    "resolve_dtype",
-]
 
 log = logging.getLogger(__name__)
 
-# Padded tokens (head KV + tail) per forward pass. CPU: small forwards keep each layer's activations
-# (tokens × 3072 fp32 in the MLP) in cache; 2048 ran ~20% faster than 8192 on the Xeon of
-# docs/benchmarks.md (budget sweep), and the GEMMs are still at peak. GPU: limited by activation memory.
-DEFAULT_BATCH_TOKENS_CPU = 2048
+# Padded tokens (head KV + tail) per forward pass. CPU (DEFAULT_BATCH_TOKENS_CPU, 2048): small forwards
+# keep each layer's activations (tokens × 3072 fp32 in the MLP) in cache; 2048 ran ~20% faster than
+# 8192 on the Xeon of docs/benchmarks.md (budget sweep), and the GEMMs are still at peak. GPU: limited
+# by activation memory.
 DEFAULT_BATCH_TOKENS_GPU = 65536
 # The packed plan runs no padding, so a bigger stream costs nothing extra: one forward per 20-document
 # request on a CPU (when forced there) and a merged micro-batch in few forwards on a GPU.
@@ -69,147 +54,35 @@ MIN_FILL_GPU = 8192
 DEFAULT_MAX_PADDING = 0.1  # padded tail tokens ≤ (1 + this) × real tail tokens, once past the fill
 PLANS = ("auto", "padded", "packed")
 CPU_GEMMS = ("auto", "torch", "onednn")
-ONEDNN_WIN = 0.9  # auto: oneDNN only when it takes at most this share of torch's GEMM time
 COMPILE_MODES = ("auto", "on", "off")
 ATTENTION_KERNELS = ("auto", "gather", "varlen")
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` = first CUDA device, else MPS, else CPU."""
-    import torch
+@dataclass
+class HFStats(EngineStats):
+    """The transformers engine's counters (the shared ones in :class:`EngineStats`)."""
 
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has native bf16 matmul (AVX512-BF16 / AMX); on plain AVX2 bf16 is emulated and slow."""
-    import torch
-
-    try:
-        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            flags = ""
-            try:
-                with open("/proc/cpuinfo", encoding="utf-8") as f:
-                    flags = f.read()
-            except OSError:
-                return True  # not Linux: trust oneDNN
-            return "avx512_bf16" in flags or "amx_bf16" in flags
-    except (AttributeError, RuntimeError):
-        pass
-    return False
+    padded_tokens: int = counter("rerank_padded_tokens", "tokens run including padding")
+    reference_tokens: int = counter(
+        "rerank_reference_tokens", "tokens the model card's code would have run for the same pairs"
+    )
+    last_batch_requests: int = gauge(
+        "rerank_engine_last_call_requests", "requests in the last engine call"
+    )
+    last_batch_pairs: int = gauge("rerank_engine_last_call_pairs", "pairs in the last engine call")
+    last_batch_forwards: int = gauge(
+        "rerank_engine_last_call_forwards", "forward passes of the last engine call"
+    )
+    last_forward_rows: int = gauge("rerank_last_forward_rows", "rows in the last forward pass")
+    last_forward_tokens: int = gauge(
+        "rerank_last_forward_tokens", "tokens in the last forward pass, padding included"
+    )
+    last_batch_seconds: float = gauge(
+        "rerank_engine_last_call_seconds", "seconds of the last engine call", default=0.0
+    )
 
 
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """``auto`` = bf16 on CUDA (fp16 if the GPU lacks bf16) and on CPUs with fast bf16, else fp32."""
-    import torch
-
-    named = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype != "auto":
-        if dtype not in named:
-            raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
-        return named[dtype]
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device == "cpu" and cpu_has_fast_bf16():
-        return torch.bfloat16
-    return torch.float32
-
-
-ONEDNN_ROWS_HINT = 512  # rows a padded CPU forward typically carries (MIN_FILL_CPU)
-
-
-def onednn_linear(linear: Any) -> Any:
-    """``linear`` as a :func:`_onednn_linear_class` module: oneDNN's fp32 GEMM on a weight prepacked
-    in its layout.
-
-    The same function (|Δ| ~2e-6 in fp32), dense tensors in and out: inductor's own CPU linear
-    (``mkldnn._linear_pointwise`` on ``mkldnn._reorder_linear_weight``). Per GEMM on the reranker's
-    shapes it ran 2.1-2.6× torch's MKL on an AVX-512 AMD EPYC; ``torch.utils.mkldnn.MkldnnLinear``,
-    which converts every input and output to oneDNN's layout, only 1.6-1.9×.
-    """
-    return _onednn_linear_class()(linear)
-
-
-@functools.cache
-def _onednn_linear_class() -> Any:
-    """The module class, made once (torch is imported lazily in this module)."""
-    import torch
-
-    class OneDNNLinear(torch.nn.Module):
-        def __init__(self, dense: torch.nn.Linear) -> None:
-            super().__init__()
-            self.in_features, self.out_features = dense.in_features, dense.out_features
-            weight = dense.weight.detach()
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight, ONEDNN_ROWS_HINT)
-            self.register_buffer("packed", packed)
-            bias = dense.bias.detach() if dense.bias is not None else None
-            self.register_buffer("bias", bias)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-    return OneDNNLinear
-
-
-def onednn_is_faster(hidden: int, intermediate: int, rows: int = 512, reps: int = 3) -> bool:
-    """Time one MLP-shaped fp32 GEMM both ways on this CPU (~0.2 s): torch's BLAS vs oneDNN.
-
-    On an AVX-512 AMD EPYC (Zen 5) MKL's fp32 GEMM ran at ~90-110 GFLOPS on 2 cores where oneDNN's
-    prepacked one ran at ~220 (docs/benchmarks.md); on the AVX2 machine of earlier benchmarks oneDNN
-    and MKL were within ±10%. So it is measured, not assumed; an op this torch lacks means no.
-    """
-    import time
-
-    import torch
-
-    lin = torch.nn.Linear(hidden, intermediate, bias=False).eval()
-    x = torch.randn(rows, hidden)
-
-    def best(fn: Any) -> float:
-        fn(x)
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn(x)
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    with torch.inference_mode():
-        try:
-            dnn = onednn_linear(lin)
-            return best(dnn) <= ONEDNN_WIN * best(lin)
-        except (RuntimeError, AttributeError):  # no oneDNN (or no such op) in this torch build
-            return False
-
-
-def use_onednn_linears(module: Any) -> int:
-    """Swap every ``nn.Linear`` under ``module`` for :func:`onednn_linear`; returns how many."""
-    import torch
-
-    swapped = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Linear:
-                setattr(parent, name, onednn_linear(child))
-                swapped += 1
-    return swapped
-
-
-def _cache_layers(cache: Any) -> list[tuple[Any, Any]]:
-    """(keys, values) per layer from a transformers cache object, across 4.x and 5.x layouts."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        return [(layer.keys, layer.values) for layer in layers]
-    return list(zip(cache.key_cache, cache.value_cache, strict=True))
-
-
-class HFEngine:
+class HFEngine(PaddedPlan, RerankEngine):
     """Synchronous Qwen3-Reranker scorer (RerankEngine); merges pairs of several requests per forward."""
 
     backend = "hf"
@@ -275,27 +148,14 @@ class HFEngine:
         self.suffix_ids: list[int] = []
         self.yes_id = -1
         self.no_id = -1
-        # Counters for Prometheus (monotonic ints) and gauges of the last call.
-        self.requests_scored = 0
-        self.pairs_scored = 0
-        self.tokens_scored = 0  # tokens the model actually ran (heads + tails), padding excluded
-        self.padded_tokens = 0  # tokens run including padding
-        self.reference_tokens = 0  # tokens the card code would have run (full pairs, no padding)
-        self.forward_passes = 0
-        self.batches = 0  # score_requests calls
-        self.last_batch_requests = 0
-        self.last_batch_pairs = 0
-        self.last_batch_forwards = 0
-        self.last_forward_rows = 0
-        self.last_forward_tokens = 0
-        self.last_batch_seconds = 0.0
+        self.counters = HFStats()  # read by /metrics at scrape time
 
     # ------------------------------------------------------------------------------------------
     @property
     def loaded(self) -> bool:
         return self._loaded
 
-    def document_cutter(self) -> Any:
+    def document_cutter(self) -> DocumentCutter:
         """The card's cut and the windows of long documents with this model's tokenizer (loaded)."""
         self.load()  # builds it: its private tokenizer copy is taken before any call can run
         return self._cutter
@@ -304,24 +164,9 @@ class HFEngine:
         """Work of ``request`` in tokens, by this tokenizer's measured characters per token."""
         return self.document_cutter().estimate_tokens(request)
 
-    def stats(self) -> dict[str, int | float]:
-        """Counters as a plain dict (for metrics and /status)."""
-        names = [
-            "requests_scored",
-            "pairs_scored",
-            "tokens_scored",
-            "padded_tokens",
-            "reference_tokens",
-            "forward_passes",
-            "batches",
-            "last_batch_requests",
-            "last_batch_pairs",
-            "last_batch_forwards",
-            "last_forward_rows",
-            "last_forward_tokens",
-            "last_batch_seconds",
-        ]
-        return {n: getattr(self, n) for n in names}
+    def stats(self) -> HFStats:
+        """The live counters (read at scrape time; plain ints, no locking on the hot path)."""
+        return self.counters
 
     def describe(self) -> dict[str, str | int]:
         """The chosen execution path (for the startup log and /ready)."""
@@ -425,7 +270,7 @@ class HFEngine:
 
     def _resolve_plan(self, decoder: Any, on_cuda: bool) -> str:
         """padded/packed from the request; packed needs a Qwen3 decoder it can reproduce exactly."""
-        from pipeline.rerank.packed import PackedDecoder, UnsupportedModel
+        from pipeline.rerank.backends.hf.packed import PackedDecoder, UnsupportedModel
 
         want = self.plan if self.plan != "auto" else ("packed" if on_cuda else "padded")
         if want == "padded":
@@ -459,14 +304,9 @@ class HFEngine:
         docs = ["warm-up document " * 4, "a longer warm-up document " * 24]
         self.score_requests([RerankRequest("warm-up query", docs)])
         self.score_requests([RerankRequest("another warm-up query", docs[::-1] * 3)])
-        for name in self.stats():
-            setattr(self, name, 0 if name != "last_batch_seconds" else 0.0)
+        self.counters.reset()
 
     # ------------------------------------------------------------------------------------------
-    def score(self, query: str, docs: Sequence[str], instruction: str | None = None) -> list[float]:
-        """P(yes) for each document, in input order (convenience over :meth:`score_requests`)."""
-        return self.score_requests([RerankRequest(query, docs, instruction)])[0]
-
     def score_requests(self, requests: Sequence[RerankRequest]) -> list[list[float]]:
         """Score several requests together; pairs of different requests share forward passes."""
         if not self._loaded:
@@ -487,15 +327,15 @@ class HFEngine:
                         forwards = self._score_packed(plan, out)
                     else:
                         forwards = self._score_padded(plan, out)
-        self.requests_scored += len(requests)
-        self.pairs_scored += len(plan.pairs)
-        self.reference_tokens += plan.reference_tokens
-        self.forward_passes += forwards
-        self.batches += 1
-        self.last_batch_requests = len(requests)
-        self.last_batch_pairs = len(plan.pairs)
-        self.last_batch_forwards = forwards
-        self.last_batch_seconds = time.perf_counter() - t0
+        self.counters.requests_scored += len(requests)
+        self.counters.pairs_scored += len(plan.pairs)
+        self.counters.reference_tokens += plan.reference_tokens
+        self.counters.forward_passes += forwards
+        self.counters.batches += 1
+        self.counters.last_batch_requests = len(requests)
+        self.counters.last_batch_pairs = len(plan.pairs)
+        self.counters.last_batch_forwards = forwards
+        self.counters.last_batch_seconds = time.perf_counter() - t0
         return out
 
     def tokenize(self, requests: Sequence[RerankRequest]) -> Plan:
@@ -534,125 +374,8 @@ class HFEngine:
             out[p.req][p.doc] = s
         return len(batches)
 
-    # --- padded plan ----------------------------------------------------------------------------
-    def _score_padded(self, plan: Plan, out: list[list[float]]) -> int:
-        kv: list[list[tuple[Any, Any]]] = [[] for _ in plan.heads]
-        forwards = self._run_heads(plan.heads, kv)
-        for batch in self.cut_batches(plan):
-            scores = self._run_tails(batch, plan.heads, kv)
-            forwards += 1
-            for p, s in zip(batch, scores, strict=True):
-                out[p.req][p.doc] = s
-        return forwards
-
-    def _forward(self, ids: Any, positions: Any, mask: Any, cache: Any) -> Any:
-        kwargs = {self._cache_kw: cache}
-        return self._decoder(
-            input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, **kwargs
-        )
-
-    def _run_heads(self, heads: list[list[int]], kv: list[list[tuple[Any, Any]]]) -> int:
-        """Run each unique head once (right-padded, budget-cut) and keep its per-layer KV."""
-        import torch
-
-        dev = self.device
-        budget = int(self.max_batch_tokens or DEFAULT_BATCH_TOKENS_CPU)
-        order = sorted(range(len(heads)), key=lambda i: len(heads[i]))
-        groups: list[list[int]] = []
-        for i in order:
-            n = len(heads[i])
-            if groups and (len(groups[-1]) + 1) * n <= budget:
-                groups[-1].append(i)
-            else:
-                groups.append([i])
-        for group in groups:
-            lens = [len(heads[i]) for i in group]
-            width = max(lens)
-            ids = torch.zeros(len(group), width, dtype=torch.long)
-            for row, i in enumerate(group):
-                ids[row, : lens[row]] = torch.tensor(heads[i])
-            lens_t = torch.tensor(lens)
-            valid = torch.arange(width)[None, :] < lens_t[:, None]  # [B, W]
-            causal = torch.ones(width, width, dtype=torch.bool).tril()
-            # Right padding: real queries never see pads; pad queries see real keys (no empty rows).
-            mask = (causal[None] & valid[:, None, :])[:, None]
-            positions = torch.arange(width)[None].expand(len(group), -1)
-            cache = self._new_cache()
-            out = self._forward(ids.to(dev), positions.to(dev), mask.to(dev), cache)
-            del out  # the cache object was filled in place
-            layers = _cache_layers(cache)
-            for row, i in enumerate(group):
-                n = lens[row]
-                kv[i] = [(k[row, :, :n], v[row, :, :n]) for k, v in layers]
-            self._count(len(group), len(group) * width, sum(lens))
-        return len(groups)
-
-    def _new_cache(self) -> Any:
-        from transformers import DynamicCache
-
-        return DynamicCache()
-
-    def _run_tails(
-        self, batch: list[Pair], heads: list[list[int]], kv: list[list[tuple[Any, Any]]]
-    ) -> list[float]:
-        """One forward over the tails of ``batch`` on top of their heads' cached KV."""
-        import torch
-        from transformers import DynamicCache
-
-        dev = self.device
-        rows = len(batch)
-        uniq = sorted({p.head for p in batch})
-        slot = {h: i for i, h in enumerate(uniq)}
-        head_lens = torch.tensor([len(heads[h]) for h in uniq])
-        width_h = int(head_lens.max())
-        tail_lens = torch.tensor([len(p.tail) for p in batch])
-        width_t = int(tail_lens.max())
-        row_slot = torch.tensor([slot[p.head] for p in batch], device=dev)
-
-        # Left-pad every head's KV to width_h (zeros: finite, masked out), then gather one per row.
-        layers = []
-        for layer in range(len(kv[uniq[0]])):
-            ks, vs = [], []
-            for h in uniq:
-                k, v = kv[h][layer]
-                pad = width_h - k.shape[-2]
-                ks.append(torch.nn.functional.pad(k, (0, 0, pad, 0)) if pad else k)
-                vs.append(torch.nn.functional.pad(v, (0, 0, pad, 0)) if pad else v)
-            if len(uniq) == 1:
-                k_all = ks[0].unsqueeze(0).expand(rows, -1, -1, -1)
-                v_all = vs[0].unsqueeze(0).expand(rows, -1, -1, -1)
-            else:
-                k_all = torch.stack(ks).index_select(0, row_slot)
-                v_all = torch.stack(vs).index_select(0, row_slot)
-            layers.append((k_all, v_all))
-        cache = DynamicCache(layers)
-
-        ids = torch.zeros(rows, width_t, dtype=torch.long)
-        for r, p in enumerate(batch):
-            ids[r, : len(p.tail)] = torch.tensor(p.tail)
-        row_head_len = head_lens[[slot[p.head] for p in batch]]  # [rows]
-        positions = row_head_len[:, None] + torch.arange(width_t)[None, :]
-        head_valid = (
-            torch.arange(width_h)[None, :] >= (width_h - row_head_len)[:, None]
-        )  # [rows, Wh]
-        causal = torch.ones(width_t, width_t, dtype=torch.bool).tril()
-        mask = torch.cat(
-            [
-                head_valid[:, None, :].expand(rows, width_t, width_h),
-                causal[None].expand(rows, -1, -1),
-            ],
-            dim=-1,
-        )[:, None]  # [rows, 1, Wt, Wh + Wt]
-        out = self._forward(ids.to(dev), positions.to(dev), mask.to(dev), cache)
-        hidden = out.last_hidden_state
-        last = hidden[torch.arange(rows, device=dev), (tail_lens - 1).to(dev)]  # [rows, hidden]
-        logits = (last @ self._head_weight.T).float()  # [rows, 2] = (no, yes)
-        scores = torch.softmax(logits, dim=-1)[:, 1]
-        self._count(rows, rows * (width_h + width_t), int(tail_lens.sum()))
-        return scores.cpu().tolist()
-
     def _count(self, rows: int, padded: int, real: int) -> None:
-        self.tokens_scored += real
-        self.padded_tokens += padded
-        self.last_forward_rows = rows
-        self.last_forward_tokens = padded
+        self.counters.tokens_scored += real
+        self.counters.padded_tokens += padded
+        self.counters.last_forward_rows = rows
+        self.counters.last_forward_tokens = padded

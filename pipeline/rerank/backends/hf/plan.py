@@ -4,7 +4,7 @@ Every pair is the card's ``PREFIX + body + SUFFIX`` with the body tokenized by
 :func:`pipeline.rerank.prompt.encode_bodies` (the card's exact call). Pairs of one request share a
 *head* (prefix + instruction + query tokens); the rest of a pair is its *tail* (document + suffix).
 
-Two batch shapes, one per execution plan of :class:`pipeline.rerank.hf.HFEngine`:
+Two batch shapes, one per execution plan of :class:`pipeline.rerank.backends.hf.engine.HFEngine`:
 
 - **padded** (CPU default): rows of one tail each on top of their head's cached KV, left/right padded;
   cut by a token budget that counts padding and by a padding limit (on a CPU GEMM every pad token costs
@@ -23,13 +23,14 @@ from typing import TYPE_CHECKING, Any
 from pipeline.rerank.prompt import (
     body_budget,
     check_head_fits,
+    common_prefix_len,
     encode_bodies,
     format_body,
     format_head,
 )
 
 if TYPE_CHECKING:
-    from pipeline.rerank import RerankRequest
+    from pipeline.rerank.prompt import RerankRequest
 
 
 @dataclass(slots=True)
@@ -49,14 +50,6 @@ class Plan:
     pairs: list[Pair]
     heads: list[list[int]]  # token ids (prefix included) per unique head
     reference_tokens: int
-
-
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def tokenize(

@@ -1,0 +1,1 @@
+"""Reranker backends: ``hf`` (transformers), ``vllm`` and ``remote``; picked by the factory."""

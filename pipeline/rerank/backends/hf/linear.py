@@ -1,0 +1,87 @@
+"""CPU linear kernels: oneDNN's prepacked fp32 GEMM in place of torch's ``nn.Linear`` where this CPU
+runs it faster (measured at load, :func:`onednn_is_faster`). torch is imported lazily."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+ONEDNN_WIN = 0.9  # auto: oneDNN only when it takes at most this share of torch's GEMM time
+ONEDNN_ROWS_HINT = 512  # rows a padded CPU forward typically carries (MIN_FILL_CPU)
+
+
+def onednn_linear(linear: Any) -> Any:
+    """``linear`` as a :func:`_onednn_linear_class` module: oneDNN's fp32 GEMM on a weight prepacked
+    in its layout.
+
+    The same function (|Δ| ~2e-6 in fp32), dense tensors in and out: inductor's own CPU linear
+    (``mkldnn._linear_pointwise`` on ``mkldnn._reorder_linear_weight``). Per GEMM on the reranker's
+    shapes it ran 2.1-2.6× torch's MKL on an AVX-512 AMD EPYC; ``torch.utils.mkldnn.MkldnnLinear``,
+    which converts every input and output to oneDNN's layout, only 1.6-1.9×.
+    """
+    return _onednn_linear_class()(linear)
+
+
+@functools.cache
+def _onednn_linear_class() -> Any:
+    """The module class, made once (torch is imported lazily in this module)."""
+    import torch
+
+    class OneDNNLinear(torch.nn.Module):
+        def __init__(self, dense: torch.nn.Linear) -> None:
+            super().__init__()
+            self.in_features, self.out_features = dense.in_features, dense.out_features
+            weight = dense.weight.detach()
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, ONEDNN_ROWS_HINT)
+            self.register_buffer("packed", packed)
+            bias = dense.bias.detach() if dense.bias is not None else None
+            self.register_buffer("bias", bias)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    return OneDNNLinear
+
+
+def onednn_is_faster(hidden: int, intermediate: int, rows: int = 512, reps: int = 3) -> bool:
+    """Time one MLP-shaped fp32 GEMM both ways on this CPU (~0.2 s): torch's BLAS vs oneDNN.
+
+    On an AVX-512 AMD EPYC (Zen 5) MKL's fp32 GEMM ran at ~90-110 GFLOPS on 2 cores where oneDNN's
+    prepacked one ran at ~220 (docs/benchmarks.md); on the AVX2 machine of earlier benchmarks oneDNN
+    and MKL were within ±10%. So it is measured, not assumed; an op this torch lacks means no.
+    """
+    import time
+
+    import torch
+
+    lin = torch.nn.Linear(hidden, intermediate, bias=False).eval()
+    x = torch.randn(rows, hidden)
+
+    def best(fn: Any) -> float:
+        fn(x)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn(x)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    with torch.inference_mode():
+        try:
+            dnn = onednn_linear(lin)
+            return best(dnn) <= ONEDNN_WIN * best(lin)
+        except (RuntimeError, AttributeError):  # no oneDNN (or no such op) in this torch build
+            return False
+
+
+def use_onednn_linears(module: Any) -> int:
+    """Swap every ``nn.Linear`` under ``module`` for :func:`onednn_linear`; returns how many."""
+    import torch
+
+    swapped = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(parent, name, onednn_linear(child))
+                swapped += 1
+    return swapped
