@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rerank_cache_mb=args.cache_mb,
         rerank_deadline_s=0,
     )
-    reranker = build_reranker(settings)
+    reranker = build_reranker(settings.reranker)
     reranker.load()
     reqs = load_scifact(args.queries, args.docs_per_query)
     again = list(reqs)

@@ -49,7 +49,7 @@ def rerank_backend(settings: Settings) -> str:
         return "off"
     from pipeline.rerank.factory import pick_backend
 
-    return pick_backend(settings)
+    return pick_backend(settings.reranker)
 
 
 def load_reranker(settings: Settings) -> Reranker | None:
@@ -60,9 +60,9 @@ def load_reranker(settings: Settings) -> Reranker | None:
     from pipeline.rerank.factory import build_reranker, pick_backend
 
     path = None
-    if pick_backend(settings) != "remote":  # a remote reranker has no local weights
+    if pick_backend(settings.reranker) != "remote":  # a remote reranker has no local weights
         path = resolve_model(settings.rerank_model, what="reranker", setting="WINNOW_RERANK_MODEL")
-    reranker = build_reranker(settings, model_path=path)
+    reranker = build_reranker(settings.reranker, model_path=path)
     reranker.load()
     return reranker
 

@@ -6,6 +6,7 @@ routes, status codes and error bodies, ranking, the write API, the rerank dialec
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -14,6 +15,8 @@ import pytest
 from conftest import CORPUS, batched
 
 from pipeline.config import Settings
+from pipeline.rerank.base import RerankRequest
+from testkit.fake_engine import FakeEngine
 from testkit.inprocess import app_client
 from testkit.memory_store import MemoryStore
 
@@ -181,3 +184,28 @@ def test_keys_guard_the_api_and_the_writes(embedder, engine) -> None:
         assert (await c.get("/health")).status_code == 200  # probes need no key
 
     run(embedder, engine, body, corpus=False, api_key="r-key", write_api_key="w-key")
+
+
+def test_search_that_misses_the_deadline_answers_in_recall_order(embedder) -> None:
+    """The cost model believes 50 ms a pair; the engine takes 300 ms: the search is stopped at its
+    1 s deadline and answers 200 in recall order (reranked 0), never after it."""
+    slow = FakeEngine("slow", seconds_per_pair=0.3)
+
+    async def body(c: Client, rt) -> None:
+        batcher = rt.reranker.batcher
+        q = "what pulls the tides?"
+        _, lengths = batcher.work(RerankRequest(q, ["x" * 300]))
+        batcher.cost.set_profile([(n, 0.05) for n in (lengths[0], 2 * lengths[0])])
+        recall = (await c.post("/v1/search", json={"query": q, "rerank": False})).json()
+        t0 = time.monotonic()
+        r = await c.post("/v1/search", json={"query": q})
+        took = time.monotonic() - t0
+        assert r.status_code == 200, r.text
+        body_ = r.json()
+        assert body_["reranked"] == 0 and body_["candidates"] == 6, body_
+        assert [x["doc_id"] for x in body_["results"]] == [x["doc_id"] for x in recall["results"]]
+        assert took < 1 + 1.0, took
+        assert slow.counters.pairs_scored < 6  # what could not finish was not run
+        assert batcher.stats.deadline_missed == 1
+
+    run(embedder, slow, body, batcher={"deadline_s": 1.0, "slice_tokens": 1})

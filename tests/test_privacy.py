@@ -26,7 +26,7 @@ def bearer(key: str) -> dict[str, str]:
 
 def serve(tmp: Path, sample_db: Path, embedder, tiny_engine, tiny_dir: Path, **kw) -> LiveServer:
     s = app_settings(copy_db(sample_db, tmp), rerank_model=str(tiny_dir), **kw)
-    reranker = with_cache(batched(tiny_engine), s)
+    reranker = with_cache(batched(tiny_engine), s.reranker)
     reranker.model = s.rerank_model  # as build_reranker names it: the local directory
     return LiveServer(create_app(s, embedder=embedder, reranker=reranker))
 

@@ -51,7 +51,7 @@ def run(coro: Any) -> Any:
 
 def cached(engine: Any, mb: int = 1, **kw: Any) -> CachedReranker:
     settings = Settings(rerank_cache_mb=mb, rerank_backend="hf", **kw)
-    reranker = with_cache(batched(engine), settings)
+    reranker = with_cache(batched(engine), settings.reranker)
     assert isinstance(reranker, CachedReranker)
     return reranker
 
@@ -120,12 +120,15 @@ def test_keys_separate_every_part() -> None:
         pair_keys("model-a", "qd", ["oc"], None)[0],  # no two splits of the same text collide
     ]
     assert len({base, *others}) == 6
-    s = Settings()
-    assert identity(s) != identity(Settings(rerank_model="other/model"))
-    assert identity(s) != identity(Settings(rerank_max_length=4096))
-    assert identity(s) != identity(Settings(rerank_dtype="float32"))
+
+    def of(**kw: object) -> str:
+        return identity(Settings(**kw).reranker)
+
+    assert of() != of(rerank_model="other/model")
+    assert of() != of(rerank_max_length=4096)
+    assert of() != of(rerank_dtype="float32")
     remote = {"rerank_backend": "remote", "rerank_url": "http://a/v1/rerank"}
-    assert identity(Settings(**remote)) != identity(Settings(**remote, rerank_remote_model="other"))
+    assert of(**remote) != of(**remote, rerank_remote_model="other")
 
 
 # --- exactness and work through the engine ------------------------------------------------------
@@ -158,9 +161,9 @@ def test_the_cache_is_on_by_default_and_off_at_zero() -> None:
     from pipeline.rerank.factory import build_reranker
 
     assert Settings().rerank_cache_mb == 64
-    assert isinstance(build_reranker(Settings(rerank_backend="hf")), CachedReranker)
+    assert isinstance(build_reranker(Settings(rerank_backend="hf").reranker), CachedReranker)
     assert not isinstance(
-        build_reranker(Settings(rerank_backend="hf", rerank_cache_mb=0)), CachedReranker
+        build_reranker(Settings(rerank_backend="hf", rerank_cache_mb=0).reranker), CachedReranker
     )
 
 
@@ -202,7 +205,7 @@ def test_remote_restarted_with_another_model_never_serves_a_stale_score(
     settings = Settings(
         rerank_backend="remote", rerank_url=f"http://127.0.0.1:{port}/v1/rerank", rerank_cache_mb=1
     )
-    r = with_cache(RemoteReranker.from_settings(settings), settings)
+    r = with_cache(RemoteReranker.from_settings(settings.reranker), settings.reranker)
 
     def serve(engine: Any, name: str) -> LiveServer:
         from pipeline.api import create_app

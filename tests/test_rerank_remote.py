@@ -182,7 +182,7 @@ def test_built_from_settings() -> None:
         rerank_remote_max_documents=7,
         rerank_remote_retries=1,
     )
-    cached = build_reranker(s)
+    cached = build_reranker(s.reranker)
     assert isinstance(cached, CachedReranker) and isinstance(cached, Reranker)  # score cache on
     r = unwrap(cached)
     assert isinstance(r, RemoteReranker) and isinstance(r, Reranker)
@@ -193,13 +193,15 @@ def test_built_from_settings() -> None:
     assert (r.format, r.timeout, r.max_documents, r.retries) == ("qwen3-formatted", 3.5, 7, 1)
     assert r.model == s.rerank_model and r.remote_model is None
     r2 = RemoteReranker.from_settings(
-        Settings(rerank_backend="remote", rerank_url="http://a/rerank", rerank_remote_model="m")
+        Settings(
+            rerank_backend="remote", rerank_url="http://a/rerank", rerank_remote_model="m"
+        ).reranker
     )
     assert r2.model == r2.remote_model == "m"
     assert Settings(rerank_api_key="").rerank_api_key is None  # blank = unset
     assert Settings(rerank_api_key="secret").non_default()["rerank_api_key"] == "***"
     with pytest.raises(ValueError, match="WINNOW_RERANK_URL"):
-        build_reranker(Settings(rerank_backend="remote"))
+        build_reranker(Settings(rerank_backend="remote").reranker)
 
 
 @pytest.mark.skipif(not TOKENIZER_DIR.is_dir(), reason="real Qwen3 tokenizer not present")
@@ -230,11 +232,11 @@ def test_tokenizer_for_settings() -> None:
 
     base = {"rerank_backend": "remote", "rerank_url": "http://a/v1/rerank", "rerank_model": "m"}
     for fmt, want in (("qwen3-formatted", "m"), ("cohere", "m"), ("winnow", None)):
-        assert tokenizer_for(Settings(**base, rerank_remote_format=fmt)) == want
-    assert tokenizer_for(Settings(**base, rerank_tokenizer="none")) is None
-    assert tokenizer_for(Settings(**base, rerank_tokenizer="/tok")) == "/tok"
+        assert tokenizer_for(Settings(**base, rerank_remote_format=fmt).reranker) == want
+    assert tokenizer_for(Settings(**base, rerank_tokenizer="none").reranker) is None
+    assert tokenizer_for(Settings(**base, rerank_tokenizer="/tok").reranker) == "/tok"
     r = RemoteReranker.from_settings(
-        Settings(**base, rerank_remote_format="cohere", rerank_max_length=300)
+        Settings(**base, rerank_remote_format="cohere", rerank_max_length=300).reranker
     )
     assert (r.tokenizer, r.max_length) == ("m", 300)
 

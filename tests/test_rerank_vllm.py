@@ -163,7 +163,7 @@ def test_llm_kwargs() -> None:
 def test_build_reranker_vllm_is_batched_and_lazy() -> None:
     from pipeline.config import Settings
 
-    r = unwrap(build_reranker(Settings(rerank_backend="vllm", rerank_max_length=4096)))
+    r = unwrap(build_reranker(Settings(rerank_backend="vllm", rerank_max_length=4096).reranker))
     assert isinstance(r, Reranker) and isinstance(r, BatchedReranker)
     assert isinstance(r.engine, VLLMEngine) and not r.engine.loaded
     assert (r.backend, r.engine.max_length) == ("vllm", 4096)

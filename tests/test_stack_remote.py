@@ -107,7 +107,7 @@ def test_api_reranks_through_the_reranker_service(services: dict[str, Any]) -> N
     settings = Settings(
         **{k.removeprefix("WINNOW_").lower(): v for k, v in env.items() if k in SETTINGS_ENV}
     )
-    reranker = unwrap(build_reranker(settings))
+    reranker = unwrap(build_reranker(settings.reranker))
     assert isinstance(reranker, RemoteReranker)
     assert reranker.urls == ["http://reranker:8000/v1/rerank"]
     assert reranker.remote_model == "Qwen/Qwen3-Reranker-0.6B"

@@ -38,7 +38,7 @@ from pipeline.rerank.base import Reranker, Sample, Stats, counter, gauge
 from pipeline.rerank.prompt import resolve_instruction
 
 if TYPE_CHECKING:
-    from pipeline.config import Settings
+    from pipeline.config import RerankSettings
     from pipeline.rerank.cut import DocumentCutter
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ HASH_IN_THREAD_CHARS = 1 << 20  # hash requests larger than this off the event l
 CALLER: ContextVar[str] = ContextVar("winnow_cache_caller", default="")
 
 
-def identity(settings: Settings) -> str:
+def identity(settings: RerankSettings) -> str:
     """Everything in the settings that changes a score; part of every key."""
     s = settings
     parts = [s.rerank_backend, s.rerank_model, s.rerank_dtype, str(s.rerank_max_length)]

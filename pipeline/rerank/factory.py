@@ -1,4 +1,4 @@
-"""``build_reranker(settings)``: the configured backend, not yet loaded (imported by runtime only).
+"""``build_reranker(settings.reranker)``: the configured backend, not yet loaded (imported by runtime only).
 
 Backends are imported inside the branches, so building one never imports another (nor vllm on a
 machine without it).
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from pipeline.devices import cuda_available
 
 if TYPE_CHECKING:
-    from pipeline.config import Settings
+    from pipeline.config import RerankSettings
     from pipeline.rerank.base import RerankEngine, Reranker
 
 
@@ -20,7 +20,7 @@ def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def pick_backend(settings: Settings) -> str:
+def pick_backend(settings: RerankSettings) -> str:
     """``auto`` = vLLM on CUDA when installed, else transformers."""
     if settings.rerank_backend != "auto":
         return settings.rerank_backend
@@ -30,7 +30,7 @@ def pick_backend(settings: Settings) -> str:
     return "vllm" if on_cuda and vllm_installed() else "hf"
 
 
-def build_engine(settings: Settings, model: str) -> RerankEngine:
+def build_engine(settings: RerankSettings, model: str) -> RerankEngine:
     """The local engine (``hf`` or ``vllm``) the settings pick."""
     if pick_backend(settings) == "vllm":
         from pipeline.rerank.backends.vllm import VLLMEngine
@@ -57,8 +57,9 @@ def build_engine(settings: Settings, model: str) -> RerankEngine:
     )
 
 
-def build_reranker(settings: Settings, model_path: str | None = None) -> Reranker:
-    """The configured backend, not yet loaded (call ``load()`` off the event loop)."""
+def build_reranker(settings: RerankSettings, model_path: str | None = None) -> Reranker:
+    """The configured backend, not yet loaded (call ``load()`` off the event loop); it takes the
+    reranker's settings group (``settings.reranker``) and nothing else."""
     model = model_path if model_path is not None else settings.rerank_model
     if settings.rerank_backend == "remote":
         from pipeline.rerank.backends.remote.reranker import RemoteReranker
@@ -79,7 +80,7 @@ def build_reranker(settings: Settings, model_path: str | None = None) -> Reranke
     return with_cache(BatchedReranker(engine, settings.rerank_model, batcher), settings)
 
 
-def with_cache(reranker: Reranker, settings: Settings) -> Reranker:
+def with_cache(reranker: Reranker, settings: RerankSettings) -> Reranker:
     """The score cache in front of ``reranker`` when ``WINNOW_RERANK_CACHE_MB`` > 0."""
     if settings.rerank_cache_mb <= 0:
         return reranker

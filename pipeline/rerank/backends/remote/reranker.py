@@ -82,13 +82,13 @@ from pipeline.rerank.base import (
 )
 
 if TYPE_CHECKING:
-    from pipeline.config import Settings
+    from pipeline.config import RerankSettings
     from pipeline.rerank.cut import DocumentCutter
 
 log = logging.getLogger(__name__)
 
 
-def tokenizer_for(settings: Settings) -> str | None:
+def tokenizer_for(settings: RerankSettings) -> str | None:
     """The tokenizer that cuts documents before they are sent (``WINNOW_RERANK_TOKENIZER``)."""
     name = settings.rerank_tokenizer
     if name == "none":
@@ -172,7 +172,7 @@ class RemoteReranker(Reranker):
         )
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> RemoteReranker:
+    def from_settings(cls, settings: RerankSettings) -> RemoteReranker:
         if settings.rerank_url is None:
             raise ValueError(
                 "WINNOW_RERANK_BACKEND=remote needs WINNOW_RERANK_URL "
