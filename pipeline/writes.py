@@ -35,7 +35,7 @@ import numpy as np
 
 from pipeline.chunking import Chunker, chunker_for
 from pipeline.config import Settings
-from pipeline.documents import Change, check_document, plan_changes, write_plan
+from pipeline.documents import Change, Status, check_document, plan_changes, write_plan
 from pipeline.domain import Document, Hit, Passage
 from pipeline.embedding import Embedder
 from pipeline.errors import RequestError, TooLarge
@@ -43,7 +43,7 @@ from pipeline.store import StoreError, VectorStore
 
 log = logging.getLogger(__name__)
 
-DocStatus = Literal["created", "updated", "unchanged", "rejected", "deleted", "not_found"]
+DocStatus = Literal[Status, "rejected", "deleted", "not_found"]  # a write's, a delete's
 MAX_PASSAGES_SHOWN = 16384  # GET /v1/documents/{id}: Milvus' own query window
 # Milvus Lite rebuilds BM25 statistics over unflushed rows on every query: flush after this many
 # rows written (a Milvus server seals segments by itself; there a flush per write would only make

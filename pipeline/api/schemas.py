@@ -21,6 +21,8 @@ from pydantic import (
 )
 
 from pipeline.domain import invalid_unicode_at
+from pipeline.search import RecallMode
+from pipeline.writes import DocStatus
 
 
 def _json_integer(value: Any) -> Any:
@@ -119,7 +121,7 @@ class SearchOut(BaseModel):
         description="Of those, how many the reranker scored (the best-recalled ones; fewer than "
         "candidates when the rest would not fit rerank_budget_ms; 0 with rerank off)."
     )
-    mode: Literal["dense", "hybrid", "bm25"]
+    mode: RecallMode
     below_min_score: int | None = Field(
         None, description="Documents dropped by min_score (null when none was sent)."
     )
@@ -159,7 +161,7 @@ class DeleteBody(BaseModel):
 
 class DocResultOut(BaseModel):
     id: str
-    status: Literal["created", "updated", "unchanged", "rejected", "deleted", "not_found"]
+    status: DocStatus
     passages: int = Field(0, description="Passages the document has now.")
     embedded: int = Field(0, description="Passages embedded and written by this request.")
     deleted: int = Field(0, description="Stored passages deleted (stale, or the whole document).")

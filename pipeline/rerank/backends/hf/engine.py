@@ -26,8 +26,10 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
+from pipeline.config import Attention, CpuGemm, Switch
+from pipeline.config import Plan as PlanName
 from pipeline.devices import resolve_device, resolve_dtype
 from pipeline.rerank.backends.hf.attention import install_chunked_attention, varlen_available
 from pipeline.rerank.backends.hf.linear import onednn_is_faster, use_onednn_linears
@@ -52,10 +54,10 @@ DEFAULT_PACKED_TOKENS_CPU = 32768
 MIN_FILL_CPU = 512
 MIN_FILL_GPU = 8192
 DEFAULT_MAX_PADDING = 0.1  # padded tail tokens ≤ (1 + this) × real tail tokens, once past the fill
-PLANS = ("auto", "padded", "packed")
-CPU_GEMMS = ("auto", "torch", "onednn")
-COMPILE_MODES = ("auto", "on", "off")
-ATTENTION_KERNELS = ("auto", "gather", "varlen")
+PLANS = get_args(PlanName)  # the settings' Literals: one definition (pipeline/config.py)
+CPU_GEMMS = get_args(CpuGemm)
+COMPILE_MODES = get_args(Switch)
+ATTENTION_KERNELS = get_args(Attention)
 
 
 @dataclass

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import orjson
 
+from pipeline.config import RemoteFormat
 from pipeline.rerank.base import InstructionNotSupported, RerankerError
 from pipeline.rerank.prompt import (
     DEFAULT_INSTRUCTION,
@@ -18,7 +19,6 @@ from pipeline.rerank.prompt import (
     resolve_instruction,
 )
 
-RemoteFormat = Literal["winnow", "cohere", "qwen3-formatted"]
 FORMATS: tuple[str, ...] = get_args(RemoteFormat)
 
 
