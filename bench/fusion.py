@@ -118,7 +118,7 @@ def fetch(args: argparse.Namespace) -> tuple[dict, dict, dict[str, tuple[list[Hi
 
 def rankings(fuse: Fuse, lists: dict, k: int) -> dict[str, list[tuple[str, float]]]:
     """Fused passages folded into documents by the service's own rule."""
-    from pipeline.search import fold_documents
+    from pipeline.ranking import fold_documents
 
     out = {}
     for qid, (dense, bm25) in lists.items():

@@ -12,7 +12,7 @@ from pipeline.api import dialects
 from pipeline.api.schemas import AnyRerankBody, AnyScoreBody, RerankBody, TeiRerankBody
 from pipeline.config import Settings
 from pipeline.domain import invalid_unicode_at
-from pipeline.search import Ranked, RerankResponse, ScoreResponse
+from pipeline.ranking import Ranked, RerankResponse, ScoreResponse
 
 RERANK = TypeAdapter(AnyRerankBody)
 SCORE = TypeAdapter(AnyScoreBody)

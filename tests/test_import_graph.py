@@ -83,6 +83,7 @@ def _package(name: str) -> str:
 LAYERS: list[tuple[str, ...]] = [
     (  # foundation: pure types, rules and settings (no Milvus, no torch at import)
         "pipeline.domain",
+        "pipeline.ranking",
         "pipeline.errors",
         "pipeline.fusion",
         "pipeline.breaker",
@@ -94,7 +95,13 @@ LAYERS: list[tuple[str, ...]] = [
     ),
     ("pipeline.store", "pipeline.rerank", "pipeline.embedding"),  # components, behind contracts
     # use cases over the contracts (chunking cuts by the embedder's tokenizer)
-    ("pipeline.search", "pipeline.writes", "pipeline.documents", "pipeline.chunking"),
+    (
+        "pipeline.search",
+        "pipeline.reranking",
+        "pipeline.writes",
+        "pipeline.documents",
+        "pipeline.chunking",
+    ),
     ("pipeline.runtime",),  # the composition root: builds the components from Settings
     ("pipeline.api", "pipeline.__main__", "pipeline.settings_docs", "ingest", "evaluation"),
     ("testkit", "bench"),  # test support and benchmarks, above everything they drive

@@ -31,7 +31,7 @@ from pipeline.api.schemas import (
     TeiRerankBody,
 )
 from pipeline.config import Settings
-from pipeline.search import RerankResponse, ScoreResponse
+from pipeline.ranking import RerankResponse, ScoreResponse
 
 SATURATION = 2.0**-53  # the closest a float64 score gets to 0 or 1 below 1.0
 
