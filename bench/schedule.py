@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, n
 from pipeline.config import Settings
 from pipeline.rerank.base import RerankRequest
 from pipeline.rerank.batcher import MicroBatcher, Overloaded, WorkTooLarge
+from testkit.corpus import prose
 
 WORDS = [
     "cell",
@@ -60,26 +61,11 @@ WORDS = [
 
 
 def text(rng: random.Random, chars: int) -> str:
-    out: list[str] = []
-    n = 0
-    while n < chars:
-        w = rng.choice(WORDS)
-        out.append(w)
-        n += len(w) + 1
-    return " ".join(out)
+    return prose(rng, chars, WORDS)
 
 
 def make_batcher(engine: Any, settings: Settings, **over: Any) -> MicroBatcher:
-    kw: dict[str, Any] = {
-        "max_wait_ms": settings.rerank_max_wait_ms,
-        "queue_size": settings.rerank_queue_size,
-        "queue_tokens": settings.rerank_queue_tokens,
-        "slice_tokens": settings.rerank_slice_tokens,
-        "deadline_s": settings.rerank_deadline_s,
-        "max_length": settings.rerank_max_length,
-    }
-    kw.update(over)
-    b = MicroBatcher(engine, **kw)
+    b = MicroBatcher.from_settings(engine, settings.reranker, **over)
     b.calibrate()
     return b
 

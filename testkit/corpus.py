@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 CORPUS = {
     "photosynthesis": (
@@ -47,3 +48,24 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 def corpus_records() -> list[dict]:
     return [{"_id": k, "title": t, "text": x, "metadata": {}} for k, (t, x) in CORPUS.items()]
+
+
+def ingest_corpus(settings: Any, embedder: Any, folder: Path) -> None:
+    """The sample corpus ingested into ``settings``' collection, as ``python -m ingest`` does."""
+    from ingest.job import IngestJob
+
+    job = IngestJob(settings, embedder=embedder)
+    job.run([write_jsonl(folder / "corpus.jsonl", corpus_records())], progress=False)
+    job.store.close()
+
+
+def prose(rng: Any, chars: int, words: list[str]) -> str:
+    """``chars`` characters of random ``words`` (``rng``: a ``random.Random``), for work of a known
+    length."""
+    out: list[str] = []
+    n = 0
+    while n < chars:
+        w = rng.choice(words)
+        out.append(w)
+        n += len(w) + 1
+    return " ".join(out)[:chars]

@@ -27,6 +27,7 @@ from pipeline.api import create_app
 from pipeline.domain import join_title
 from pipeline.rerank.base import RerankRequest
 from pipeline.rerank.cost import CostModel
+from testkit.corpus import prose as corpus_prose
 
 pytestmark = pytest.mark.slow
 
@@ -64,13 +65,7 @@ WORDS = [
 
 
 def prose(rng: random.Random, chars: int) -> str:
-    out: list[str] = []
-    n = 0
-    while n < chars:
-        w = rng.choice(WORDS)
-        out.append(w)
-        n += len(w) + 1
-    return " ".join(out)[:chars]
+    return corpus_prose(rng, chars, WORDS)
 
 
 @pytest.fixture(scope="module")

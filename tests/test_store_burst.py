@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LiveServer, MilvusServer, corpus_records, free_port, write_jsonl
+from conftest import LiveServer, MilvusServer, free_port
+
+from testkit.corpus import ingest_corpus
 
 TIMEOUT = 2.0  # WINNOW_MILVUS_TIMEOUT here
 SLACK = 1.0  # the bound: timeout + 1 s
@@ -83,7 +85,6 @@ def test_frozen_milvus_under_a_burst_keeps_every_deadline_then_recovers(
 ) -> None:
     import httpx
 
-    from ingest.job import IngestJob
     from pipeline.api import create_app
     from pipeline.config import Settings
 
@@ -96,9 +97,7 @@ def test_frozen_milvus_under_a_burst_keeps_every_deadline_then_recovers(
         rerank=False,
         embed_device="cpu",
     )
-    job = IngestJob(settings, embedder=embedder)
-    job.run([write_jsonl(tmp_path / "c.jsonl", corpus_records())], progress=False)
-    job.store.close()
+    ingest_corpus(settings, embedder, tmp_path)
 
     app = create_app(settings, embedder=embedder, reranker=None)
     body = {"query": "how do plants make sugar", "top_n": 3, "rerank": False}

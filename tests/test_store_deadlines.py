@@ -24,10 +24,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import LiveServer, MilvusServer, corpus_records, free_port, write_jsonl
+from conftest import LiveServer, MilvusServer, free_port
 
 from pipeline.domain import Passage
 from pipeline.store import InvalidFilter, MilvusStore, StoreInUse, StoreUnavailable
+from testkit.corpus import ingest_corpus
 
 DIM = 8
 TIMEOUT = 2.0  # WINNOW_MILVUS_TIMEOUT in these tests
@@ -264,7 +265,6 @@ def test_http_search_503_and_ready_while_milvus_is_frozen(
     """Over real HTTP: /v1/search → 503 within timeout + 1 s, /ready within 2 s, back after."""
     import httpx
 
-    from ingest.job import IngestJob
     from pipeline.api import create_app
     from pipeline.config import Settings
 
@@ -275,9 +275,7 @@ def test_http_search_503_and_ready_while_milvus_is_frozen(
         rerank=False,
         embed_device="cpu",
     )
-    job = IngestJob(settings, embedder=embedder)
-    job.run([write_jsonl(tmp_path / "c.jsonl", corpus_records())], progress=False)
-    job.store.close()
+    ingest_corpus(settings, embedder, tmp_path)
 
     app = create_app(settings, embedder=embedder, reranker=None)
     body = {"query": "how do plants make sugar", "top_n": 3, "rerank": False}

@@ -41,6 +41,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from pipeline.rerank.base import (
     RerankEngine,
@@ -54,6 +55,9 @@ from pipeline.rerank.base import (
 from pipeline.rerank.cost import CostModel
 from pipeline.rerank.cut import DocumentCutter
 from pipeline.rerank.prompt import BODY_TEMPLATE, PREFIX, SUFFIX, resolve_instruction
+
+if TYPE_CHECKING:
+    from pipeline.config import RerankSettings
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +253,21 @@ class MicroBatcher:
         # engine tokens per estimated token, measured by the profile (the cost model's unit)
         self.token_scale = 1.0
         self._reset()
+
+    @classmethod
+    def from_settings(
+        cls, engine: RerankEngine, settings: RerankSettings, **override: Any
+    ) -> MicroBatcher:
+        """The batcher as the reranker's settings group says (``override`` for benchmarks)."""
+        kw: dict[str, Any] = {
+            "max_wait_ms": settings.rerank_max_wait_ms,
+            "queue_size": settings.rerank_queue_size,
+            "queue_tokens": settings.rerank_queue_tokens,
+            "slice_tokens": settings.rerank_slice_tokens,
+            "deadline_s": settings.rerank_deadline_s,
+            "max_length": settings.rerank_max_length,
+        }
+        return cls(engine, **{**kw, **override})
 
     # --- state --------------------------------------------------------------------------------
     def _reset(self) -> None:

@@ -68,15 +68,7 @@ def build_reranker(settings: RerankSettings, model_path: str | None = None) -> R
     from pipeline.rerank.batcher import BatchedReranker, MicroBatcher
 
     engine = build_engine(settings, model)
-    batcher = MicroBatcher(
-        engine,
-        max_wait_ms=settings.rerank_max_wait_ms,
-        queue_size=settings.rerank_queue_size,
-        queue_tokens=settings.rerank_queue_tokens,
-        slice_tokens=settings.rerank_slice_tokens,
-        deadline_s=settings.rerank_deadline_s,
-        max_length=settings.rerank_max_length,
-    )
+    batcher = MicroBatcher.from_settings(engine, settings)
     return with_cache(BatchedReranker(engine, settings.rerank_model, batcher), settings)
 
 
