@@ -125,7 +125,8 @@ def pick_backend(settings: Settings) -> str:
     on_cuda = settings.rerank_device.startswith("cuda") or (
         settings.rerank_device == "auto" and cuda_available()
     )
-    return "vllm" if on_cuda and vllm_installed() else "hf"
+    int8 = settings.rerank_quant != "none"  # a CPU mode of the hf engine
+    return "vllm" if on_cuda and vllm_installed() and not int8 else "hf"
 
 
 def build_reranker(settings: Settings, model_path: str | None = None) -> Reranker:
@@ -161,6 +162,7 @@ def build_reranker(settings: Settings, model_path: str | None = None) -> Reranke
             compile=settings.rerank_compile,
             attention=settings.rerank_attention,
             cpu_gemm=settings.rerank_cpu_gemm,
+            quant=settings.rerank_quant,
         )
     batcher = MicroBatcher(
         engine,

@@ -228,6 +228,7 @@ class HFEngine:
         compile: str = "auto",
         attention: str = "auto",
         cpu_gemm: str = "auto",
+        quant: str = "none",
     ) -> None:
         """Cheap: nothing is imported or loaded until :meth:`load`.
 
@@ -242,6 +243,7 @@ class HFEngine:
             ("compile", compile, COMPILE_MODES),
             ("attention", attention, ATTENTION_KERNELS),
             ("cpu_gemm", cpu_gemm, CPU_GEMMS),
+            ("quant", quant, ("none", "int8")),
         ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; use one of {', '.join(allowed)}")
@@ -258,6 +260,7 @@ class HFEngine:
         self.attention_path = attention  # resolved by load(): chunked-sdpa / sdpa / gather / varlen
         self.cpu_gemm = cpu_gemm  # resolved by load(): torch / onednn (padded plan, CPU, fp32)
         self._requested_cpu_gemm = cpu_gemm
+        self.quant = quant  # int8: the decoder's linears in int8 (CPU, padded plan; pipeline/rerank/quant.py)
         self._want_chunked_attention = chunked_attention
         self._requested_device = device
         self._requested_dtype = dtype
@@ -332,6 +335,7 @@ class HFEngine:
             "attention": self.attention_path,
             "compile": self.compile_mode,
             "cpu_gemm": self.cpu_gemm,
+            "quant": self.quant,
             "max_batch_tokens": int(self.max_batch_tokens or 0),
         }
 
@@ -375,6 +379,10 @@ class HFEngine:
             self.dtype = str(dtype).removeprefix("torch.")
             on_cuda = device.startswith("cuda")
             self.plan = self._resolve_plan(decoder, on_cuda)
+            if self.quant != "none":
+                from pipeline.rerank.quant import quantize_decoder
+
+                quantize_decoder(decoder, self.quant, device, self.plan)
             if self.plan == "padded":
                 self.compile_mode = "off"
                 if self._want_chunked_attention:

@@ -1,0 +1,132 @@
+"""Opt-in int8 linear layers on CPU (``WINNOW_RERANK_QUANT=int8``; docs/benchmarks.md "int8").
+
+Every ``nn.Linear`` of a model's decoder becomes an :func:`int8_linear`: weights quantized once,
+symmetric per output channel; activations quantized on every call, symmetric **per token** (one scale
+per row, computed from that row alone), so a pair's score never depends on which other pairs share its
+forward, and one outlier token cannot coarsen every other token's grid (as a per-tensor scale does).
+The int8 × int8 → int32 product is ``torch._int_mm`` (oneDNN, VNNI/AMX where the CPU has them: the
+kernel torchao's int8 dynamic mode calls on CPU too); the dequantization is two multiplies.
+
+What stays in floating point: embeddings, norms, attention (softmax · V), and the reranker's LM head
+(its two yes/no rows, taken in fp32 before any layer is swapped): the score ``P(yes)`` is computed
+from unquantized logits of quantized hidden states.
+
+Chosen by measurement (bench/quant.py, docs/benchmarks.md): on the reranker's linear shapes this
+module ran as fast as torch's ``quantize_dynamic`` (deprecated, per-tensor activations, 7-bit on
+x86/fbgemm) and ~1.2× faster than torchao 0.18's int8 dynamic mode (same per-token math), with no
+new dependency.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+__all__ = [
+    "QUANT_MODES",
+    "QuantUnsupported",
+    "check_quant",
+    "int8_linear",
+    "quantize_decoder",
+    "quantize_linears",
+]
+
+QUANT_MODES = ("none", "int8")
+_QMAX = (
+    127.0  # symmetric: codes -127..127, zero point 0 (int32 sums cannot overflow below K = 133,000)
+)
+
+
+class QuantUnsupported(ValueError):
+    """int8 was asked where it cannot run (a GPU, the packed plan, another backend)."""
+
+
+def check_quant(quant: str, device: str, plan: str = "padded") -> None:
+    """Refuse a quant mode this engine cannot run, saying what to change."""
+    if quant not in QUANT_MODES:
+        raise QuantUnsupported(f"unknown quant {quant!r}; use one of {', '.join(QUANT_MODES)}")
+    if quant == "none":
+        return
+    if device != "cpu":
+        raise QuantUnsupported(
+            f"WINNOW_RERANK_QUANT={quant} runs on CPU only, and the reranker is on {device!r}: "
+            "set WINNOW_RERANK_DEVICE=cpu, or WINNOW_RERANK_QUANT=none to use the GPU"
+        )
+    if plan != "padded":
+        raise QuantUnsupported(
+            f"WINNOW_RERANK_QUANT={quant} runs on the padded plan (the packed plan fuses the "
+            "float weights itself): set WINNOW_RERANK_PLAN=auto or padded"
+        )
+
+
+def int8_linear(linear: Any) -> Any:
+    """``linear`` (an ``nn.Linear``) as an int8 module computing ``x @ W.T + b`` approximately."""
+    return _int8_linear_class()(linear)
+
+
+@functools.cache
+def _int8_linear_class() -> Any:
+    """The module class, made once (torch is imported lazily in this module)."""
+    import torch
+
+    if not hasattr(torch, "_int_mm"):
+        raise QuantUnsupported(
+            "this torch has no int8 matmul (torch._int_mm); int8 needs torch ≥ 2.2"
+        )
+
+    class Int8Linear(torch.nn.Module):
+        """Per-channel int8 weight, per-token dynamic int8 activation, fp32 accumulate and output."""
+
+        def __init__(self, dense: torch.nn.Linear) -> None:
+            super().__init__()
+            self.in_features, self.out_features = dense.in_features, dense.out_features
+            w = dense.weight.detach().float()
+            scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / _QMAX  # [out, 1]
+            codes = torch.round(w / scale).clamp(-_QMAX, _QMAX).to(torch.int8)
+            self.register_buffer("weight_t", codes.t().contiguous())  # [in, out], int8
+            self.register_buffer("weight_scale", scale.t().contiguous())  # [1, out], fp32
+            bias = dense.bias.detach().float() if dense.bias is not None else None
+            self.register_buffer("bias", bias)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            shape = x.shape
+            xf = x.reshape(-1, self.in_features).float()
+            # one scale per token (row): max |x| / 127; an all-zero row gets codes 0 (scale floor)
+            s = torch.linalg.vector_norm(xf, float("inf"), dim=1, keepdim=True)
+            s = s.clamp_(min=1e-12).div_(_QMAX)
+            codes = torch.div(xf, s).round_().to(torch.int8)
+            out = torch._int_mm(codes, self.weight_t).float().mul_(s).mul_(self.weight_scale)
+            if self.bias is not None:
+                out.add_(self.bias)
+            return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+        def extra_repr(self) -> str:
+            return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+    return Int8Linear
+
+
+def quantize_linears(module: Any) -> int:
+    """Swap every ``nn.Linear`` under ``module`` (exactly that type) for :func:`int8_linear`;
+    returns how many. The float weights are released once nothing else holds them."""
+    import torch
+
+    swapped = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(parent, name, int8_linear(child))
+                swapped += 1
+    return swapped
+
+
+def quantize_decoder(decoder: Any, quant: str, device: str, plan: str = "padded") -> int:
+    """The hf engine's hook: check ``quant`` for this device and plan, then swap the decoder's
+    linears (the LM head is not under the decoder; the engine keeps its yes/no rows in fp32)."""
+    check_quant(quant, device, plan)
+    if quant == "none":
+        return 0
+    swapped = quantize_linears(decoder)
+    if swapped == 0:
+        raise QuantUnsupported("WINNOW_RERANK_QUANT=int8 found no linear layer to quantize")
+    return swapped
