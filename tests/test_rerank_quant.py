@@ -122,6 +122,26 @@ def test_quantize_linears_swaps_every_linear() -> None:
     assert not any(type(m) is torch.nn.Linear for m in net.modules())
 
 
+def test_siblings_fed_one_tensor_quantize_it_once() -> None:
+    """q/k/v-like siblings share one quantization of their common input; the outputs are the ones
+    each would compute alone, and nothing is held after the last sibling ran."""
+    torch.manual_seed(2)
+    parent = torch.nn.Module()
+    parent.q, parent.k, parent.o = (torch.nn.Linear(16, 8), torch.nn.Linear(16, 4),
+                                    torch.nn.Linear(8, 16))  # fmt: skip
+    alone = {n: int8_linear(getattr(parent, n)) for n in ("q", "k")}
+    assert quantize_linears(parent) == 3
+    assert parent.q.shared is parent.k.shared and parent.o.shared is not parent.q.shared
+    x, y = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    with torch.inference_mode():
+        assert torch.equal(parent.q(x), alone["q"](x))
+        assert parent.q.shared.x is x  # kept for k
+        assert torch.equal(parent.k(y), alone["k"](y))  # another tensor: quantized afresh
+        assert torch.equal(parent.q(x), alone["q"](x))
+        assert torch.equal(parent.k(x), alone["k"](x))
+        assert parent.q.shared.x is None  # dropped after its last user
+
+
 # --- the engine ---------------------------------------------------------------------------------
 def test_engine_decoder_has_only_int8_linears(engines: tuple[HFEngine, HFEngine]) -> None:
     fp32, int8 = engines

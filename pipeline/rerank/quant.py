@@ -25,10 +25,12 @@ from typing import Any
 __all__ = [
     "QUANT_MODES",
     "QuantUnsupported",
+    "SharedInput",
     "check_quant",
     "int8_linear",
     "quantize_decoder",
     "quantize_linears",
+    "quantize_rows",
 ]
 
 QUANT_MODES = ("none", "int8")
@@ -64,6 +66,47 @@ def int8_linear(linear: Any) -> Any:
     return _int8_linear_class()(linear)
 
 
+class SharedInput:
+    """The quantized input of sibling linears fed the same tensor (q/k/v, gate/up): quantized once.
+
+    The first of ``users`` calls quantizes ``x`` and keeps (x, codes, scales); the others, called
+    with that very tensor object, take them; after the last the entry is dropped (no activation is
+    held past its layer). Any other tensor is quantized afresh: the result never depends on it.
+    """
+
+    __slots__ = ("codes", "left", "scales", "users", "x")
+
+    def __init__(self, users: int) -> None:
+        self.users = users
+        self.left = 0
+        self.x: Any = None
+        self.codes: Any = None
+        self.scales: Any = None
+
+    def quantize(self, x: Any, in_features: int) -> tuple[Any, Any]:
+        if self.left and x is self.x:
+            codes, scales = self.codes, self.scales
+            self.left -= 1
+            if not self.left:
+                self.x = self.codes = self.scales = None
+            return codes, scales
+        codes, scales = quantize_rows(x.reshape(-1, in_features))
+        if self.users > 1:
+            self.x, self.codes, self.scales, self.left = x, codes, scales, self.users - 1
+        return codes, scales
+
+
+def quantize_rows(x: Any) -> tuple[Any, Any]:
+    """Symmetric int8 codes per row of a 2-D tensor and the row scales (fp32, [rows, 1])."""
+    import torch
+
+    lo, hi = torch.aminmax(x, dim=1, keepdim=True)
+    scales = torch.maximum(hi, -lo).float().clamp_(min=1e-12).div_(_QMAX)
+    # an all-zero row gets the floor scale and codes 0
+    codes = torch.mul(x, scales.reciprocal()).round_().to(torch.int8)
+    return codes, scales
+
+
 @functools.cache
 def _int8_linear_class() -> Any:
     """The module class, made once (torch is imported lazily in this module)."""
@@ -77,7 +120,7 @@ def _int8_linear_class() -> Any:
     class Int8Linear(torch.nn.Module):
         """Per-channel int8 weight, per-token dynamic int8 activation, fp32 accumulate and output."""
 
-        def __init__(self, dense: torch.nn.Linear) -> None:
+        def __init__(self, dense: torch.nn.Linear, shared: SharedInput | None = None) -> None:
             super().__init__()
             self.in_features, self.out_features = dense.in_features, dense.out_features
             w = dense.weight.detach().float()
@@ -87,35 +130,38 @@ def _int8_linear_class() -> Any:
             self.register_buffer("weight_scale", scale.t().contiguous())  # [1, out], fp32
             bias = dense.bias.detach().float() if dense.bias is not None else None
             self.register_buffer("bias", bias)
+            self.shared = shared if shared is not None else SharedInput(1)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            shape = x.shape
-            xf = x.reshape(-1, self.in_features).float()
-            # one scale per token (row): max |x| / 127; an all-zero row gets codes 0 (scale floor)
-            s = torch.linalg.vector_norm(xf, float("inf"), dim=1, keepdim=True)
-            s = s.clamp_(min=1e-12).div_(_QMAX)
-            codes = torch.div(xf, s).round_().to(torch.int8)
-            out = torch._int_mm(codes, self.weight_t).float().mul_(s).mul_(self.weight_scale)
+            codes, scales = self.shared.quantize(x, self.in_features)
+            out = torch.mul(torch._int_mm(codes, self.weight_t), scales).mul_(self.weight_scale)
             if self.bias is not None:
                 out.add_(self.bias)
-            return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
+            return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
         def extra_repr(self) -> str:
-            return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+            shared = f", shared by {self.shared.users}" if self.shared.users > 1 else ""
+            return f"in_features={self.in_features}, out_features={self.out_features}, int8{shared}"
 
     return Int8Linear
 
 
 def quantize_linears(module: Any) -> int:
     """Swap every ``nn.Linear`` under ``module`` (exactly that type) for :func:`int8_linear`;
-    returns how many. The float weights are released once nothing else holds them."""
+    returns how many. Siblings of one parent with the same input width (q/k/v, gate/up) share one
+    :class:`SharedInput`: when the model feeds them the same tensor it is quantized once."""
     import torch
 
     swapped = 0
     for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Linear:
-                setattr(parent, name, int8_linear(child))
+        linears = [(n, c) for n, c in parent.named_children() if type(c) is torch.nn.Linear]
+        widths: dict[int, list[str]] = {}
+        for name, child in linears:
+            widths.setdefault(child.in_features, []).append(name)
+        for names in widths.values():
+            shared = SharedInput(len(names))
+            for name in names:
+                setattr(parent, name, _int8_linear_class()(getattr(parent, name), shared))
                 swapped += 1
     return swapped
 
