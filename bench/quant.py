@@ -19,6 +19,12 @@ Parts (``--parts``, default all):
 
     .venv/bin/python bench/quant.py --queries 5 --docs 20 --json out.json
     .venv/bin/python bench/quant.py --parts linears,minilm
+    .venv/bin/python bench/quant.py --parts rerank --queries 2 --threads 1   # a host shared with others
+
+On a host whose cores other processes also use, every parallel op of a 2-thread torch waits for the
+descheduled thread (measured here: ~8 ms per elementwise op instead of 0.2 ms), which punishes the
+path with more ops (int8: quantize + dequantize around each GEMM); ``--threads 1`` measures the
+compute without that wait.
 
 Never run as a test.
 """
@@ -259,6 +265,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--minilm-queries", type=int, default=200)
     ap.add_argument("--minilm-docs", type=int, default=1000, help="random non-relevant docs")
     ap.add_argument("--reps", type=int, default=9, help="linears: timed repetitions")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch threads (0 = torch's default: one per core)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -266,7 +275,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = set(parts) - set(PARTS)
     if unknown:
         ap.error(f"unknown parts {sorted(unknown)}; use {', '.join(PARTS)}")
-    report = header("bench/quant.py", argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = header("bench/quant.py", argv) | {"threads": torch.get_num_threads()}
     for part in parts:
         print(f"{part} …", file=sys.stderr, flush=True)
         report[part] = {"linears": bench_linears, "rerank": bench_rerank, "minilm": bench_minilm}[

@@ -310,7 +310,8 @@ class RerankSettings(_Group):
         "none",
         description=(
             "hf engine on CPU: `int8` = the decoder's linear layers in int8 (weights per channel, "
-            "activations per token; the yes/no LM-head rows stay fp32): faster, scores move "
+            "activations per token; the yes/no LM-head rows stay fp32; `WINNOW_RERANK_DTYPE=auto` "
+            "then means fp32 for the rest): faster, scores move "
             "slightly (see [int8 on CPU](#int8-on-cpu)); refused on a GPU and with the vllm or "
             "remote backend. `none` = no quantization."
         ),

@@ -175,6 +175,16 @@ def test_engine_int8_scores_close_to_fp32(engines: tuple[HFEngine, HFEngine]) ->
     assert abs(alone - got[0][0]) <= 1e-5
 
 
+def test_int8_auto_dtype_is_float32(tmp_path: Path) -> None:
+    """auto means bf16 on CPUs with bf16 units; int8 was measured with fp32 around the GEMMs."""
+    model = build_tiny_reranker(tmp_path / "m", "bpe")
+    engine = HFEngine(str(model), device="cpu", quant="int8")
+    engine.load()
+    assert engine.describe()["dtype"] == "float32"
+    bf16 = HFEngine(str(model), device="cpu", dtype="bfloat16", quant="int8")
+    assert 0.0 <= bf16.score("q", ["The capital of China is Beijing."])[0] <= 1.0
+
+
 # --- refusals -----------------------------------------------------------------------------------
 def test_check_quant_refuses_gpu_and_packed_plan() -> None:
     check_quant("none", "cuda")

@@ -263,7 +263,7 @@ class HFEngine:
         self.quant = quant  # int8: the decoder's linears in int8 (CPU, padded plan; pipeline/rerank/quant.py)
         self._want_chunked_attention = chunked_attention
         self._requested_device = device
-        self._requested_dtype = dtype
+        self._requested_dtype = "float32" if quant != "none" and dtype == "auto" else dtype
         self._lock = threading.Lock()
         self._score_lock = threading.Lock()
         self._loaded = False

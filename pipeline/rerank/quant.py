@@ -4,17 +4,18 @@ Every ``nn.Linear`` of a model's decoder becomes an :func:`int8_linear`: weights
 symmetric per output channel; activations quantized on every call, symmetric **per token** (one scale
 per row, computed from that row alone), so a pair's score never depends on which other pairs share its
 forward, and one outlier token cannot coarsen every other token's grid (as a per-tensor scale does).
-The int8 × int8 → int32 product is ``torch._int_mm`` (oneDNN, VNNI/AMX where the CPU has them: the
-kernel torchao's int8 dynamic mode calls on CPU too); the dequantization is two multiplies.
+The int8 × int8 → int32 product is ``torch._int_mm`` (AVX-512 VNNI on the EPYC of
+docs/benchmarks.md: 8 ms for a 512 × 1024 × 3072 product on one core, fp32 43 ms); the dequantization is two multiplies.
 
 What stays in floating point: embeddings, norms, attention (softmax · V), and the reranker's LM head
 (its two yes/no rows, taken in fp32 before any layer is swapped): the score ``P(yes)`` is computed
 from unquantized logits of quantized hidden states.
 
-Chosen by measurement (bench/quant.py, docs/benchmarks.md): on the reranker's linear shapes this
-module ran as fast as torch's ``quantize_dynamic`` (deprecated, per-tensor activations, 7-bit on
-x86/fbgemm) and ~1.2× faster than torchao 0.18's int8 dynamic mode (same per-token math), with no
-new dependency.
+Chosen by measurement (bench/quant.py ``--parts linears``, docs/benchmarks.md): on the reranker's
+seven linear shapes (512 rows, 2 threads) this module ran 2.35× oneDNN's fp32 GEMM; torchao 0.18's
+int8 dynamic mode (the same per-token math) 1.9×; torch's ``quantize_dynamic`` 3.0× (one fused op),
+but it quantizes activations per tensor (7-bit on x86/fbgemm: 2.5× this module's error, and a pair's
+score would depend on the pairs sharing its forward) and is deprecated. No new dependency.
 """
 
 from __future__ import annotations
