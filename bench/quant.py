@@ -20,6 +20,7 @@ Parts (``--parts``, default all):
     .venv/bin/python bench/quant.py --queries 5 --docs 20 --json out.json
     .venv/bin/python bench/quant.py --parts linears,minilm
     .venv/bin/python bench/quant.py --parts rerank --queries 2 --threads 1   # a host shared with others
+    .venv/bin/python bench/quant.py --parts rerank --queries 1 --repeat 5    # one request, 5 times
 
 On a host whose cores other processes also use, every parallel op of a 2-thread torch waits for the
 descheduled thread (measured here: ~8 ms per elementwise op instead of 0.2 ms), which punishes the
@@ -70,7 +71,7 @@ def top_overlap(a: Sequence[float], b: Sequence[float], k: int = 10) -> float:
 # --- the reranker --------------------------------------------------------------------------------
 def bench_rerank(args: argparse.Namespace) -> dict[str, Any]:
     path = str(build_model_dir(Path(f"/tmp/winnow-bench-{args.arch}"), args.arch))
-    reqs = load_scifact(args.queries, args.docs, seed=args.seed)
+    reqs = load_scifact(args.queries, args.docs, seed=args.seed) * args.repeat
     engines = {
         "fp32": HFEngine(path, device="cpu", dtype="float32", cpu_gemm=args.cpu_gemm),
         "int8": HFEngine(path, device="cpu", dtype="float32", quant="int8"),
@@ -259,6 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--parts", default=",".join(PARTS), help="comma-separated: " + ", ".join(PARTS))
     ap.add_argument("--queries", type=int, default=5, help="rerank: SciFact requests")
     ap.add_argument("--docs", type=int, default=20, help="rerank: documents per request")
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="rerank: score the request list this many times"
+    )
     ap.add_argument("--arch", default="qwen3-0.6b", help="rerank: bench/rerank.py ARCHS key")
     ap.add_argument("--cpu-gemm", default="auto", help="rerank: the fp32 engine's cpu_gemm")
     ap.add_argument("--bf16", action="store_true", help="rerank: also time the bf16 engine")

@@ -73,6 +73,7 @@ class SharedInput:
     The first of ``users`` calls quantizes ``x`` and keeps (x, codes, scales); the others, called
     with that very tensor object, take them; after the last the entry is dropped (no activation is
     held past its layer). Any other tensor is quantized afresh: the result never depends on it.
+    Not for concurrent forwards: the hf engine runs one at a time (its score lock).
     """
 
     __slots__ = ("codes", "left", "scales", "users", "x")
