@@ -54,6 +54,7 @@ Plan = Literal["auto", "padded", "packed"]
 Switch = Literal["auto", "on", "off"]
 Attention = Literal["auto", "gather", "varlen"]
 CpuGemm = Literal["auto", "torch", "onednn"]
+Quant = Literal["none", "int8"]
 CacheScope = Literal["key", "shared"]
 RemoteFormat = Literal["winnow", "cohere", "qwen3-formatted"]
 Consistency = Literal["Strong", "Session", "Bounded", "Eventually"]
@@ -305,6 +306,16 @@ class RerankSettings(_Group):
             "on oneDNN."
         ),
     )
+    rerank_quant: Quant = Field(
+        "none",
+        description=(
+            "hf engine on CPU: `int8` = the decoder's linear layers in int8 (weights per channel, "
+            "activations per token; the yes/no LM-head rows stay fp32; `WINNOW_RERANK_DTYPE=auto` "
+            "then means fp32 for the rest): faster, scores move "
+            "slightly (see [int8 on CPU](#int8-on-cpu)); refused on a GPU and with the vllm or "
+            "remote backend. `none` = no quantization."
+        ),
+    )
     rerank_instruction: str = Field(
         "Given a web search query, retrieve relevant passages that answer the query",
         description="Default Qwen3-Reranker instruction.",
@@ -438,6 +449,30 @@ class RerankSettings(_Group):
     vllm_gpu_memory_utilization: float = Field(
         0.5, gt=0, le=1, description="Fraction of GPU memory vLLM may take."
     )
+
+    @model_validator(mode="after")
+    def _quant_on_cpu_hf(self) -> RerankSettings:
+        """int8 is a CPU mode of the hf engine: refuse it where it would be ignored or fail late."""
+        if self.rerank_quant == "none":
+            return self
+        if self.rerank_backend in ("vllm", "remote"):
+            raise ValueError(
+                f"WINNOW_RERANK_QUANT={self.rerank_quant} is a CPU mode of the hf engine; the "
+                f"{self.rerank_backend} backend quantizes (or not) on its own side: set "
+                "WINNOW_RERANK_BACKEND=hf (or auto), or WINNOW_RERANK_QUANT=none"
+            )
+        if self.rerank_device != "auto" and self.rerank_device != "cpu":
+            raise ValueError(
+                f"WINNOW_RERANK_QUANT={self.rerank_quant} runs on CPU only: set "
+                f"WINNOW_RERANK_DEVICE=cpu (not {self.rerank_device!r}), or "
+                "WINNOW_RERANK_QUANT=none"
+            )
+        if self.rerank_plan == "packed":
+            raise ValueError(
+                f"WINNOW_RERANK_QUANT={self.rerank_quant} runs on the padded plan: set "
+                "WINNOW_RERANK_PLAN=auto or padded"
+            )
+        return self
 
 
 class ApiSettings(_Group):

@@ -21,13 +21,14 @@ def vllm_installed() -> bool:
 
 
 def pick_backend(settings: RerankSettings) -> str:
-    """``auto`` = vLLM on CUDA when installed, else transformers."""
+    """``auto`` = vLLM on CUDA when installed (and no int8 asked), else transformers."""
     if settings.rerank_backend != "auto":
         return settings.rerank_backend
     on_cuda = settings.rerank_device.startswith("cuda") or (
         settings.rerank_device == "auto" and cuda_available()
     )
-    return "vllm" if on_cuda and vllm_installed() else "hf"
+    int8 = settings.rerank_quant != "none"  # a CPU mode of the hf engine
+    return "vllm" if on_cuda and vllm_installed() and not int8 else "hf"
 
 
 def build_engine(settings: RerankSettings, model: str) -> RerankEngine:
@@ -54,6 +55,7 @@ def build_engine(settings: RerankSettings, model: str) -> RerankEngine:
         compile=settings.rerank_compile,
         attention=settings.rerank_attention,
         cpu_gemm=settings.rerank_cpu_gemm,
+        quant=settings.rerank_quant,
     )
 
 

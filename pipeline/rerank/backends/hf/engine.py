@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, get_args
 
-from pipeline.config import Attention, CpuGemm, Switch
+from pipeline.config import Attention, CpuGemm, Quant, Switch
 from pipeline.config import Plan as PlanName
 from pipeline.devices import resolve_device, resolve_dtype
 from pipeline.rerank.backends.hf.attention import install_chunked_attention, varlen_available
@@ -103,6 +103,7 @@ class HFEngine(PaddedPlan, RerankEngine):
         compile: str = "auto",
         attention: str = "auto",
         cpu_gemm: str = "auto",
+        quant: str = "none",
     ) -> None:
         """Cheap: nothing is imported or loaded until :meth:`load`.
 
@@ -117,6 +118,7 @@ class HFEngine(PaddedPlan, RerankEngine):
             ("compile", compile, COMPILE_MODES),
             ("attention", attention, ATTENTION_KERNELS),
             ("cpu_gemm", cpu_gemm, CPU_GEMMS),
+            ("quant", quant, get_args(Quant)),
         ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; use one of {', '.join(allowed)}")
@@ -133,9 +135,10 @@ class HFEngine(PaddedPlan, RerankEngine):
         self.attention_path = attention  # resolved by load(): chunked-sdpa / sdpa / gather / varlen
         self.cpu_gemm = cpu_gemm  # resolved by load(): torch / onednn (padded plan, CPU, fp32)
         self._requested_cpu_gemm = cpu_gemm
+        self.quant = quant  # int8: the decoder's linears in int8 (CPU, padded plan; pipeline/rerank/backends/hf/quant.py)
         self._want_chunked_attention = chunked_attention
         self._requested_device = device
-        self._requested_dtype = dtype
+        self._requested_dtype = "float32" if quant != "none" and dtype == "auto" else dtype
         self._lock = threading.Lock()
         self._score_lock = threading.Lock()
         self._loaded = False
@@ -179,6 +182,7 @@ class HFEngine(PaddedPlan, RerankEngine):
             "attention": self.attention_path,
             "compile": self.compile_mode,
             "cpu_gemm": self.cpu_gemm,
+            "quant": self.quant,
             "max_batch_tokens": int(self.max_batch_tokens or 0),
         }
 
@@ -222,6 +226,10 @@ class HFEngine(PaddedPlan, RerankEngine):
             self.dtype = str(dtype).removeprefix("torch.")
             on_cuda = device.startswith("cuda")
             self.plan = self._resolve_plan(decoder, on_cuda)
+            if self.quant != "none":
+                from pipeline.rerank.backends.hf.quant import quantize_decoder
+
+                quantize_decoder(decoder, self.quant, device, self.plan)
             if self.plan == "padded":
                 self.compile_mode = "off"
                 if self._want_chunked_attention:
