@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from pipeline.config import Settings
 
 log = logging.getLogger(__name__)
+LOCAL_START_TRIES = 2  # a local Ray whose node timed out during startup is started once more
 
 INSTALL_HINT = (
     "the Ray ingest engine needs Ray Data: pip install 'winnow[ray]' "
@@ -73,14 +74,24 @@ def start_ray(settings: Settings) -> bool:
     if settings.ray_address is not None:
         ray.init(address=settings.ray_address, log_to_driver=not quiet, configure_logging=False)
     else:
-        ray.init(
-            num_cpus=local_cpus(),
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-            log_to_driver=not quiet,
-            configure_logging=False,
-        )
+        for attempt in range(1, LOCAL_START_TRIES + 1):
+            try:
+                ray.init(
+                    num_cpus=local_cpus(),
+                    include_dashboard=False,
+                    _node_ip_address="127.0.0.1",
+                    object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                    log_to_driver=not quiet,
+                    configure_logging=False,
+                )
+                break
+            except Exception as exc:
+                # Ray gives its local node 30 s to come up; on a loaded 2-core host its raylet
+                # sometimes never reports (seen once in CI, no raylet log): start it once more
+                if attempt == LOCAL_START_TRIES or "timed out during startup" not in str(exc):
+                    raise
+                log.warning("the local Ray did not start (%s); starting it once more", exc)
+                ray.shutdown()
     return True
 
 

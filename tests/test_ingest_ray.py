@@ -68,6 +68,37 @@ ray = pytest.importorskip("ray")
 from ingest.ray_engine import RayIngestJob, start_ray  # noqa: E402
 
 
+def test_a_local_ray_that_times_out_starting_is_started_once_more(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ray's own error when its node does not come up in 30 s: one more start, then it is used;
+    any other error, or a second timeout, is raised (no real Ray started here)."""
+    import ingest.ray_engine as engine
+
+    calls: list[dict] = []
+    stuck = Exception("The current node timed out during startup. This could happen because ...")
+
+    def fake_init(**kw: object) -> None:
+        calls.append(kw)
+        if len(calls) == 1:
+            raise stuck
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    assert engine.start_ray(Settings()) is True and len(calls) == 2
+    calls.clear()
+    monkeypatch.setattr(ray, "init", lambda **kw: (calls.append(kw), (_ for _ in ()).throw(stuck)))
+    with pytest.raises(Exception, match="timed out during startup"):
+        engine.start_ray(Settings())
+    assert len(calls) == engine.LOCAL_START_TRIES
+    calls.clear()
+    monkeypatch.setattr(ray, "init", lambda **kw: (calls.append(kw), 1 / 0))
+    with pytest.raises(ZeroDivisionError):
+        engine.start_ray(Settings())
+    assert len(calls) == 1
+
+
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
     """One local Ray for the module (what ``--engine ray`` without an address starts)."""
