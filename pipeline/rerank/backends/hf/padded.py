@@ -32,6 +32,9 @@ class PaddedPlan:
     _decoder: Any
     _cache_kw: str
     _head_weight: Any
+    _fused: (
+        PaddedDecoder | None
+    )  # None: transformers' decoder forward (a model it does not reproduce)
 
     if TYPE_CHECKING:  # the engine's
 
@@ -81,10 +84,12 @@ class PaddedPlan:
             # Right padding: real queries never see pads; pad queries see real keys (no empty rows).
             mask = (causal[None] & valid[:, None, :])[:, None]
             positions = torch.arange(width)[None].expand(len(group), -1)
-            cache = self._new_cache()
-            out = self._forward(ids.to(dev), positions.to(dev), mask.to(dev), cache)
-            del out  # the cache object was filled in place
-            layers = _cache_layers(cache)
+            if self._fused is not None:
+                layers = self._fused.heads(ids.to(dev), positions.to(dev), mask.to(dev))
+            else:
+                cache = self._new_cache()
+                self._forward(ids.to(dev), positions.to(dev), mask.to(dev), cache)
+                layers = _cache_layers(cache)  # the cache object was filled in place
             for row, i in enumerate(group):
                 n = lens[row]
                 kv[i] = [(k[row, :, :n], v[row, :, :n]) for k, v in layers]
@@ -101,7 +106,6 @@ class PaddedPlan:
     ) -> list[float]:
         """One forward over the tails of ``batch`` on top of their heads' cached KV."""
         import torch
-        from transformers import DynamicCache
 
         dev = self.device
         rows = len(batch)
@@ -129,7 +133,6 @@ class PaddedPlan:
                 k_all = torch.stack(ks).index_select(0, row_slot)
                 v_all = torch.stack(vs).index_select(0, row_slot)
             layers.append((k_all, v_all))
-        cache = DynamicCache(layers)
 
         ids = torch.zeros(rows, width_t, dtype=torch.long)
         for r, p in enumerate(batch):
@@ -147,10 +150,132 @@ class PaddedPlan:
             ],
             dim=-1,
         )[:, None]  # [rows, 1, Wt, Wh + Wt]
-        out = self._forward(ids.to(dev), positions.to(dev), mask.to(dev), cache)
-        hidden = out.last_hidden_state
-        last = hidden[torch.arange(rows, device=dev), (tail_lens - 1).to(dev)]  # [rows, hidden]
-        logits = (last @ self._head_weight.T).float()  # [rows, 2] = (no, yes)
-        scores = torch.softmax(logits, dim=-1)[:, 1]
+        ids, positions, mask, last = (
+            ids.to(dev),
+            positions.to(dev),
+            mask.to(dev),
+            (tail_lens - 1).to(dev),
+        )
+        if self._fused is not None:
+            scores = self._fused.tails(ids, positions, mask, layers, last)
+        else:
+            from transformers import DynamicCache
+
+            hidden = self._forward(ids, positions, mask, DynamicCache(layers)).last_hidden_state
+            logits = (hidden[torch.arange(rows, device=dev), last] @ self._head_weight.T).float()
+            scores = torch.softmax(logits, dim=-1)[:, 1]  # [rows, 2] = (no, yes) → P(yes)
         self._count(rows, rows * (width_h + width_t), int(tail_lens.sum()))
         return scores.cpu().tolist()
+
+
+class PaddedDecoder:
+    """The Qwen3 decoder over right-padded rows ``[rows, width]``, on top of cached head KV.
+
+    Runs the loaded model's modules (its linears as the engine set them up: torch, oneDNN or int8)
+    with the elementwise work of :mod:`~pipeline.rerank.backends.hf.fused` between them: one RMSNorm
+    with the residual add before it, one norm + RoPE + head split for q and for k, one SiLU·up. Two
+    things transformers' layer cannot know are skipped: a head forward stops once the last layer's
+    K/V exist (its queries, attention and MLP feed nothing), and a tail forward runs the last layer's
+    query, attention, o_proj and MLP for each row's last token only (the only one that is scored).
+    """
+
+    def __init__(
+        self, decoder: Any, head_weight: Any, kernels: Any, upcast_attention: bool
+    ) -> None:
+        from pipeline.rerank.backends.hf.packed import check_supported
+
+        check_supported(decoder.config, "fused padded decoder")
+        cfg = decoder.config
+        self.eps = float(cfg.rms_norm_eps)
+        self.n_q = int(cfg.num_attention_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_q)
+        self.embed = decoder.embed_tokens
+        self.rotary = decoder.rotary_emb
+        self.layers = list(decoder.layers)
+        self.final_w = decoder.norm.weight
+        self.head_weight = head_weight  # [2, hidden]: (no, yes)
+        self.k = kernels
+        self.attend = PaddedAttention(self.head_dim**-0.5, upcast_attention)
+
+    def heads(self, ids: Any, positions: Any, mask: Any) -> list[tuple[Any, Any]]:
+        """Per layer (keys, values) ``[rows, kv_heads, width, dim]`` of a head forward."""
+        _, kv = self._run(ids, positions, mask, None, None)
+        return kv
+
+    def tails(
+        self, ids: Any, positions: Any, mask: Any, past: list[tuple[Any, Any]], last: Any
+    ) -> Any:
+        """P(yes) per row (fp32, ``[rows]``), read at ``last`` (each row's last real token)."""
+        import torch
+
+        x, _ = self._run(ids, positions, mask, past, last)
+        hidden = self.k.rms(x[:, 0], self.final_w, self.eps)
+        logits = (hidden @ self.head_weight.T).float()  # [rows, 2] = (no, yes)
+        return torch.softmax(logits, dim=-1)[:, 1]
+
+    def _run(
+        self, ids: Any, positions: Any, mask: Any, past: list[tuple[Any, Any]] | None, last: Any
+    ) -> tuple[Any, list[tuple[Any, Any]]]:
+        import torch
+
+        k, eps, dim = self.k, self.eps, self.head_dim
+        x = self.embed(ids)  # [rows, width, hidden]
+        cos, sin = self.rotary(x, positions)  # [rows, width, dim]
+        rows = x.shape[0]
+        at = torch.arange(rows, device=x.device)
+        kv: list[tuple[Any, Any]] = []
+        h = k.rms(x, self.layers[0].input_layernorm.weight, eps)
+        final = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            att, mlp = layer.self_attn, layer.mlp
+            keys = k.norm_rope(att.k_proj(h), att.k_norm.weight, cos, sin, eps)
+            values = k.split_heads(att.v_proj(h), dim)
+            if past is None:
+                kv.append((keys, values))
+                if i == final:
+                    return x, kv
+            else:
+                keys = torch.cat((past[i][0], keys), dim=2)
+                values = torch.cat((past[i][1], values), dim=2)
+            q_cos, q_sin, q_mask = cos, sin, mask
+            if i == final:  # the scored token of each row only
+                h, x = h[at, last][:, None], x[at, last][:, None]
+                q_cos, q_sin = cos[at, last][:, None], sin[at, last][:, None]
+                q_mask = mask[at, :, last][:, :, None]
+            queries = k.norm_rope(att.q_proj(h), att.q_norm.weight, q_cos, q_sin, eps)
+            a = self.attend(att, queries, keys, values, q_mask)  # [rows, q, heads, dim]
+            x, h = k.add_rms(
+                x,
+                att.o_proj(a.reshape(*x.shape[:2], -1)),
+                layer.post_attention_layernorm.weight,
+                eps,
+            )
+            down = mlp.down_proj(k.silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
+            if i == final:
+                x = x + down
+            else:
+                x, h = k.add_rms(x, down, self.layers[i + 1].input_layernorm.weight, eps)
+        return x, kv
+
+
+class PaddedAttention:
+    """The padded decoder's attention: grouped GEMMs on a CPU (:func:`attention.grouped_attention`;
+    bf16/fp16 upcast to fp32 for it when ``upcast``, measured faster than torch's CPU flash kernel
+    with a mask), chunked SDPA elsewhere (:func:`attention.chunked_sdpa`)."""
+
+    def __init__(self, scale: float, upcast: bool) -> None:
+        self.scale = scale
+        self.upcast = upcast
+
+    def __call__(self, module: Any, q: Any, k: Any, v: Any, mask: Any) -> Any:
+        import torch
+
+        from pipeline.rerank.backends.hf.attention import chunked_sdpa, grouped_attention
+
+        if q.device.type == "cpu":
+            if q.dtype == torch.float32:
+                return grouped_attention(q, k, v, mask, self.scale)
+            if self.upcast:
+                out = grouped_attention(q.float(), k.float(), v.float(), mask, self.scale)
+                return out.to(q.dtype)
+        return chunked_sdpa(module, q, k, v, mask, scaling=self.scale)[0]

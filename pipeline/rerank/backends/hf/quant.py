@@ -23,6 +23,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from pipeline.rerank.backends.hf.fused import kernel
+
 __all__ = [
     "QUANT_MODES",
     "QuantUnsupported",
@@ -76,10 +78,11 @@ class SharedInput:
     Not for concurrent forwards: the hf engine runs one at a time (its score lock).
     """
 
-    __slots__ = ("codes", "left", "scales", "users", "x")
+    __slots__ = ("codes", "left", "quantize_rows", "scales", "users", "x")
 
-    def __init__(self, users: int) -> None:
+    def __init__(self, users: int, compile: bool = False) -> None:
         self.users = users
+        self.quantize_rows = kernel(quantize_rows, compile)
         self.left = 0
         self.x: Any = None
         self.codes: Any = None
@@ -92,7 +95,7 @@ class SharedInput:
             if not self.left:
                 self.x = self.codes = self.scales = None
             return codes, scales
-        codes, scales = quantize_rows(x.reshape(-1, in_features))
+        codes, scales = self.quantize_rows(x.reshape(-1, in_features))
         if self.users > 1:
             self.x, self.codes, self.scales, self.left = x, codes, scales, self.users - 1
         return codes, scales
@@ -109,6 +112,14 @@ def quantize_rows(x: Any) -> tuple[Any, Any]:
     return codes, scales
 
 
+def dequantize(acc: Any, scales: Any, weight_scale: Any, bias: Any, dtype: Any) -> Any:
+    """int32 accumulators → ``dtype``: row scales × column scales (+ bias), in fp32."""
+    out = acc * scales * weight_scale
+    if bias is not None:
+        out = out + bias
+    return out.to(dtype)
+
+
 @functools.cache
 def _int8_linear_class() -> Any:
     """The module class, made once (torch is imported lazily in this module)."""
@@ -122,7 +133,9 @@ def _int8_linear_class() -> Any:
     class Int8Linear(torch.nn.Module):
         """Per-channel int8 weight, per-token dynamic int8 activation, fp32 accumulate and output."""
 
-        def __init__(self, dense: torch.nn.Linear, shared: SharedInput | None = None) -> None:
+        def __init__(
+            self, dense: torch.nn.Linear, shared: SharedInput | None = None, compile: bool = False
+        ) -> None:
             super().__init__()
             self.in_features, self.out_features = dense.in_features, dense.out_features
             w = dense.weight.detach().float()
@@ -132,14 +145,14 @@ def _int8_linear_class() -> Any:
             self.register_buffer("weight_scale", scale.t().contiguous())  # [1, out], fp32
             bias = dense.bias.detach().float() if dense.bias is not None else None
             self.register_buffer("bias", bias)
-            self.shared = shared if shared is not None else SharedInput(1)
+            self.shared = shared if shared is not None else SharedInput(1, compile)
+            self.dequantize = kernel(dequantize, compile)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             codes, scales = self.shared.quantize(x, self.in_features)
-            out = torch.mul(torch._int_mm(codes, self.weight_t), scales).mul_(self.weight_scale)
-            if self.bias is not None:
-                out.add_(self.bias)
-            return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            acc = torch._int_mm(codes, self.weight_t)
+            out = self.dequantize(acc, scales, self.weight_scale, self.bias, x.dtype)
+            return out.reshape(*x.shape[:-1], self.out_features)
 
         def extra_repr(self) -> str:
             shared = f", shared by {self.shared.users}" if self.shared.users > 1 else ""
@@ -148,7 +161,7 @@ def _int8_linear_class() -> Any:
     return Int8Linear
 
 
-def quantize_linears(module: Any) -> int:
+def quantize_linears(module: Any, compile: bool = False) -> int:
     """Swap every ``nn.Linear`` under ``module`` (exactly that type) for :func:`int8_linear`;
     returns how many. Siblings of one parent with the same input width (q/k/v, gate/up) share one
     :class:`SharedInput`: when the model feeds them the same tensor it is quantized once."""
@@ -161,20 +174,24 @@ def quantize_linears(module: Any) -> int:
         for name, child in linears:
             widths.setdefault(child.in_features, []).append(name)
         for names in widths.values():
-            shared = SharedInput(len(names))
+            shared = SharedInput(len(names), compile)
             for name in names:
-                setattr(parent, name, _int8_linear_class()(getattr(parent, name), shared))
+                linear = _int8_linear_class()(getattr(parent, name), shared, compile)
+                setattr(parent, name, linear)
                 swapped += 1
     return swapped
 
 
-def quantize_decoder(decoder: Any, quant: str, device: str, plan: str = "padded") -> int:
+def quantize_decoder(
+    decoder: Any, quant: str, device: str, plan: str = "padded", compile: bool = False
+) -> int:
     """The hf engine's hook: check ``quant`` for this device and plan, then swap the decoder's
-    linears (the LM head is not under the decoder; the engine keeps its yes/no rows in fp32)."""
+    linears (the LM head is not under the decoder; the engine keeps its yes/no rows in fp32).
+    ``compile``: the (de)quantization steps as inductor kernels (:mod:`.fused`)."""
     check_quant(quant, device, plan)
     if quant == "none":
         return 0
-    swapped = quantize_linears(decoder)
+    swapped = quantize_linears(decoder, compile)
     if swapped == 0:
         raise QuantUnsupported("WINNOW_RERANK_QUANT=int8 found no linear layer to quantize")
     return swapped
