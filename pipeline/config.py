@@ -251,7 +251,7 @@ class SearchSettings(_Group):
             "Default `rerank_budget_ms` of /v1/search: the best-recalled candidates that the "
             "reranker can score within this many milliseconds (queue included, by its cost model)"
             " are reranked, the rest follow in recall order (marked `reranked=false`) instead of "
-            "a 413. 0 = `WINNOW_RERANK_DEADLINE_S`."
+            "a 413. 0 = `WINNOW_RERANK_DEADLINE_S`. Unset with the hf reranker on a CPU: 10000."
         ),
     )
 
@@ -271,7 +271,13 @@ class RerankSettings(_Group):
         "auto", description="auto = bf16 on GPU / CPUs with bf16 support, else fp32."
     )
     rerank_max_length: int = Field(
-        8192, ge=64, le=32768, description="Tokens per pair; the document is truncated first."
+        8192,
+        ge=64,
+        le=32768,
+        description=(
+            "Tokens per pair; the document is truncated first. Unset with the hf reranker on a "
+            "CPU: 2048."
+        ),
     )
     rerank_max_batch_tokens: int | None = Field(
         None,
@@ -291,7 +297,12 @@ class RerankSettings(_Group):
         description="hf engine: auto = packed (padding-free stream) on CUDA, padded on CPU.",
     )
     rerank_compile: Switch = Field(
-        "auto", description="torch.compile the packed forward (auto = off until measured to win)."
+        "auto",
+        description=(
+            "hf engine, torch.compile (inductor). Padded plan: the fused decoder's elementwise "
+            "kernels (auto = on on a CPU with a C++ compiler; compiled at load, cached on disk). "
+            "Packed plan: its whole forward (auto = off until measured to win)."
+        ),
     )
     rerank_attention: Attention = Field(
         "auto",

@@ -52,6 +52,33 @@ def rerank_backend(settings: Settings) -> str:
     return pick_backend(settings.reranker)
 
 
+# Defaults for the hf reranker on a CPU (issue 30; measured in docs/benchmarks.md "Search on a CPU"):
+# a search reranks what its budget allows in about 10 s and a pair is cut at 2048 tokens, so one long
+# document (8192 tokens: ~30 s on 2 cores) cannot take a whole budget. Settings a user sets win.
+CPU_SEARCH_RERANK_BUDGET_MS = 10_000
+CPU_RERANK_MAX_LENGTH = 2048
+
+
+def machine_defaults(settings: Settings) -> Settings:
+    """``settings`` with the CPU defaults above filled in where the reranker is the hf engine on a
+    CPU and the user left them unset; unchanged elsewhere (GPU, vLLM, remote, reranking off)."""
+    if rerank_backend(settings) != "hf":
+        return settings
+    from pipeline.devices import resolve_device
+
+    if resolve_device(settings.rerank_device) != "cpu":
+        return settings
+    update: dict[str, int] = {}
+    if "rerank_max_length" not in settings.reranker.model_fields_set:
+        update["rerank_max_length"] = CPU_RERANK_MAX_LENGTH
+    if "search_rerank_budget_ms" not in settings.search.model_fields_set:
+        update["search_rerank_budget_ms"] = CPU_SEARCH_RERANK_BUDGET_MS
+    if not update:
+        return settings
+    log.info("reranker on a CPU: defaults %s (set them to override)", update)
+    return settings.model_copy(update=update)
+
+
 def load_reranker(settings: Settings) -> Reranker | None:
     """The loaded reranker, or None when ``WINNOW_RERANK=off``; missing weights fail fast."""
     if not settings.rerank:
@@ -87,6 +114,7 @@ class Runtime:
     _writes: WriteService | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        self.settings = machine_defaults(self.settings)
         if self.embedder is None:
             self.embedder = build_embedder(self.settings)
         if self.store is None:

@@ -14,6 +14,7 @@ from test_api import app_settings, copy_db
 from pipeline.api import create_app
 from pipeline.config import Settings
 from pipeline.rerank.prompt import encode_bodies, encode_fixed, format_body
+from pipeline.runtime import machine_defaults
 
 pytestmark = pytest.mark.slow
 
@@ -226,7 +227,8 @@ def test_info_and_models(client: httpx.Client) -> None:
     assert info.status_code == 200, info.text
     body = info.json()
     assert "reranker" in body["model_type"] and body["max_client_batch_size"] == 40
-    assert body["max_input_length"] == Settings().rerank_max_length
+    # the pair length this server runs: the hf engine on a CPU defaults to 2048 (machine_defaults)
+    assert body["max_input_length"] == machine_defaults(Settings()).rerank_max_length
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == "tiny-qwen3-reranker"
 

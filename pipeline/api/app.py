@@ -26,7 +26,7 @@ from pipeline.api.state import AppState
 from pipeline.config import Settings
 from pipeline.embedding import Embedder
 from pipeline.rerank.base import Reranker
-from pipeline.runtime import CollectionMissing, Runtime
+from pipeline.runtime import CollectionMissing, Runtime, machine_defaults
 from pipeline.store import StoreError
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def create_app(
     reranker: Reranker | None = None,
 ) -> FastAPI:
     """An app over ``runtime`` (or one built from ``settings`` with the given models)."""
-    settings = settings if settings is not None else Settings()
+    settings = machine_defaults(settings if settings is not None else Settings())
     rt = runtime if runtime is not None else Runtime(settings, embedder=embedder, reranker=reranker)
     state = AppState(settings, rt)
 
