@@ -20,6 +20,9 @@ pytestmark = pytest.mark.slow
 
 
 def app_settings(db: Path, **kw) -> Settings:
+    # every candidate reranked (budget = the deadline): these batchers are not calibrated, so on a
+    # CPU the default 10 s budget (tests/test_machine_defaults.py) would rest on the cost model's prior
+    kw.setdefault("search_rerank_budget_ms", 0)
     return Settings(milvus_uri=str(db), embed_device="cpu", rerank_device="cpu", **kw)
 
 

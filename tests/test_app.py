@@ -32,6 +32,9 @@ def engine(tiny_engine):
 def settings(**kw: Any) -> Settings:
     if "write_api_key" not in kw:
         kw.setdefault("writes", "on")  # a local single-user server: the tests write through the API
+    # every candidate reranked (budget = the deadline): these batchers are not calibrated, so on a
+    # CPU the default 10 s budget (tests/test_machine_defaults.py) would rest on the cost model's prior
+    kw.setdefault("search_rerank_budget_ms", 0)
     return Settings(milvus_uri="memory://test", embed_device="cpu", rerank_device="cpu", **kw)
 
 
