@@ -37,17 +37,10 @@ from rerank import SCIFACT, build_model_dir, emit, header  # noqa: E402
 def scifact_subset(n_docs: int, n_queries: int) -> tuple[list[dict], list[str]]:
     """The first ``n_docs`` documents plus every judged document of the first ``n_queries`` judged
     train queries (so each query has something relevant to find), and those queries."""
-    queries = {}
-    with (SCIFACT / "queries.jsonl").open() as fh:
-        for line in fh:
-            q = json.loads(line)
-            queries[q["_id"]] = q["text"]
-    judged: dict[str, set[str]] = {}
-    with (SCIFACT / "qrels" / "train.tsv").open() as fh:
-        next(fh)
-        for line in fh:
-            qid, did, _ = line.rstrip("\n").split("\t")
-            judged.setdefault(qid, set()).add(did)
+    from evaluation.data import read_qrels, read_queries
+
+    queries = read_queries(SCIFACT / "queries.jsonl")
+    judged = read_qrels(SCIFACT / "qrels" / "train.tsv")
     chosen = [q for q in judged if q in queries][:n_queries]
     wanted = set().union(*(judged[q] for q in chosen))
     docs = []
