@@ -96,10 +96,11 @@ def child(args: argparse.Namespace, cores: int, queries: list[str]) -> dict[str,
         out["dtype"] = str(resolve_dtype(resolved.rerank_dtype, "cpu"))
         client.post("/v1/search", json={"query": "warm-up", "top_k": 2})
         for top_k in args.top_k:
-            for label, extra in (
-                ("default", {}),
-                ("all", {"rerank_budget_ms": int(resolved.rerank_deadline_s * 1000)}),
-            ):
+            budgets = {
+                "default": {},
+                "all": {"rerank_budget_ms": int(resolved.rerank_deadline_s * 1000)},
+            }
+            for label, extra in ((b, budgets[b]) for b in args.budgets):
                 for q in queries:
                     t = time.perf_counter()
                     r = client.post("/v1/search", json={"query": q, "top_k": top_k, **extra})
@@ -124,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cores", default="1,2", help="comma-separated core counts")
     ap.add_argument("--top-k", default="10,20,50")
     ap.add_argument("--queries", type=int, default=3)
+    ap.add_argument(
+        "--budgets", default="default,all", help="default (the CPU budget), all (the deadline)"
+    )
     ap.add_argument("--docs", type=int, default=300, help="SciFact documents ingested (+ judged)")
     ap.add_argument("--db", type=Path, default=Path("/tmp/winnow-cpu-search/scifact.db"))
     ap.add_argument("--model-dir", type=Path, default=Path("/tmp/winnow-bench-qwen3-0.6b"))
@@ -133,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.top_k = [int(k) for k in str(args.top_k).split(",")]
+    args.budgets = [b for b in str(args.budgets).split(",") if b]
     docs, queries = scifact_subset(args.docs, args.queries)
     if args.child is not None:
         assert args.out is not None
@@ -162,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = ["taskset", "-c", f"0-{cores - 1}", sys.executable, __file__, "--child", str(cores)]
         cmd += ["--out", str(out), "--db", str(args.db), "--model-dir", str(args.model_dir)]
         cmd += ["--top-k", ",".join(map(str, args.top_k)), "--queries", str(args.queries)]
-        cmd += ["--docs", str(args.docs)]
+        cmd += ["--docs", str(args.docs), "--budgets", ",".join(args.budgets)]
         env = dict(os.environ, OMP_NUM_THREADS=str(cores))
         proc = subprocess.run(cmd, env=env)
         runs.append(

@@ -202,18 +202,20 @@ class RerankService:
         long text in windows, all of them in the one reranker call (so they are batched together
         and count as its work).
 
-        ``budget_s``: only the leading texts whose work fits it are scored (the result is that
-        much shorter); None = all of them (413/429 when they do not fit).
+        ``budget_s``: only the leading texts whose work is predicted to fit it are sent, and of
+        those only the ones scored within it come back (a run slower than predicted stops at the
+        budget, the result is that much shorter); None = all of them (413/429 when they do not fit).
         """
         assert self.reranker is not None
+        t0 = time.monotonic()
         if chunks <= 1:
             if budget_s is not None:
                 fit = await self.reranker.affordable(query, texts, instruction, budget_s)
                 texts = texts[:fit]
             if not texts:
                 return [], []
-            scores = await self.reranker.score(query, texts, instruction)
-            return [(score, 0) for score in scores], list(texts)
+            scores = await self._score_within(query, texts, instruction, budget_s, t0)
+            return [(score, 0) for score in scores], list(texts[: len(scores)])
         cutter = self.reranker.document_cutter()
         if cutter is None:
             raise RequestError(
@@ -240,8 +242,22 @@ class RerankService:
         flat = [w for ws in windows for w in ws]
         if not flat:
             return [], []
-        scores = await self.reranker.score(query, flat, instruction)
-        return best_of_windows(scores, [len(ws) for ws in windows]), flat
+        scores = await self._score_within(query, flat, instruction, budget_s, t0)
+        docs = used = 0
+        while docs < len(windows) and used + len(windows[docs]) <= len(scores):
+            used += len(windows[docs])  # whole documents only
+            docs += 1
+        return best_of_windows(scores[:used], [len(ws) for ws in windows[:docs]]), flat[:used]
+
+    async def _score_within(
+        self, query: str, texts: Sequence[str], instruction: str, budget_s: float | None, t0: float
+    ) -> list[float]:
+        """All of ``texts`` (no budget), or the leading ones scored by ``t0 + budget_s``."""
+        assert self.reranker is not None
+        if budget_s is None:
+            return await self.reranker.score(query, texts, instruction)
+        left = budget_s - (time.monotonic() - t0)
+        return await self.reranker.score_within(query, texts, instruction, left)
 
     def chunks(self, max_chunks_per_doc: int | None) -> int:
         s = self.settings

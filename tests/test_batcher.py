@@ -410,3 +410,86 @@ def test_failed_merged_call_isolates_the_bad_request() -> None:
     assert engine.queries_per_call() == [["good", "boom"], ["good"], ["boom"]]
     assert batcher.counters().as_dict()["rerank_failed"] == 1
     asyncio.run(batcher.aclose())
+
+
+# --- a search's budget, kept while it runs (issue 30) ----------------------------------------------
+def told_per_doc(batcher: MicroBatcher, seconds: float) -> None:
+    """Make the cost model believe every ``doc_of(100, …)`` pair takes ``seconds``."""
+    per_doc = batcher._estimate(RerankRequest("q", [doc_of(100, "d")]))[0]
+    batcher.cost.set_profile([(per_doc, seconds), (2 * per_doc, 2 * seconds)])
+
+
+def test_budget_answers_with_the_documents_scored_within_it() -> None:
+    """Predicted 0.1 s a document, really 0.3 s: a 2 s budget planned for all 10 is kept. The search
+    gets the leading documents scored by then (a prefix, exact scores), at the budget, not after."""
+    engine = SlowEngine(per_doc=0.3)
+    batcher = MicroBatcher(engine, deadline_s=30, max_wait_ms=0)
+    told_per_doc(batcher, 0.1)
+    docs = [doc_of(100, f"d{i}") for i in range(10)]
+
+    async def go() -> tuple[list[float], float]:
+        t0 = time.monotonic()
+        got = await batcher.submit(RerankRequest("q", docs), budget_s=2.0)
+        return got, time.monotonic() - t0
+
+    got, took = asyncio.run(go())
+    assert 0 < len(got) < len(docs), got
+    assert got == [det_score("q", d) for d in docs[: len(got)]]
+    assert took <= 2.0 + 0.35, took  # at most one document's misprediction past it
+    assert engine.scored == len(got)  # what could not finish was not started
+    # slices of at most a quarter of the budget (predicted), one per call
+    assert all(len(call[0][1]) <= 5 for call in engine.calls)
+    st = batcher.counters()
+    assert st.budget_cut == 1 and st.budget_cut_pairs == len(docs) - len(got)
+    assert st.deadline_missed == 0 and st.failed == 0
+    asyncio.run(batcher.aclose())
+
+
+def test_budget_that_holds_scores_everything() -> None:
+    engine = SlowEngine(per_doc=0.02)
+    batcher = MicroBatcher(engine, deadline_s=30, max_wait_ms=0)
+    told_per_doc(batcher, 0.02)
+    docs = [doc_of(100, f"d{i}") for i in range(10)]
+    got = asyncio.run(batcher.submit(RerankRequest("q", docs), budget_s=2.0))
+    assert got == [det_score("q", d) for d in docs]
+    assert batcher.counters().budget_cut == 0
+    asyncio.run(batcher.aclose())
+
+
+def test_budgeted_search_merged_with_a_long_request_gets_its_share() -> None:
+    """A long /v1/rerank request (no budget) and a budgeted search in the same calls: the search is
+    planned first, the other slices are no longer than its own, and so it finishes within its
+    budget; the long request still gets every score."""
+    engine = SlowEngine(per_doc=0.05)
+    batcher = MicroBatcher(engine, deadline_s=60, max_wait_ms=0, slice_tokens=100_000)
+    told_per_doc(batcher, 0.05)
+    long_docs = [doc_of(100, f"L{i}") for i in range(40)]  # 2 s of work in one slice, alone
+    search_docs = [doc_of(100, f"S{i}") for i in range(6)]  # 0.3 s
+
+    async def go() -> tuple[list[float], list[float], float]:
+        engine.gate.clear()
+        hold = asyncio.ensure_future(batcher.submit(RerankRequest("hold", ["h"])))
+        await until_started(engine)
+        long_task = asyncio.ensure_future(batcher.submit(RerankRequest("long", long_docs)))
+        await asyncio.sleep(0)
+        t0 = time.monotonic()
+        search = asyncio.ensure_future(
+            batcher.submit(RerankRequest("search", search_docs), budget_s=1.0)
+        )
+        await asyncio.sleep(0)
+        engine.gate.set()
+        await hold
+        got = await search
+        took = time.monotonic() - t0
+        return got, await long_task, took
+
+    got, long, took = asyncio.run(go())
+    assert got == [det_score("search", d) for d in search_docs]
+    assert took <= 1.0 + 0.5, took
+    assert long == [det_score("long", d) for d in long_docs]
+    with_search = [dict(c) for c in engine.calls if any(q == "search" for q, _ in c)]
+    assert with_search
+    for call in with_search:  # the long request's slice is no longer than the search's
+        assert len(call.get("long", ())) <= len(call["search"]), engine.calls
+    assert batcher.counters().budget_cut == 0
+    asyncio.run(batcher.aclose())

@@ -32,6 +32,7 @@ from pipeline.rerank.cache import (
 )
 from pipeline.rerank.factory import with_cache
 from pipeline.rerank.prompt import encode_fixed
+from testkit.fake_engine import FakeEngine, fake_score
 
 QUERY = "what makes plants produce oxygen?"
 DOCS = [
@@ -155,6 +156,22 @@ def test_only_misses_reach_the_batcher(tiny_engine: Any) -> None:
     assert st["rerank_pairs"] == 5 and st["rerank_requests"] == 2
     assert st["rerank_cache_hits"] == 3
     assert isinstance(unwrap(r).batcher.stats.pairs, int)
+
+
+def test_within_a_budget_hits_are_free_and_the_answer_is_a_prefix() -> None:
+    """Misses run within the budget (slower than predicted: only the first slice fits); the answer is
+    every document up to the first miss that was not scored, hits included, each its exact score."""
+    engine = FakeEngine("model", seconds_per_pair=0.2)
+    r = cached(engine)
+    batcher = unwrap(r).batcher
+    docs = [f"document {i} about tides and the moon" for i in range(10)]
+    run(r.score(QUERY, [docs[0], docs[1], docs[3]]))  # cached: 0, 1, 3
+    _, lengths = batcher.work(RerankRequest(QUERY, docs[:1]))
+    batcher.cost.set_profile([(lengths[0], 0.05), (2 * lengths[0], 0.1)])  # told 4x too fast
+    got = run(r.score_within(QUERY, docs, None, 0.84))  # slices of 0.21 s told: 4 misses each
+    assert got == [fake_score(QUERY, d) for d in docs[:7]]  # 0, 1 hit; 2 fresh; 3 hit; 4-6 fresh
+    assert batcher.stats.budget_cut == 1 and batcher.stats.budget_cut_pairs == 3
+    assert len(r.cache) == 7
 
 
 def test_the_cache_is_on_by_default_and_off_at_zero() -> None:

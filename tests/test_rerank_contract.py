@@ -185,9 +185,11 @@ def test_reranker_scores_like_its_engine(make_reranker: Callable[[], Reranker]) 
             reverse = await reranker.score(QUERY, DOCS[::-1])
             instructed = await reranker.score(QUERY, DOCS, "Given a question, find the answer")
             assert await reranker.score(QUERY, []) == []
+            within = await reranker.score_within(QUERY, DOCS, None, 60.0)  # a budget that holds
         finally:
             await reranker.aclose()
         assert close(first, [fake_score(QUERY, d) for d in DOCS], 1e-9)
+        assert within == first
         assert again == first and reverse == first[::-1]
         assert close(
             instructed,
@@ -254,6 +256,7 @@ class Bare(Reranker):
 def test_reranker_defaults() -> None:
     r = Bare()
     assert run(r.affordable("q", ["a", "b", "c"], budget_s=0.0)) == 3
+    assert run(r.score_within("q", ["a", "b"], None, 0.0)) == [0.0, 0.0]  # no scheduler: all
     assert r.document_cutter() is None
     assert run(r.health()) is True
     assert r.epoch == 0 and r.stats() == {}

@@ -161,6 +161,14 @@ class Reranker(ABC):
         """The same numbers under their ``stats()`` keys (tests, logs, bench)."""
         return {metric.key: value for metric, value in self.samples()}
 
+    async def score_within(
+        self, query: str, docs: Sequence[str], instruction: str | None, budget_s: float
+    ) -> list[float]:
+        """Scores of the leading ``docs`` that finish within ``budget_s`` seconds from now: a prefix
+        of them, maybe shorter, maybe empty (a search's budget, kept as it runs). Default (no
+        scheduler of its own: a remote keeps its own timeout): :meth:`score`, all of them."""
+        return await self.score(query, docs, instruction)
+
     async def affordable(
         self,
         query: str,

@@ -13,6 +13,12 @@ Every backend (transformers, vLLM) sits behind this one scheduler:
   than ``deadline_s`` is refused with ``WorkTooLarge``; one that would miss it because of the work ahead
   of it gets ``Overloaded`` with a Retry-After from the predicted seconds. :meth:`MicroBatcher.affordable`
   tells a caller how many leading documents fit a budget (``/v1/search`` reranks those).
+- **A search's budget, kept as it runs.** ``submit(request, budget_s)`` sends a budgeted search in
+  slices of at most 1/``BUDGET_SLICES`` of its budget (predicted), one per engine call, planned
+  first in the call, with every other slice of that call no longer than its own (the share
+  ``affordable`` planned with); a slice predicted, at the measured slowdown, to end past the budget
+  is not started and the search gets the leading documents scored so far. A model that was
+  optimistic costs at most one slice's misprediction past the budget, not the whole search's.
 - **Slices, fair round-robin.** Requests are cut into slices of consecutive documents (at most
   ``slice_tokens`` each) and served round by round: each active request gets at most one slice per
   round, and a newcomer joins the current round ahead of requests already served in it. So a short
@@ -81,6 +87,11 @@ RATE_HALF_LIFE_TOKENS = 65536.0  # older dispatches weigh half after this much n
 # is predicted to end within PROFILE_SECONDS of the start (the first long pair always runs).
 PROFILE_SECONDS = 4.0
 PROFILE_MIN_TOKENS = 512
+# A search's rerank budget is enforced while it runs: its documents go to the engine in slices of at
+# most 1/BUDGET_SLICES of the budget (predicted), one slice per engine call, and a slice predicted (at
+# the measured slowdown) to end past the budget is not started. So a search that runs slower than its
+# plan overruns by at most the misprediction of one slice, and answers with the documents scored.
+BUDGET_SLICES = 4
 CALIBRATION_TEXT = "calibration text for the reranker scheduler"
 
 
@@ -161,6 +172,14 @@ class BatcherStats(Stats):
         "rerank_deadline_missed",
         "requests admitted, then answered 503 at the deadline: they ran slower than predicted",
     )
+    budget_cut: int = counter(
+        "rerank_budget_cut",
+        "searches answered with fewer candidates reranked than planned: they ran slower than "
+        "predicted, and the rest would have ended past their budget",
+    )
+    budget_cut_pairs: int = counter(
+        "rerank_budget_cut_pairs", "planned pairs not scored because a search's budget ran out"
+    )
     last_dispatch_s: float = gauge(
         "rerank_last_dispatch_seconds", "seconds of the last engine call", default=0.0
     )
@@ -202,6 +221,11 @@ class _Job:
     rounds: int = 0  # round-robin rounds served
     last_served: float = -1.0  # dispatch number of its last slice (newcomers: just before)
     expires: float | None = None  # time.monotonic() by which it must be answered (the deadline)
+    # a search's budget: by then it is answered with the leading documents scored (None: all of them)
+    budget_expires: float | None = None
+    slice_seconds: float = (
+        math.inf
+    )  # predicted seconds per slice at most (budgeted: 1/BUDGET_SLICES)
     slowdown: float = 1.0  # measured / predicted seconds of its last engine call
 
 
@@ -541,7 +565,13 @@ class MicroBatcher:
             )
         return now
 
-    async def submit(self, request: RerankRequest) -> list[float]:
+    async def submit(self, request: RerankRequest, budget_s: float | None = None) -> list[float]:
+        """P(yes) per document of ``request``; refused up front by :meth:`_admit` when it cannot fit.
+
+        ``budget_s`` (a search's rerank budget): the scores of the leading documents that finish
+        within it, a prefix of the documents that may be shorter than them, or empty. None: all of
+        them, or ``DeadlineExceeded`` at the deadline.
+        """
         if not request.docs:
             return []
         self._ensure_started()
@@ -564,8 +594,13 @@ class MicroBatcher:
             waiting_seconds=sum(cost),
             rounds=ring_rounds,  # joins the current round: after those still waiting in it,
             last_served=self._dispatch_no - 0.5,  # before those served by the call in flight
-            expires=None if self.deadline_s is None else time.monotonic() + self.deadline_s,
         )
+        now = time.monotonic()
+        job.expires = None if self.deadline_s is None else now + self.deadline_s
+        if budget_s is not None and math.isfinite(budget_s):
+            ends = now + max(0.0, budget_s)
+            job.budget_expires = ends if job.expires is None else min(ends, job.expires)
+            job.slice_seconds = max(0.0, budget_s) / BUDGET_SLICES
         self._seq += 1
         self._jobs.add(job)
         self._ring.append(job)
@@ -590,17 +625,34 @@ class MicroBatcher:
 
     # --- dispatch -----------------------------------------------------------------------------
     def _plan(self) -> list[_Part]:
-        """Cut the next engine call: round by round, one slice per request, up to the budget."""
+        """Cut the next engine call: round by round, one slice per request, up to the budget.
+
+        Every job gets its scores when the whole call ends, so a slice is cut to what is predicted
+        (at the jobs' measured slowdown) to end by its own deadline or budget, and by those of the
+        jobs already in the call. A job whose budget leaves no room is answered with what it has
+        (:meth:`_settle`), one past its deadline with 503 (:meth:`_expire`); one held back by
+        another job's budget waits for the next call. A call with a search's budget in it is one
+        round, planned with the budgeted searches first, and every other slice in it is at most as
+        long as theirs: the round-robin share :meth:`affordable` planned the budget with.
+        """
         budget, slice_max = self.slice_tokens, self.slice_tokens
         parts: dict[_Job, _Part] = {}
         used = pairs = 0
-        used_seconds = 0.0  # predicted seconds of the call planned so far
+        used_seconds = 0.0  # predicted seconds of the call planned so far (at the slowdowns)
+        ends_by = math.inf  # the call must end by then: the earliest deadline or budget in it
+        share = math.inf  # predicted seconds of the shortest budgeted slice in the call
         now = time.monotonic()
         self._dispatch_no += 1
         progress = True
         while progress and self._ring and used < budget and pairs < self.max_pairs:
+            if share < math.inf:
+                break  # a budgeted search is in the call: one round
             progress = False
-            for job in sorted(self._ring, key=lambda j: (j.rounds, j.last_served, j.seq)):
+            order = sorted(
+                self._ring,
+                key=lambda j: (j.rounds, j.budget_expires is None, j.last_served, j.seq),
+            )
+            for job in order:
                 if job.future.done():
                     continue
                 if (
@@ -609,22 +661,38 @@ class MicroBatcher:
                     and len(parts) >= self.max_requests
                 ):
                     continue
+                if job.budget_expires is not None and job in parts:
+                    continue  # one slice per call: its budget is checked between calls
                 room = min(slice_max, budget - used)
-                start, stop, tokens = job.next_doc, job.next_doc, 0
+                start, stop, tokens, seconds = job.next_doc, job.next_doc, 0, 0.0
                 docs = len(job.request.docs)
                 while stop < docs and pairs + (stop - start) < self.max_pairs:
                     t = job.est[stop]
                     if tokens + t > room and not (used == 0 and stop == start):
                         break  # an empty dispatch always takes at least one document
+                    if stop > start and seconds + job.cost[stop] > min(job.slice_seconds, share):
+                        break
                     tokens += t
+                    seconds += job.cost[stop]
                     stop += 1
                 if stop == start:
                     continue
-                if job.expires is not None:  # only what is predicted to end by its deadline
-                    stop, tokens = self._within_deadline(job, start, stop, now + used_seconds)
+                begins = now + used_seconds
+                if job.budget_expires is not None:
+                    stop = self._fit(job, start, stop, begins, job.budget_expires)
+                    if stop == start:
+                        if job not in parts:
+                            self._settle(job)
+                        continue
+                if job.expires is not None:
+                    stop = self._fit(job, start, stop, begins, job.expires)
                     if stop == start:
                         self._expire(job)
                         continue
+                stop = self._fit(job, start, stop, begins, ends_by)
+                if stop == start:
+                    continue  # the next call: this one must end by another job's limit
+                tokens = sum(job.est[start:stop])
                 seconds = sum(job.cost[start:stop])
                 prev = parts.get(job)
                 if prev is not None:
@@ -632,6 +700,11 @@ class MicroBatcher:
                     prev.seconds += seconds
                 else:
                     parts[job] = _Part(job, start, stop, tokens, seconds)
+                limit = job.budget_expires if job.budget_expires is not None else job.expires
+                if limit is not None:
+                    ends_by = min(ends_by, limit)
+                if job.budget_expires is not None:
+                    share = min(share, seconds)
                 job.next_doc = stop
                 job.waiting_tokens -= tokens
                 job.waiting_seconds -= seconds
@@ -639,7 +712,7 @@ class MicroBatcher:
                 job.rounds += 1
                 job.last_served = self._dispatch_no
                 used += tokens
-                used_seconds += seconds
+                used_seconds += seconds * job.slowdown
                 pairs += stop - start
                 progress = True
                 if job.next_doc >= docs:
@@ -649,17 +722,28 @@ class MicroBatcher:
         return list(parts.values())
 
     @staticmethod
-    def _within_deadline(job: _Job, start: int, stop: int, begins: float) -> tuple[int, int]:
-        """The slice ``[start, stop)`` cut to the documents predicted (at the job's measured
-        slowdown) to be scored by its deadline if the call begins at ``begins``; (stop, tokens)."""
-        assert job.expires is not None
-        left = job.expires - begins
-        seconds, tokens, end = 0.0, 0, start
+    def _fit(job: _Job, start: int, stop: int, begins: float, limit: float) -> int:
+        """The end of the slice ``[start, stop)`` cut to the documents predicted (at the job's
+        measured slowdown) to be scored by ``limit`` if the call begins at ``begins``."""
+        if limit == math.inf:
+            return stop
+        left = limit - begins
+        seconds, end = 0.0, start
         while end < stop and seconds + job.cost[end] * job.slowdown <= left:
             seconds += job.cost[end] * job.slowdown
-            tokens += job.est[end]
             end += 1
-        return end, tokens
+        return end
+
+    def _settle(self, job: _Job) -> None:
+        """A search's budget leaves no room for its next slice: answer with the leading documents
+        scored so far (none of its slices is in flight: calls run one at a time)."""
+        if job.future.done():
+            return
+        done = job.next_doc
+        self.stats.budget_cut += 1
+        self.stats.budget_cut_pairs += len(job.request.docs) - done
+        job.future.set_result(job.scores[:done])
+        self._finished(job)  # now, not from the callback: the planner must not see it again
 
     def _expire(self, job: _Job) -> None:
         """Answer a job that can no longer finish by its deadline (503), and drop its rest."""
@@ -824,6 +908,12 @@ class BatchedReranker(Reranker):
         self, query: str, docs: Sequence[str], instruction: str | None = None
     ) -> list[float]:
         return await self.batcher.submit(RerankRequest(query, list(docs), instruction))
+
+    async def score_within(
+        self, query: str, docs: Sequence[str], instruction: str | None, budget_s: float
+    ) -> list[float]:
+        """The leading documents scored within ``budget_s`` (the batcher keeps it as it runs)."""
+        return await self.batcher.submit(RerankRequest(query, list(docs), instruction), budget_s)
 
     def document_cutter(self) -> DocumentCutter | None:
         """The engine's :class:`~pipeline.rerank.cut.DocumentCutter` (windows), if it has one."""

@@ -28,6 +28,7 @@ import hashlib
 import logging
 import math
 import sys
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from contextvars import ContextVar
@@ -182,23 +183,52 @@ class CachedReranker(Reranker):
     async def score(
         self, query: str, docs: Sequence[str], instruction: str | None = None
     ) -> list[float]:
+        return await self._score(query, docs, instruction, None)
+
+    async def score_within(
+        self, query: str, docs: Sequence[str], instruction: str | None, budget_s: float
+    ) -> list[float]:
+        """Hits are free; the misses go to the inner reranker within the budget. The answer is the
+        leading documents up to the first miss it did not score."""
+        return await self._score(query, docs, instruction, budget_s)
+
+    async def _score(
+        self, query: str, docs: Sequence[str], instruction: str | None, budget_s: float | None
+    ) -> list[float]:
         if not docs:
             return []
+        t0 = time.monotonic()
         keys = await self._keys(query, docs, instruction)
         self._sync_epoch()
         scores: list[float | None] = [self.cache.get(k) for k in keys]
         todo = [i for i, value in enumerate(scores) if value is None]
         if todo:
-            fresh = await self.inner.score(query, [docs[i] for i in todo], instruction)
+            fresh = await self._inner(query, [docs[i] for i in todo], instruction, budget_s, t0)
             if self._sync_epoch() and len(todo) < len(docs):  # the hits may be the old model's
-                todo, fresh = (
-                    list(range(len(docs))),
-                    await self.inner.score(query, docs, instruction),
-                )
-            for i, value in zip(todo, fresh, strict=True):
+                todo = list(range(len(docs)))
+                fresh = await self._inner(query, docs, instruction, budget_s, t0)
+            for i, value in zip(todo, fresh, strict=False):  # fresh: a prefix within a budget
                 scores[i] = value
                 self.cache.put(keys[i], value)
-        return [float(value) for value in scores if value is not None]
+        out: list[float] = []
+        for value in scores:
+            if value is None:
+                break
+            out.append(float(value))
+        return out
+
+    async def _inner(
+        self,
+        query: str,
+        docs: Sequence[str],
+        instruction: str | None,
+        budget_s: float | None,
+        t0: float,
+    ) -> list[float]:
+        if budget_s is None:
+            return await self.inner.score(query, docs, instruction)
+        left = budget_s - (time.monotonic() - t0)
+        return await self.inner.score_within(query, docs, instruction, left)
 
     async def affordable(
         self,
