@@ -101,6 +101,10 @@ def grouped_attention(
     ``[rows, 1, q, kv]``, boolean (True = attend) or additive. On a 2-core Xeon (AVX-512) this ran
     the reranker's layer shapes 1.6-1.8× faster than torch's CPU flash-attention kernel in query
     chunks, and 1.2-2.7× faster than one call of it (docs/benchmarks.md).
+
+    ``value`` may be of a lower precision than ``query``/``key`` (bf16 with fp32 scores, as flash
+    kernels do): the probabilities are rounded to its dtype for the second GEMM, accumulated in
+    fp32 by oneDNN, and the output is in its dtype.
     """
     import torch
 
@@ -113,14 +117,14 @@ def grouped_attention(
         bias.masked_fill_(~mask, float("-inf"))
     else:
         bias = mask.to(query.dtype)
-    out = query.new_empty(rows, q_len, heads, dim)
+    out = value.new_empty(rows, q_len, heads, dim)
     for a in range(0, q_len, chunk):
         b = min(a + chunk, q_len)
         n, horizon = b - a, offset + b
         q = query[:, :, a:b].reshape(rows, kv_heads, group * n, dim)
         scores = torch.matmul(q, key[:, :, :horizon].transpose(-1, -2)).mul_(scale)
         scores.view(rows, kv_heads, group, n, horizon).add_(bias[:, :, None, a:b, :horizon])
-        probs = torch.softmax(scores, dim=-1)
+        probs = torch.softmax(scores, dim=-1).to(value.dtype)
         ctx = torch.matmul(probs, value[:, :, :horizon])  # [rows, kv_heads, group * n, dim]
         out[:, a:b] = ctx.view(rows, heads, n, dim).transpose(1, 2)
     return out
