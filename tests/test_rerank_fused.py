@@ -187,3 +187,40 @@ def test_functions_equal_transformers_modules(dtype: torch.dtype, compile: bool)
         close(k.norm_rope(x, head_norm.weight, cos, sin, 1e-6), want)
         close(k.split_heads(x, dim), x.view(rows, width, heads, dim).transpose(1, 2))
         close(k.silu_mul(x, delta), torch.nn.functional.silu(x) * delta)
+
+
+def test_head_cache_reuses_a_requests_head_across_calls(
+    model: Path, exact: list[list[float]]
+) -> None:
+    """A request sent in two calls (the batcher's slices) runs its head once: the second call takes
+    its K/V from the head cache, with the same scores as one call and as the card."""
+    engine = _engine(model, dtype="float32", compile="off")
+    req = REQUESTS[0]
+    whole = engine.score_requests([req])[0]
+    st = engine.stats()
+    assert st.head_cache_hits == 0 and len(engine._heads) == 1
+    tokens = st.tokens_scored
+    first = engine.score_requests([RerankRequest(req.query, req.docs[:2], req.instruction)])[0]
+    rest = engine.score_requests([RerankRequest(req.query, req.docs[2:], req.instruction)])[0]
+    assert engine.stats().head_cache_hits == 2
+    assert _max_diff([first + rest], [whole]) <= 1e-6  # other batches, the same K/V
+    assert _max_diff([first + rest], exact[:1]) <= TOL_FP32
+    head = len(engine.tokenize([req]).heads[0])
+    assert engine.stats().tokens_scored - tokens == tokens - head  # the head did not run again
+
+
+def test_head_cache_is_bounded_in_bytes() -> None:
+    from pipeline.rerank.backends.hf.padded import HeadCache
+
+    def layers(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(torch.zeros(2, n, 4), torch.zeros(2, n, 4)) for _ in range(3)]  # 192·n bytes
+
+    cache = HeadCache(max_bytes=192 * 25)
+    cache.put((1,), layers(10))
+    cache.put((2,), layers(10))
+    assert cache.get((1,)) is not None  # (2,) is now the least recently used
+    cache.put((3,), layers(10))  # 30 tokens > 25: the oldest goes
+    assert cache.get((2,)) is None and cache.get((1,)) is not None and cache.get((3,)) is not None
+    assert cache.bytes == 192 * 20 <= cache.max_bytes
+    cache.put((4,), layers(26))  # alone over the bound: not kept, nothing evicted for it
+    assert cache.get((4,)) is None and len(cache) == 2

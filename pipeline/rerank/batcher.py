@@ -400,7 +400,8 @@ class MicroBatcher:
         while True:
             chars = int(max(1, want / self.token_scale - fixed) * CHARS_PER_TOKEN)
             doc = (CALIBRATION_TEXT + " ") * (1 + chars // (len(CALIBRATION_TEXT) + 1))
-            long = RerankRequest("calibration query", [doc[:chars]])
+            # a query of its own per call: an engine's head cache must not make it look cheap
+            long = RerankRequest(f"calibration query {len(longs) + 1}", [doc[:chars]])
             n_long = self._raw_estimate(long)[0]
             before = self._engine_tokens()
             seconds = self._timed(long)
@@ -418,7 +419,8 @@ class MicroBatcher:
                 break
         t_short = t_first
         if t_first < PROFILE_SECONDS / 4:  # cheap: run it again without the one-off warm-ups
-            t_short = min(t_first, self._timed(short))
+            again = RerankRequest("calibration query again", short.docs)  # a cold head again
+            t_short = min(t_first, self._timed(again))
         points = [(n_short * self.token_scale, t_short / len(short.docs)), *longs]
         a, b = self.cost.set_profile(points)
         rate = n_short * len(short.docs) / t_short

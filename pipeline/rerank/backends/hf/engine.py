@@ -33,7 +33,7 @@ from pipeline.config import Plan as PlanName
 from pipeline.devices import resolve_device, resolve_dtype
 from pipeline.rerank.backends.hf.attention import install_chunked_attention, varlen_available
 from pipeline.rerank.backends.hf.linear import onednn_is_faster, use_onednn_linears
-from pipeline.rerank.backends.hf.padded import DEFAULT_BATCH_TOKENS_CPU, PaddedPlan
+from pipeline.rerank.backends.hf.padded import DEFAULT_BATCH_TOKENS_CPU, HeadCache, PaddedPlan
 from pipeline.rerank.backends.hf.plan import Pair, Plan, cut_packed, cut_padded, pack, tokenize
 from pipeline.rerank.base import EngineStats, RerankEngine, RerankRequest, counter, gauge
 from pipeline.rerank.cut import DocumentCutter
@@ -72,6 +72,10 @@ class HFStats(EngineStats):
     padded_tokens: int = counter("rerank_padded_tokens", "tokens run including padding")
     reference_tokens: int = counter(
         "rerank_reference_tokens", "tokens the model card's code would have run for the same pairs"
+    )
+    head_cache_hits: int = counter(
+        "rerank_head_cache_hits",
+        "request heads (instruction + query) whose K/V came from the head cache, not a forward",
     )
     last_batch_requests: int = gauge(
         "rerank_engine_last_call_requests", "requests in the last engine call"
@@ -163,6 +167,7 @@ class HFEngine(PaddedPlan, RerankEngine):
         self.yes_id = -1
         self.no_id = -1
         self.counters = HFStats()  # read by /metrics at scrape time
+        self._heads = HeadCache()  # the padded plan's recent heads' K/V
 
     # ------------------------------------------------------------------------------------------
     @property

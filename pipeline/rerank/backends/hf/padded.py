@@ -8,12 +8,55 @@ attributes declared below. torch and transformers are imported inside the method
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pipeline.rerank.backends.hf.plan import Pair, Plan
 
 DEFAULT_BATCH_TOKENS_CPU = 2048  # see engine.py: padded tokens per forward on a CPU
+# The head cache's bound: a 0.6B Qwen3 head (instruction + query, ~80 tokens) holds ~9 MB of K/V in
+# bf16, ~18 MB in fp32, so a few recent heads: a search's slices, concurrent searches' calls.
+HEAD_CACHE_BYTES = 64 << 20
+
+
+class HeadCache:
+    """The per-layer K/V of recent heads, least recently used first out, bounded in bytes.
+
+    The batcher sends a long request, or a search kept within its budget, in several engine calls;
+    each would run the request's head (prefix, instruction, query) again. Its K/V depends on nothing
+    else (same tokens, same positions from 0), so it is kept and reused: the same numbers as running
+    it. Used under the engine's score lock only.
+    """
+
+    def __init__(self, max_bytes: int = HEAD_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[tuple[int, ...], tuple[list[tuple[Any, Any]], int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: tuple[int, ...]) -> list[tuple[Any, Any]] | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        self._items.move_to_end(key)
+        return item[0]
+
+    def put(self, key: tuple[int, ...], layers: list[tuple[Any, Any]]) -> None:
+        """Keep ``layers`` (tensors of their own, not views of a batch) if they fit at all."""
+        size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
+        if size > self.max_bytes:
+            return
+        old = self._items.pop(key, None)
+        if old is not None:
+            self.bytes -= old[1]
+        self._items[key] = (layers, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, (_, freed) = self._items.popitem(last=False)
+            self.bytes -= freed
 
 
 def _cache_layers(cache: Any) -> list[tuple[Any, Any]]:
@@ -35,6 +78,8 @@ class PaddedPlan:
     _fused: (
         PaddedDecoder | None
     )  # None: transformers' decoder forward (a model it does not reproduce)
+    _heads: HeadCache
+    counters: Any  # the engine's HFStats
 
     if TYPE_CHECKING:  # the engine's
 
@@ -59,12 +104,21 @@ class PaddedPlan:
         )
 
     def _run_heads(self, heads: list[list[int]], kv: list[list[tuple[Any, Any]]]) -> int:
-        """Run each unique head once (right-padded, budget-cut) and keep its per-layer KV."""
+        """Each unique head's per-layer KV: from the head cache, else run once (right-padded,
+        budget-cut) and kept there."""
         import torch
 
         dev = self.device
         budget = int(self.max_batch_tokens or DEFAULT_BATCH_TOKENS_CPU)
-        order = sorted(range(len(heads)), key=lambda i: len(heads[i]))
+        todo = []
+        for i, head in enumerate(heads):
+            hit = self._heads.get(tuple(head))
+            if hit is None:
+                todo.append(i)
+            else:
+                kv[i] = hit
+                self.counters.head_cache_hits += 1
+        order = sorted(todo, key=lambda i: len(heads[i]))
         groups: list[list[int]] = []
         for i in order:
             n = len(heads[i])
@@ -92,7 +146,8 @@ class PaddedPlan:
                 layers = _cache_layers(cache)  # the cache object was filled in place
             for row, i in enumerate(group):
                 n = lens[row]
-                kv[i] = [(k[row, :, :n], v[row, :, :n]) for k, v in layers]
+                kv[i] = [(k[row, :, :n].clone(), v[row, :, :n].clone()) for k, v in layers]
+                self._heads.put(tuple(heads[i]), kv[i])
             self._count(len(group), len(group) * width, sum(lens))
         return len(groups)
 
