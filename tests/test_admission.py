@@ -237,16 +237,20 @@ def check_partial(body: dict, recall_order: list[str], tiny_engine, query: str) 
     assert all(r["rerank_score"] is None and r["score"] == r["recall_score"] for r in rest)
 
 
-def test_search_reranks_what_fits_the_budget(budgeted: LiveServer, tiny_engine) -> None:
-    q = "why does the sea level rise and fall?"
-    url = f"{budgeted.url}/v1/search"
+def recalled(url: str, q: str) -> tuple[list[str], list[str]]:
+    """The 6 candidates of ``q`` in recall order: (doc ids, texts as the reranker reads them)."""
     recall = httpx.post(
         url, json={"query": q, "top_k": 6, "top_n": 6, "rerank": False}, timeout=60
     ).json()
-    recall_order = [r["doc_id"] for r in recall["results"]]
-    assert len(recall_order) == 6
+    order = [r["doc_id"] for r in recall["results"]]
+    assert len(order) == 6
+    return order, [join_title(x["title"], x["text"]) for x in recall["results"]]
 
-    docs = [join_title(x["title"], x["text"]) for x in recall["results"]]
+
+def test_search_reranks_what_fits_the_budget(budgeted: LiveServer, tiny_engine) -> None:
+    q = "why does the sea level rise and fall?"
+    url = f"{budgeted.url}/v1/search"
+    recall_order, docs = recalled(url, q)
 
     look_slow(budgeted, q, docs)  # 6 candidates × ~0.25 s > a 500 ms budget
     r = httpx.post(
@@ -324,11 +328,7 @@ def test_search_slower_than_planned_stops_at_its_budget(slower: LiveServer, tiny
     misprediction past it) with the leading candidates it reranked, not after all 6 (1.5 s)."""
     q = "why does the sea level rise and fall?"
     url = f"{slower.url}/v1/search"
-    recall = httpx.post(
-        url, json={"query": q, "top_k": 6, "top_n": 6, "rerank": False}, timeout=60
-    ).json()
-    recall_order = [r["doc_id"] for r in recall["results"]]
-    docs = [join_title(x["title"], x["text"]) for x in recall["results"]]
+    recall_order, docs = recalled(url, q)
     look_slow(slower, q, docs, pair_s=PAIR_S / 2)
     t0 = time.monotonic()
     r = httpx.post(
