@@ -254,9 +254,7 @@ class RerankService:
     ) -> list[float]:
         """All of ``texts`` (no budget), or the leading ones scored by ``t0 + budget_s``."""
         assert self.reranker is not None
-        if budget_s is None:
-            return await self.reranker.score(query, texts, instruction)
-        left = budget_s - (time.monotonic() - t0)
+        left = math.inf if budget_s is None else budget_s - (time.monotonic() - t0)
         return await self.reranker.score_within(query, texts, instruction, left)
 
     def chunks(self, max_chunks_per_doc: int | None) -> int:

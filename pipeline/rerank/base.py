@@ -165,8 +165,9 @@ class Reranker(ABC):
         self, query: str, docs: Sequence[str], instruction: str | None, budget_s: float
     ) -> list[float]:
         """Scores of the leading ``docs`` that finish within ``budget_s`` seconds from now: a prefix
-        of them, maybe shorter, maybe empty (a search's budget, kept as it runs). Default (no
-        scheduler of its own: a remote keeps its own timeout): :meth:`score`, all of them."""
+        of them, maybe shorter, maybe empty (a search's budget, kept as it runs); ``math.inf``:
+        all of them, as :meth:`score`. Default (no scheduler of its own: a remote keeps its own
+        timeout): :meth:`score`, all of them."""
         return await self.score(query, docs, instruction)
 
     async def affordable(

@@ -571,8 +571,8 @@ class MicroBatcher:
         """P(yes) per document of ``request``; refused up front by :meth:`_admit` when it cannot fit.
 
         ``budget_s`` (a search's rerank budget): the scores of the leading documents that finish
-        within it, a prefix of the documents that may be shorter than them, or empty. None: all of
-        them, or ``DeadlineExceeded`` at the deadline.
+        within it, a prefix of the documents that may be shorter than them, or empty. None or
+        infinite: all of them, or ``DeadlineExceeded`` at the deadline.
         """
         if not request.docs:
             return []

@@ -183,18 +183,13 @@ class CachedReranker(Reranker):
     async def score(
         self, query: str, docs: Sequence[str], instruction: str | None = None
     ) -> list[float]:
-        return await self._score(query, docs, instruction, None)
+        return await self.score_within(query, docs, instruction, math.inf)
 
     async def score_within(
         self, query: str, docs: Sequence[str], instruction: str | None, budget_s: float
     ) -> list[float]:
         """Hits are free; the misses go to the inner reranker within the budget. The answer is the
-        leading documents up to the first miss it did not score."""
-        return await self._score(query, docs, instruction, budget_s)
-
-    async def _score(
-        self, query: str, docs: Sequence[str], instruction: str | None, budget_s: float | None
-    ) -> list[float]:
+        leading documents up to the first miss it did not score (all of them: no budget)."""
         if not docs:
             return []
         t0 = time.monotonic()
@@ -203,10 +198,12 @@ class CachedReranker(Reranker):
         scores: list[float | None] = [self.cache.get(k) for k in keys]
         todo = [i for i, value in enumerate(scores) if value is None]
         if todo:
-            fresh = await self._inner(query, [docs[i] for i in todo], instruction, budget_s, t0)
+            left = budget_s - (time.monotonic() - t0)
+            fresh = await self.inner.score_within(query, [docs[i] for i in todo], instruction, left)
             if self._sync_epoch() and len(todo) < len(docs):  # the hits may be the old model's
                 todo = list(range(len(docs)))
-                fresh = await self._inner(query, docs, instruction, budget_s, t0)
+                left = budget_s - (time.monotonic() - t0)
+                fresh = await self.inner.score_within(query, docs, instruction, left)
             for i, value in zip(todo, fresh, strict=False):  # fresh: a prefix within a budget
                 scores[i] = value
                 self.cache.put(keys[i], value)
@@ -216,19 +213,6 @@ class CachedReranker(Reranker):
                 break
             out.append(float(value))
         return out
-
-    async def _inner(
-        self,
-        query: str,
-        docs: Sequence[str],
-        instruction: str | None,
-        budget_s: float | None,
-        t0: float,
-    ) -> list[float]:
-        if budget_s is None:
-            return await self.inner.score(query, docs, instruction)
-        left = budget_s - (time.monotonic() - t0)
-        return await self.inner.score_within(query, docs, instruction, left)
 
     async def affordable(
         self,
