@@ -16,7 +16,12 @@ import pytest
 import torch
 
 from pipeline.devices import resolve_dtype
-from pipeline.rerank.backends.hf.attention import ATTENTION_CHUNK_CPU, ATTENTION_NAME, chunked_sdpa
+from pipeline.rerank.backends.hf.attention import (
+    ATTENTION_CHUNK_CPU,
+    ATTENTION_NAME,
+    GROUPED_CHUNK_CPU,
+    chunked_sdpa,
+)
 from pipeline.rerank.backends.hf.engine import HFEngine
 from pipeline.rerank.backends.hf.fused import compiler_available
 from pipeline.rerank.base import RerankRequest
@@ -254,8 +259,8 @@ def test_unknown_settings_rejected() -> None:
 @pytest.mark.parametrize(
     ("groups", "q_len", "dtype"),
     [
-        (1, ATTENTION_CHUNK_CPU * 2 + 45, torch.float32),  # grouped GEMMs, 3 chunks
-        (2, ATTENTION_CHUNK_CPU * 2 + 45, torch.float32),
+        (1, GROUPED_CHUNK_CPU * 2 + 45, torch.float32),  # grouped GEMMs, 3 chunks
+        (2, GROUPED_CHUNK_CPU * 2 + 45, torch.float32),
         (2, 9, torch.float32),  # one chunk
         (2, ATTENTION_CHUNK_CPU * 2 + 45, torch.bfloat16),  # SDPA per chunk
     ],

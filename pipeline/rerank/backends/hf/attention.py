@@ -24,6 +24,11 @@ if TYPE_CHECKING:
 
 # Queries per attention call in the padded plan's tail forwards (keys cut at the chunk's horizon).
 ATTENTION_CHUNK_CPU = 128
+# Queries per chunk of grouped_attention: half the keys past the causal diagonal a chunk multiplies
+# and masks is 1/2 chunk per query, so smaller chunks do less wasted work, down to where the GEMMs
+# get too thin. 64 against 128 on a 2-core Zen 5, SciFact 20-document requests, two engines in one
+# process alternating: bf16 2-4% faster, fp32 the same (±2%); 32 no faster than 64.
+GROUPED_CHUNK_CPU = 64
 ATTENTION_CHUNK_GPU = 1024
 ATTENTION_NAME = "winnow_chunked_sdpa"
 PACKED_KERNELS = ("gather", "varlen")
@@ -91,7 +96,7 @@ def grouped_attention(
     value: torch.Tensor,
     mask: torch.Tensor,
     scaling: float | None = None,
-    chunk: int = ATTENTION_CHUNK_CPU,
+    chunk: int = GROUPED_CHUNK_CPU,
 ) -> torch.Tensor:
     """fp32 CPU attention as two batched GEMMs per query chunk; returns ``[rows, q, heads, dim]``.
 
