@@ -21,6 +21,7 @@ from pipeline.rerank.backends.hf.attention import (
     ATTENTION_NAME,
     GROUPED_CHUNK_CPU,
     chunked_sdpa,
+    grouped_attention,
 )
 from pipeline.rerank.backends.hf.engine import HFEngine
 from pipeline.rerank.backends.hf.fused import compiler_available
@@ -259,8 +260,8 @@ def test_unknown_settings_rejected() -> None:
 @pytest.mark.parametrize(
     ("groups", "q_len", "dtype"),
     [
-        (1, GROUPED_CHUNK_CPU * 2 + 45, torch.float32),  # grouped GEMMs, 3 chunks
-        (2, GROUPED_CHUNK_CPU * 2 + 45, torch.float32),
+        (1, ATTENTION_CHUNK_CPU * 2 + 45, torch.float32),  # grouped GEMMs, 3 chunks
+        (2, ATTENTION_CHUNK_CPU * 2 + 45, torch.float32),
         (2, 9, torch.float32),  # one chunk
         (2, ATTENTION_CHUNK_CPU * 2 + 45, torch.bfloat16),  # SDPA per chunk
     ],
@@ -288,6 +289,29 @@ def test_chunked_sdpa_equals_masked_sdpa(groups: int, q_len: int, dtype: torch.d
     assert (got.float() - want.float()).abs().max().item() <= (
         1e-5 if dtype == torch.float32 else 2e-2
     )
+
+
+def test_grouped_attention_bf16_values_in_smaller_chunks() -> None:
+    """The bf16 path (fp32 scores, bf16 values) runs GROUPED_CHUNK_CPU-query chunks: 3 here, with a
+    left-padded head; it matches one masked fp32 SDPA call within bf16 rounding."""
+    torch.manual_seed(0)
+    rows, heads, kv_heads, dim, head_len = 3, 4, 2, 16, 37
+    q_len = GROUPED_CHUNK_CPU * 2 + 45
+    query = torch.randn(rows, heads, q_len, dim)
+    key = torch.randn(rows, kv_heads, head_len + q_len, dim)
+    value = torch.randn_like(key).bfloat16()
+    head_valid = torch.arange(head_len)[None, :] >= torch.tensor([0, 5, 20])[:, None]
+    causal = torch.ones(q_len, q_len, dtype=torch.bool).tril()
+    mask = torch.cat(
+        [head_valid[:, None, :].expand(rows, q_len, -1), causal[None].expand(rows, -1, -1)], -1
+    )[:, None]
+    got = grouped_attention(query, key, value, mask, 0.25)
+    rep = key.repeat_interleave(2, 1), value.float().repeat_interleave(2, 1)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query, *rep, attn_mask=mask, scale=0.25
+    ).transpose(1, 2)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert (got.float() - want).abs().max().item() <= 2e-2
 
 
 @pytest.mark.parametrize("max_length", [120, 160])

@@ -24,10 +24,11 @@ if TYPE_CHECKING:
 
 # Queries per attention call in the padded plan's tail forwards (keys cut at the chunk's horizon).
 ATTENTION_CHUNK_CPU = 128
-# Queries per chunk of grouped_attention: half the keys past the causal diagonal a chunk multiplies
-# and masks is 1/2 chunk per query, so smaller chunks do less wasted work, down to where the GEMMs
-# get too thin. 64 against 128 on a 2-core Zen 5, SciFact 20-document requests, two engines in one
-# process alternating: bf16 2-4% faster, fp32 the same (±2%); 32 no faster than 64.
+# Queries per chunk of grouped_attention when the values are bf16/fp16: each query multiplies and
+# masks about half a chunk of keys past the causal diagonal, so a smaller chunk wastes less, while the
+# GEMMs are still thick enough. 64 against 128 on a 2-core Zen 5, SciFact 20-document requests, two
+# engines in one process alternating: bf16 2-4% faster (32 no faster than 64). fp32 (and int8, whose
+# activations are fp32) measured the same ±2% per request and was not measured merged, so it keeps 128.
 GROUPED_CHUNK_CPU = 64
 ATTENTION_CHUNK_GPU = 1024
 ATTENTION_NAME = "winnow_chunked_sdpa"
@@ -96,7 +97,7 @@ def grouped_attention(
     value: torch.Tensor,
     mask: torch.Tensor,
     scaling: float | None = None,
-    chunk: int = GROUPED_CHUNK_CPU,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """fp32 CPU attention as two batched GEMMs per query chunk; returns ``[rows, q, heads, dim]``.
 
@@ -117,6 +118,8 @@ def grouped_attention(
     kv_heads, kv_len = key.shape[1], key.shape[2]
     group, offset = heads // kv_heads, kv_len - q_len
     scale = scaling if scaling is not None else dim**-0.5
+    if chunk is None:
+        chunk = ATTENTION_CHUNK_CPU if value.dtype == torch.float32 else GROUPED_CHUNK_CPU
     if mask.dtype == torch.bool:
         bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
         bias.masked_fill_(~mask, float("-inf"))
