@@ -257,6 +257,16 @@ def test_unknown_settings_rejected() -> None:
             HFEngine("/nowhere", **kw)
 
 
+def head_then_causal(head_len: int, q_len: int) -> torch.Tensor:
+    """The padded plan's tail mask for 3 rows: heads left-padded by 0, 5 and 20 keys, then causal."""
+    rows = 3
+    head_valid = torch.arange(head_len)[None, :] >= torch.tensor([0, 5, 20])[:, None]
+    causal = torch.ones(q_len, q_len, dtype=torch.bool).tril()
+    return torch.cat(
+        [head_valid[:, None, :].expand(rows, q_len, -1), causal[None].expand(rows, -1, -1)], -1
+    )[:, None]
+
+
 @pytest.mark.parametrize(
     ("groups", "q_len", "dtype"),
     [
@@ -273,11 +283,7 @@ def test_chunked_sdpa_equals_masked_sdpa(groups: int, q_len: int, dtype: torch.d
     query = torch.randn(rows, heads, q_len, dim, dtype=dtype)
     key = torch.randn(rows, heads // groups, head_len + q_len, dim, dtype=dtype)
     value = torch.randn_like(key)
-    head_valid = torch.arange(head_len)[None, :] >= torch.tensor([0, 5, 20])[:, None]
-    causal = torch.ones(q_len, q_len, dtype=torch.bool).tril()
-    mask = torch.cat(
-        [head_valid[:, None, :].expand(rows, q_len, -1), causal[None].expand(rows, -1, -1)], -1
-    )[:, None]
+    mask = head_then_causal(head_len, q_len)
     module = torch.nn.Module()
     module.num_key_value_groups = groups
     got, _ = chunked_sdpa(module, query, key, value, mask, scaling=0.25)
@@ -300,11 +306,7 @@ def test_grouped_attention_bf16_values_in_smaller_chunks() -> None:
     query = torch.randn(rows, heads, q_len, dim)
     key = torch.randn(rows, kv_heads, head_len + q_len, dim)
     value = torch.randn_like(key).bfloat16()
-    head_valid = torch.arange(head_len)[None, :] >= torch.tensor([0, 5, 20])[:, None]
-    causal = torch.ones(q_len, q_len, dtype=torch.bool).tril()
-    mask = torch.cat(
-        [head_valid[:, None, :].expand(rows, q_len, -1), causal[None].expand(rows, -1, -1)], -1
-    )[:, None]
+    mask = head_then_causal(head_len, q_len)
     got = grouped_attention(query, key, value, mask, 0.25)
     rep = key.repeat_interleave(2, 1), value.float().repeat_interleave(2, 1)
     want = torch.nn.functional.scaled_dot_product_attention(
