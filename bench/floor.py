@@ -143,8 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print("| mode | card tokens | linear TFLOP | attention TFLOP | floor s | floor tokens/s |")
         print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        floor_rate = {}  # floor tokens/s per mode
         for mode, w in works.items():
             s = floor_seconds(w, r)
+            floor_rate[mode] = w["card_tokens"] / s
             print(
                 f"| {mode} | {w['card_tokens']:.0f} | {w['linear'] / 1e12:.2f} | "
                 f"{(w['scores'] + w['values']) / 1e12:.2f} | {s:.1f} | {w['card_tokens'] / s:.0f} |"
@@ -160,9 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 mode = "merged" if row["mode"].startswith("merged") else "per request"
                 if "Winnow vLLM backend" in row["mode"] or "int8" in key:
                     continue  # int8 is not an engine of this dtype's floor
-                share = row["tokens_per_s"] / (
-                    works[mode]["card_tokens"] / floor_seconds(works[mode], r)
-                )
+                share = row["tokens_per_s"] / floor_rate[mode]
                 print(f"| {key} | {mode} | {row['tokens_per_s']:.1f} | {share:.0%} |")
                 if key.startswith("vllm"):
                     goal[mode] = max(goal.get(mode, 0.0), share * args.goal)
