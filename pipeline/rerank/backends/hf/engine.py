@@ -322,15 +322,22 @@ class HFEngine(PaddedPlan, RerankEngine):
         from pipeline.rerank.backends.hf.packed import UnsupportedModel
         from pipeline.rerank.backends.hf.padded import PaddedDecoder
 
+        native = compile and device == "cpu" and self.dtype == "bfloat16" and UPCAST_ATTENTION_CPU
+        if native:
+            from pipeline.rerank.backends.hf.native import available
+
+            native = available()
         try:
             fused = PaddedDecoder(
-                decoder, self._head_weight, Kernels(compile), UPCAST_ATTENTION_CPU
+                decoder, self._head_weight, Kernels(compile), UPCAST_ATTENTION_CPU, native
             )
         except UnsupportedModel as exc:
             log.info("fused padded decoder unavailable (%s); transformers' forward", exc)
             return None
         self.compile_mode = "on" if compile else "off"
-        self.attention_path = "grouped" if device == "cpu" else "chunked-sdpa"
+        self.attention_path = (
+            ("grouped-native" if native else "grouped") if device == "cpu" else "chunked-sdpa"
+        )
         return fused
 
     def _resolve_plan(self, decoder: Any, on_cuda: bool) -> str:

@@ -1,0 +1,152 @@
+"""The native CPU attention op (pipeline/rerank/backends/hf/native.py, csrc/attention.cpp).
+
+- its attention equals the torch path's (:func:`attention.grouped_attention`): fp32 within 1e-5 of
+  fp64, bf16 no farther from fp64 than the torch path (fp32 scores, bf16 probabilities × values),
+  for left-padded heads, several chunks, a chunk of one query (the last layer's scored token), key
+  counts that are not a multiple of the 64-key tile and query rows not a multiple of 32;
+- a bf16 engine uses it where it loaded, and scores as the engine without it does;
+- a broken build raises with the compiler's message (``available`` then logs it and keeps torch).
+
+Where it cannot load (no compiler; an ISA without oneDNN's bf16 brgemm) the tests skip with the
+reason, except on a CPU with avx512_bf16 and a compiler, where it must load.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from pipeline.rerank.backends.hf import fused, native
+from pipeline.rerank.backends.hf.attention import grouped_attention
+from pipeline.rerank.backends.hf.engine import HFEngine
+from testkit.tiny_qwen import build_tiny_reranker
+from tests.test_rerank_fused import REQUESTS, _max_diff
+from tests.test_rerank_hf import head_then_causal
+
+
+def _has_avx512_bf16() -> bool:
+    try:
+        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def op() -> None:
+    if not fused.compiler_available():
+        pytest.skip("no C++ compiler: the native attention op cannot be built")
+    if not native.available():
+        assert not _has_avx512_bf16(), "the native op must load on an avx512_bf16 CPU (see log)"
+        pytest.skip("the native attention op did not load on this CPU (the log says why)")
+
+
+def _inputs(
+    dtype: torch.dtype, heads: int, kv_heads: int, dim: int, q_len: int, head_len: int = 37
+) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(q_len + dim)
+    rows = 3
+    q = torch.randn(rows, heads, q_len, dim, generator=gen).to(dtype)
+    k = torch.randn(rows, kv_heads, head_len + q_len, dim, generator=gen).to(dtype)
+    v = torch.randn(rows, kv_heads, head_len + q_len, dim, generator=gen).to(dtype)
+    return q, k, v, head_then_causal(head_len, q_len)
+
+
+SHAPES = [  # (heads, kv_heads, dim, q_len)
+    (4, 2, 16, 2 * 64 + 45),  # three chunks, the last of 45 queries (90 rows: not a multiple of 32)
+    (4, 2, 16, 1),  # the last layer: one scored token per row
+    (16, 8, 128, 70),  # the real model's heads
+    (2, 2, 16, 64),  # no grouping, exactly one chunk
+]
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "q_len"), SHAPES)
+def test_fp32_equals_fp64_within_1e_5(
+    op: None, heads: int, kv_heads: int, dim: int, q_len: int
+) -> None:
+    q, k, v, mask = _inputs(torch.float32, heads, kv_heads, dim, q_len)
+    want = grouped_attention(q.double(), k.double(), v.double(), mask, 0.25)
+    got = native.native_attention(q, k, v, mask, 0.25)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert (got.double() - want).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "q_len"), SHAPES)
+def test_bf16_no_farther_from_fp64_than_the_torch_path(
+    op: None, heads: int, kv_heads: int, dim: int, q_len: int
+) -> None:
+    q, k, v, mask = _inputs(torch.bfloat16, heads, kv_heads, dim, q_len)
+    exact = grouped_attention(q.double(), k.double(), v.double(), mask, 0.25)
+    torch_path = grouped_attention(q.float(), k.float(), v, mask, 0.25)
+    got = native.native_attention(q, k, v, mask, 0.25)
+    assert got.dtype == torch.bfloat16 and got.shape == exact.shape
+    err, ref_err = ((x.double() - exact).abs().max().item() for x in (got, torch_path))
+    assert ref_err > 0 and err <= 1.25 * ref_err, (err, ref_err)
+
+
+def test_additive_mask_equals_boolean(op: None) -> None:
+    q, k, v, mask = _inputs(torch.bfloat16, 4, 2, 16, 90)
+    bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+    assert torch.equal(
+        native.native_attention(q, k, v, mask, 0.25), native.native_attention(q, k, v, bias, 0.25)
+    )
+
+
+def test_bf16_engine_uses_it_and_scores_as_without(op: None, tmp_path: Path) -> None:
+    model = build_tiny_reranker(tmp_path / "m", "bpe", num_layers=3)
+
+    def engine(native_attention: bool) -> HFEngine:
+        e = HFEngine(str(model), device="cpu", dtype="bfloat16", plan="padded", compile="on")
+        e.load()
+        assert e.describe()["attention"] == "grouped-native"
+        e._fused.attend.native = native_attention
+        return e
+
+    with_op, without = engine(True), engine(False)
+    # same numbers up to where a probability rounds to bf16 the other way
+    assert _max_diff(with_op.score_requests(REQUESTS), without.score_requests(REQUESTS)) <= 1e-2
+
+
+def test_engine_keeps_torch_attention_where_it_does_not_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not fused.compiler_available():
+        pytest.skip("no C++ compiler: compile=on is refused")
+    monkeypatch.setattr(native, "available", lambda: False)
+    model = build_tiny_reranker(tmp_path / "m", "bpe", num_layers=2)
+    e = HFEngine(str(model), device="cpu", dtype="bfloat16", plan="padded", compile="on")
+    e.load()
+    assert e.describe()["attention"] == "grouped" and not e._fused.attend.native
+
+
+def test_a_broken_build_raises_with_the_compilers_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not fused.compiler_available():
+        pytest.skip("no C++ compiler")
+    bad = tmp_path / "attention.cpp"
+    bad.write_text("this is not C++\n")
+    monkeypatch.setattr(native, "SOURCE", bad)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(subprocess.CalledProcessError) as err:
+        native.build(native._compiler() or "g++", native.ISA_FLAGS["AVX2"])
+    assert "error" in err.value.stderr
+    assert not any((tmp_path / "cache" / "winnow").glob("*.so"))  # nothing half-written kept
+
+
+@pytest.mark.slow
+def test_build_is_cached_by_source(op: None, tmp_path: Path, monkeypatch: Any) -> None:
+    """The same source, torch, compiler and flags reuse the library on disk; a new source builds."""
+    cc, isa = native._compiler(), native.ISA_FLAGS[torch.backends.cpu.get_cpu_capability()]
+    assert cc is not None
+    first = native.build(cc, isa)
+    assert native.build(cc, isa) == first and first.exists()
+    src = tmp_path / "attention.cpp"
+    src.write_text(native.SOURCE.read_text() + "\n// changed\n")
+    monkeypatch.setattr(native, "SOURCE", src)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    second = native.build(cc, isa)
+    assert second != first and second.exists()
