@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from pipeline.rerank.backends.hf import fused, packed
+from pipeline.rerank.backends.hf import fused, native, packed
 from pipeline.rerank.backends.hf.engine import HFEngine
 from pipeline.rerank.base import RerankRequest
 from testkit.card_reference import CardReference
@@ -66,6 +66,8 @@ def test_fp32_equals_the_card_within_1e_5(
 ) -> None:
     engine = _engine(model, dtype="float32", compile=compile)
     assert engine._fused is not None and engine.compile_mode == compile
+    native_op = compile == "on" and "float32" in native.dtypes()
+    assert engine.describe()["attention"] == ("grouped-native" if native_op else "grouped")
     assert _max_diff(engine.score_requests(REQUESTS), exact) <= TOL_FP32
     # many small forwards: every row count, width and head reuse the budget cut makes
     engine.max_batch_tokens, engine.min_fill = 64, 8

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from pipeline.devices import resolve_dtype
+from pipeline.rerank.backends.hf import native
 from pipeline.rerank.backends.hf.attention import (
     ATTENTION_CHUNK_CPU,
     ATTENTION_NAME,
@@ -226,7 +227,9 @@ def test_chosen_path_is_reported(setup: Any) -> None:
     else:
         assert desc["compile"] == "off"  # the packed forward: unmeasured on GPU, off on CPU
     if engine.plan == "padded" and engine._fused is not None:
-        assert desc["attention"] == "grouped"  # the fused decoder's own attention on a CPU
+        # the fused decoder's own attention on a CPU; in the native op where it loaded (compiled)
+        native_op = desc["compile"] == "on" and "float32" in native.dtypes()
+        assert desc["attention"] == ("grouped-native" if native_op else "grouped")
     elif engine.plan == "padded" and engine._want_chunked_attention:
         assert engine.chunked_attention and desc["attention"] == "chunked-sdpa"
         assert engine._decoder.config._attn_implementation == ATTENTION_NAME

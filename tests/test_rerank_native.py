@@ -2,10 +2,10 @@
 
 - its attention equals the torch path's (:func:`attention.grouped_attention`): fp32 within 1e-5 of
   fp64, bf16 no farther from fp64 than the torch path (fp32 scores, bf16 probabilities × values),
-  for left-padded heads, several chunks, a chunk of one query (the last layer's scored token), key
-  counts that are not a multiple of the 64-key tile and query rows not a multiple of 32;
-- a bf16 engine uses it where it loaded, and scores as the engine without it does;
-- a broken build raises with the compiler's message (``available`` then logs it and keeps torch).
+  for left-padded heads, query tiles of 32 with a shorter last one, one query per row (the last
+  layer's scored token, on the torch path), key counts that are not a multiple of the 64-key tile;
+- an engine uses it where it loaded for its dtype, and scores as the engine without it does;
+- a broken build raises with the compiler's message (``dtypes`` then logs it and keeps torch).
 
 Where it cannot load (no compiler; an ISA without oneDNN's bf16 brgemm) the tests skip with the
 reason, except on a CPU with avx512_bf16 and a compiler, where it must load.
@@ -36,12 +36,20 @@ def _has_avx512_bf16() -> bool:
 
 
 @pytest.fixture(scope="module")
-def op() -> None:
+def op() -> frozenset[str]:
     if not fused.compiler_available():
         pytest.skip("no C++ compiler: the native attention op cannot be built")
-    if not native.available():
-        assert not _has_avx512_bf16(), "the native op must load on an avx512_bf16 CPU (see log)"
+    loaded = native.dtypes()
+    if _has_avx512_bf16():
+        assert loaded == {"bfloat16", "float32"}, "it must load on an avx512_bf16 CPU (see log)"
+    if not loaded:
         pytest.skip("the native attention op did not load on this CPU (the log says why)")
+    return loaded
+
+
+def _need(op: frozenset[str], dtype: torch.dtype) -> None:
+    if str(dtype).removeprefix("torch.") not in op:
+        pytest.skip(f"the native op did not load for {dtype} on this CPU")
 
 
 def _inputs(
@@ -56,17 +64,18 @@ def _inputs(
 
 
 SHAPES = [  # (heads, kv_heads, dim, q_len)
-    (4, 2, 16, 2 * 64 + 45),  # three chunks, the last of 45 queries (90 rows: not a multiple of 32)
-    (4, 2, 16, 1),  # the last layer: one scored token per row
+    (4, 2, 16, 2 * 64 + 45),  # six query tiles, the last of 13; 210 keys: a partial key tile
+    (4, 2, 16, 1),  # the last layer: one scored token per row (the torch path)
     (16, 8, 128, 70),  # the real model's heads
-    (2, 2, 16, 64),  # no grouping, exactly one chunk
+    (2, 2, 16, 64),  # no grouping, two full query tiles, 101 keys
 ]
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "dim", "q_len"), SHAPES)
 def test_fp32_equals_fp64_within_1e_5(
-    op: None, heads: int, kv_heads: int, dim: int, q_len: int
+    op: frozenset[str], heads: int, kv_heads: int, dim: int, q_len: int
 ) -> None:
+    _need(op, torch.float32)
     q, k, v, mask = _inputs(torch.float32, heads, kv_heads, dim, q_len)
     want = grouped_attention(q.double(), k.double(), v.double(), mask, 0.25)
     got = native.native_attention(q, k, v, mask, 0.25)
@@ -76,8 +85,9 @@ def test_fp32_equals_fp64_within_1e_5(
 
 @pytest.mark.parametrize(("heads", "kv_heads", "dim", "q_len"), SHAPES)
 def test_bf16_no_farther_from_fp64_than_the_torch_path(
-    op: None, heads: int, kv_heads: int, dim: int, q_len: int
+    op: frozenset[str], heads: int, kv_heads: int, dim: int, q_len: int
 ) -> None:
+    _need(op, torch.bfloat16)
     q, k, v, mask = _inputs(torch.bfloat16, heads, kv_heads, dim, q_len)
     exact = grouped_attention(q.double(), k.double(), v.double(), mask, 0.25)
     torch_path = grouped_attention(q.float(), k.float(), v, mask, 0.25)
@@ -87,27 +97,33 @@ def test_bf16_no_farther_from_fp64_than_the_torch_path(
     assert ref_err > 0 and err <= 1.25 * ref_err, (err, ref_err)
 
 
-def test_additive_mask_equals_boolean(op: None) -> None:
-    q, k, v, mask = _inputs(torch.bfloat16, 4, 2, 16, 90)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_additive_mask_equals_boolean(op: frozenset[str], dtype: torch.dtype) -> None:
+    _need(op, dtype)
+    q, k, v, mask = _inputs(dtype, 4, 2, 16, 90)
     bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
     assert torch.equal(
         native.native_attention(q, k, v, mask, 0.25), native.native_attention(q, k, v, bias, 0.25)
     )
 
 
-def test_bf16_engine_uses_it_and_scores_as_without(op: None, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("dtype", "tol"), [("bfloat16", 1e-2), ("float32", 1e-6)])
+def test_engine_uses_it_and_scores_as_without(
+    op: frozenset[str], tmp_path: Path, dtype: str, tol: float
+) -> None:
+    _need(op, getattr(torch, dtype))
     model = build_tiny_reranker(tmp_path / "m", "bpe", num_layers=3)
 
     def engine(native_attention: bool) -> HFEngine:
-        e = HFEngine(str(model), device="cpu", dtype="bfloat16", plan="padded", compile="on")
+        e = HFEngine(str(model), device="cpu", dtype=dtype, plan="padded", compile="on")
         e.load()
         assert e.describe()["attention"] == "grouped-native"
         e._fused.attend.native = native_attention
         return e
 
     with_op, without = engine(True), engine(False)
-    # same numbers up to where a probability rounds to bf16 the other way
-    assert _max_diff(with_op.score_requests(REQUESTS), without.score_requests(REQUESTS)) <= 1e-2
+    # bf16: the same numbers up to where a probability rounds to bf16 the other way
+    assert _max_diff(with_op.score_requests(REQUESTS), without.score_requests(REQUESTS)) <= tol
 
 
 def test_engine_keeps_torch_attention_where_it_does_not_load(
@@ -115,7 +131,7 @@ def test_engine_keeps_torch_attention_where_it_does_not_load(
 ) -> None:
     if not fused.compiler_available():
         pytest.skip("no C++ compiler: compile=on is refused")
-    monkeypatch.setattr(native, "available", lambda: False)
+    monkeypatch.setattr(native, "dtypes", frozenset)
     model = build_tiny_reranker(tmp_path / "m", "bpe", num_layers=2)
     e = HFEngine(str(model), device="cpu", dtype="bfloat16", plan="padded", compile="on")
     e.load()
@@ -138,7 +154,7 @@ def test_a_broken_build_raises_with_the_compilers_message(
 
 
 @pytest.mark.slow
-def test_build_is_cached_by_source(op: None, tmp_path: Path, monkeypatch: Any) -> None:
+def test_build_is_cached_by_source(op: frozenset[str], tmp_path: Path, monkeypatch: Any) -> None:
     """The same source, torch, compiler and flags reuse the library on disk; a new source builds."""
     cc, isa = native._compiler(), native.ISA_FLAGS[torch.backends.cpu.get_cpu_capability()]
     assert cc is not None

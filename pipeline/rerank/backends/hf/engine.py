@@ -322,11 +322,11 @@ class HFEngine(PaddedPlan, RerankEngine):
         from pipeline.rerank.backends.hf.packed import UnsupportedModel
         from pipeline.rerank.backends.hf.padded import PaddedDecoder
 
-        native = compile and device == "cpu" and self.dtype == "bfloat16" and UPCAST_ATTENTION_CPU
-        if native:
-            from pipeline.rerank.backends.hf.native import available
+        native = compile and device == "cpu" and UPCAST_ATTENTION_CPU
+        if native:  # the compiled kernels' switch: the C++ compiler builds this op too
+            from pipeline.rerank.backends.hf.native import dtypes
 
-            native = available()
+            native = self.dtype in dtypes()
         try:
             fused = PaddedDecoder(
                 decoder, self._head_weight, Kernels(compile), UPCAST_ATTENTION_CPU, native

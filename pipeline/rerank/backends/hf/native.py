@@ -1,12 +1,13 @@
 """The padded plan's native CPU attention op (``csrc/attention.cpp``): built once per machine with the
 C++ compiler inductor uses, cached on disk beside inductor's kernels, loaded as
-``torch.ops.winnow.grouped_probs``. torch is imported lazily.
+``torch.ops.winnow.attend``. torch is imported lazily.
 
 Why a C++ op: torch has no bf16 GEMM with an fp32 output on a CPU, so the bf16 engine upcast q and k
-and ran the attention scores GEMM in fp32 (~155 GFLOPS on the 2-core Zen 5 of docs/benchmarks.md);
-the op runs it on oneDNN's bf16 brgemm micro-kernel (~370) and the scale, mask and softmax on each
-tile while it is in cache. Anything missing (no compiler, an ISA without the kernels, a build or
-probe error) leaves the torch path in place, with the reason logged.
+and ran the attention scores GEMM in fp32 on MKL (~155 GFLOPS on the 2-core Zen 5 of
+docs/benchmarks.md; fp32 ran both GEMMs there); the op runs both GEMMs on oneDNN's brgemm
+micro-kernel (bf16 ~370) with the scale, mask and softmax in between while a tile is in cache.
+Anything missing (no compiler, an ISA without the kernels, a build or probe error) leaves the torch
+path in place for that dtype, with the reason logged.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "attention.cpp"
-KEY_TILE = 64  # keys per tile of the packed keys (csrc/attention.cpp kKeys)
-ROW_TILE = 32  # query rows per task (kRows): the queries buffer is padded to a multiple
+KEY_TILE = 64  # keys per tile of the packed keys and values (csrc/attention.cpp kKeys)
+ROW_TILE = 32  # queries per task (kRows): fewer (the last layer's one) run the torch path
 BUILD_TIMEOUT_S = 300
 # ATen's vectorized math is compiled per ISA: the flags inductor uses for the same capability.
 ISA_FLAGS = {
@@ -120,50 +121,55 @@ def build(cc: str, isa: list[str]) -> Path:
 
 
 @functools.cache
-def available() -> bool:
-    """True once ``torch.ops.winnow.grouped_probs`` is loaded and gave the torch path's numbers on a
-    probe (once per process)."""
+def dtypes() -> frozenset[str]:
+    """The dtypes (``"bfloat16"``, ``"float32"``) ``torch.ops.winnow.attend`` is loaded for and gave
+    the torch path's numbers on a probe (once per process; empty where it did not build or load)."""
     import torch
 
-    if hasattr(torch.ops.winnow, "grouped_probs"):
-        return True
-    isa = ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability())
-    cc = _compiler()
-    if isa is None or cc is None:
-        log.info("native attention unavailable: %s", "no C++ compiler" if isa else "CPU ISA")
-        return False
-    try:
-        torch.ops.load_library(str(build(cc, isa)))
-        _probe()
-    except subprocess.CalledProcessError as exc:
-        log.warning("native attention: build failed; torch path kept\n%s", exc.stderr[-2000:])
-        return False
-    except (OSError, RuntimeError, AssertionError, subprocess.TimeoutExpired) as exc:
-        log.warning("native attention unavailable (%s); torch path kept", exc)
-        return False
-    return True
+    if not hasattr(torch.ops.winnow, "attend"):
+        isa = ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability())
+        cc = _compiler()
+        if isa is None or cc is None:
+            log.info("native attention unavailable: %s", "no C++ compiler" if isa else "CPU ISA")
+            return frozenset()
+        try:
+            torch.ops.load_library(str(build(cc, isa)))
+        except subprocess.CalledProcessError as exc:
+            log.warning("native attention: build failed; torch path kept\n%s", exc.stderr[-2000:])
+            return frozenset()
+        except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
+            log.warning("native attention unavailable (%s); torch path kept", exc)
+            return frozenset()
+    ok = set()
+    for dtype in (torch.bfloat16, torch.float32):
+        try:
+            _probe(dtype)
+        except (RuntimeError, AssertionError) as exc:  # e.g. no bf16 brgemm on this CPU
+            log.info("native attention unavailable in %s (%s); torch path kept", dtype, exc)
+        else:
+            ok.add(str(dtype).removeprefix("torch."))
+    return frozenset(ok)
 
 
-def _probe() -> None:
-    """A small bf16 attention through the op against the torch path; raises where they differ
-    (an ISA whose brgemm is missing raises in the op itself)."""
+def _probe(dtype: Any) -> None:
+    """A small attention through the op against the torch path; raises where they differ."""
     import torch
 
     from pipeline.rerank.backends.hf.attention import grouped_attention
 
     gen = torch.Generator().manual_seed(0)
     rows, heads, kv_heads, dim, head, tail = 2, 4, 2, 64, 37, 70
-    q = torch.randn(rows, heads, tail, dim, generator=gen).bfloat16()
-    k = torch.randn(rows, kv_heads, head + tail, dim, generator=gen).bfloat16()
-    v = torch.randn(rows, kv_heads, head + tail, dim, generator=gen).bfloat16()
+    q = torch.randn(rows, heads, tail, dim, generator=gen).to(dtype)
+    k = torch.randn(rows, kv_heads, head + tail, dim, generator=gen).to(dtype)
+    v = torch.randn(rows, kv_heads, head + tail, dim, generator=gen).to(dtype)
     mask = torch.ones(rows, 1, tail, head + tail, dtype=torch.bool)
     mask[..., head:] = torch.ones(tail, tail, dtype=torch.bool).tril()
     mask[1, ..., :5] = False  # a left-padded head
     with torch.inference_mode():
-        want = grouped_attention(q.float(), k.float(), v, mask, chunk=32)
-        got = native_attention(q, k, v, mask, chunk=32)
-    err = float((got.float() - want.float()).abs().max())
-    if not err <= 2e-2:
+        want = grouped_attention(q.double(), k.double(), v.double(), mask)
+        got = native_attention(q, k, v, mask)
+    err = float((got.double() - want).abs().max())
+    if not err <= (1e-5 if dtype == torch.float32 else 2e-2):
         raise AssertionError(f"native attention probe off by {err}")
 
 
@@ -183,35 +189,44 @@ def pack_keys(key: Any) -> Any:
     return flat.view(-1, tiles, KEY_TILE, dim).transpose(-1, -2).contiguous()
 
 
-def native_attention(
-    query: Any, key: Any, value: Any, mask: Any, scaling: float | None = None, chunk: int = 64
-) -> Any:
-    """:func:`~pipeline.rerank.backends.hf.attention.grouped_attention` with each chunk's scores,
-    mask and softmax in ``torch.ops.winnow.grouped_probs`` (q and k bf16, or all fp32); the
-    probabilities × values GEMM stays torch's. Returns ``[rows, q, heads, dim]`` in the values' dtype."""
+def pack_values(value: Any) -> Any:
+    """``[rows, kv_heads, kv_len, dim]`` → tiles of 64 values, zero past the last: ``[rows·kv_heads,
+    tiles, 32, dim, 2]`` for bf16 (VNNI pairs of consecutive keys), ``[…, tiles, 64, dim]`` for fp32."""
     import torch
 
+    rows, kv_heads, kv_len, dim = value.shape
+    tiles = -(-kv_len // KEY_TILE)
+    flat = value.new_zeros(rows * kv_heads, tiles * KEY_TILE, dim)
+    flat[:, :kv_len] = value.reshape(rows * kv_heads, kv_len, dim)
+    if value.dtype == torch.bfloat16:
+        return flat.view(-1, tiles, KEY_TILE // 2, 2, dim).transpose(-1, -2).contiguous()
+    return flat.view(-1, tiles, KEY_TILE, dim)
+
+
+def native_attention(
+    query: Any, key: Any, value: Any, mask: Any, scaling: float | None = None
+) -> Any:
+    """:func:`~pipeline.rerank.backends.hf.attention.grouped_attention` in ``torch.ops.winnow.attend``
+    (q, k and v all bf16 or all fp32; a mask ``[rows, 1, q, kv]``, boolean or additive, whose last
+    ``q`` keys are this forward's, causal). Fewer than 32 queries per row (the last layer's scored
+    token) run the torch path: a tile of 32 would be mostly padding. Returns ``[rows, q, heads, dim]``."""
+    import torch
+
+    from pipeline.rerank.backends.hf.attention import grouped_attention
+
     rows, heads, q_len, dim = query.shape
-    kv_heads, kv_len = key.shape[1], key.shape[2]
-    group, offset = heads // kv_heads, kv_len - q_len
     scale = scaling if scaling is not None else dim**-0.5
+    if q_len < ROW_TILE:
+        if query.dtype == torch.float32:
+            return grouped_attention(query, key, value, mask, scale)
+        return grouped_attention(query.float(), key.float(), value, mask, scale)
     if mask.dtype == torch.bool:
-        bias = torch.zeros(rows, q_len, kv_len, dtype=torch.float32, device=query.device)
+        bias = torch.zeros(rows, q_len, key.shape[2], dtype=torch.float32, device=query.device)
         bias.masked_fill_(~mask[:, 0], float("-inf"))
     else:
         bias = mask[:, 0].float().contiguous()
-    keys = pack_keys(key)
-    probs_op = torch.ops.winnow.grouped_probs
     out = value.new_empty(rows, q_len, heads, dim)
-    for a in range(0, q_len, chunk):
-        b = min(a + chunk, q_len)
-        n, horizon = b - a, offset + b
-        m = group * n
-        q = query.new_empty(rows, kv_heads, -(-m // ROW_TILE) * ROW_TILE, dim)
-        q[:, :, :m].view(rows, kv_heads, group, n, dim).copy_(
-            query[:, :, a:b].view(rows, kv_heads, group, n, dim)
-        )
-        probs = probs_op(q.view(rows * kv_heads, -1, dim), keys, bias, m, n, a, horizon, scale)
-        ctx = torch.matmul(probs.view(rows, kv_heads, m, horizon), value[:, :, :horizon])
-        out[:, a:b] = ctx.view(rows, heads, n, dim).transpose(1, 2)
+    torch.ops.winnow.attend(
+        query.contiguous(), pack_keys(key), pack_values(value), bias, out, scale
+    )
     return out

@@ -323,8 +323,9 @@ class PaddedAttention:
     bf16/fp16 with ``upcast``: the scores in fp32 and the probabilities × values GEMM in the model's
     dtype, as flash kernels do — 34% faster than all-fp32 and 20% faster than torch's CPU flash kernel
     with a mask on the reranker's shapes, docs/benchmarks.md), chunked SDPA elsewhere
-    (:func:`attention.chunked_sdpa`). bf16 with ``native``: the same numbers with each chunk's scores
-    GEMM (bf16 in, fp32 out) and softmax in the native op (:func:`native.native_attention`)."""
+    (:func:`attention.chunked_sdpa`). With ``native`` (the engine's dtype loaded in the native op): the
+    same numbers in :func:`native.native_attention`, both GEMMs on oneDNN's brgemm and the softmax
+    between them in cache (bf16: the scores GEMM bf16 in, fp32 out)."""
 
     def __init__(self, scale: float, upcast: bool, native: bool = False) -> None:
         self.scale = scale
@@ -337,12 +338,12 @@ class PaddedAttention:
         from pipeline.rerank.backends.hf.attention import chunked_sdpa, grouped_attention
 
         if q.device.type == "cpu":
-            if q.dtype == torch.float32:
-                return grouped_attention(q, k, v, mask, self.scale)
-            if self.native and q.dtype == torch.bfloat16:
+            if self.native and (q.dtype == torch.float32 or self.upcast):
                 from pipeline.rerank.backends.hf.native import native_attention
 
                 return native_attention(q, k, v, mask, self.scale)
+            if q.dtype == torch.float32:
+                return grouped_attention(q, k, v, mask, self.scale)
             if self.upcast:  # scores in fp32, probabilities × values in the model's dtype
                 return grouped_attention(q.float(), k.float(), v, mask, self.scale)
         return chunked_sdpa(module, q, k, v, mask, scaling=self.scale)[0]

@@ -1,12 +1,15 @@
-// The padded plan's attention probabilities on a CPU, one op per query chunk: the scores GEMM on
-// oneDNN's brgemm micro-kernel (bf16 x bf16 -> fp32, or fp32), then scale, mask and softmax on each
-// tile of 32 query rows while it is in cache, written once in the values' dtype.
+// The padded plan's attention on a CPU in one op per layer: for each tile of 32 queries of one head,
+// the scores GEMM on oneDNN's brgemm micro-kernel (bf16 x bf16 -> fp32, or fp32), scale, mask and
+// softmax while the tile is in cache, the probabilities x values GEMM on brgemm again, and the
+// output written once, in place, in the layout the o_proj reads.
 //
 // torch has no bf16 GEMM with an fp32 output on a CPU (torch.bmm rounds bf16 scores to bf16), so
 // before this op the bf16 engine upcast q and k and ran the scores GEMM in fp32 (MKL, ~155 GFLOPS on
-// the 2-core Zen 5 of docs/benchmarks.md) where oneDNN's bf16 brgemm runs at ~370. Built and loaded by
-// pipeline/rerank/backends/hf/native.py; only at::native::cpublas::brgemm (exported by libtorch_cpu)
-// and ATen's vectorized float math are used.
+// the 2-core Zen 5 of docs/benchmarks.md) where oneDNN's bf16 brgemm runs at ~370; in fp32 MKL ran
+// both GEMMs at that rate. Built and loaded by pipeline/rerank/backends/hf/native.py; only
+// at::native::cpublas::brgemm (exported by libtorch_cpu) and ATen's vectorized float math are used.
+// brgemm keeps one generated kernel per shape and leading dimensions: M = 32, N = 64 or the head
+// dim, K = the head dim or 64, and a row width of a multiple of 64 keys, so at most a few hundred.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -14,16 +17,18 @@
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
 namespace {
-constexpr int64_t kRows = 32;  // query rows per task (the queries buffer is padded to a multiple)
-constexpr int64_t kKeys = 64;  // keys per tile of the packed keys
+constexpr int64_t kRows = 32;  // queries per task, one head (a shorter last tile is zero-padded)
+constexpr int64_t kKeys = 64;  // keys per tile of the packed keys and values
 using Vec = at::vec::Vectorized<float>;
 
-inline void store_probs(at::BFloat16* o, const float* x, float inv, int64_t h) {
+inline void store_scaled(at::BFloat16* o, const float* x, float inv, int64_t h) {
   const Vec vi(inv);
   int64_t j = 0;
   for (; j + 2 * Vec::size() <= h; j += 2 * Vec::size()) {
@@ -33,16 +38,16 @@ inline void store_probs(at::BFloat16* o, const float* x, float inv, int64_t h) {
   for (; j < h; ++j) o[j] = c10::BFloat16(x[j] * inv);
 }
 
-inline void store_probs(float* o, const float* x, float inv, int64_t h) {
+inline void store_scaled(float* o, const float* x, float inv, int64_t h) {
   const Vec vi(inv);
   int64_t j = 0;
   for (; j + Vec::size() <= h; j += Vec::size()) (Vec::loadu(x + j) * vi).store(o + j);
   for (; j < h; ++j) o[j] = x[j] * inv;
 }
 
-// softmax(x * scale + bias) over x[0, h), in place, then stored as probabilities into o.
+// probabilities softmax(x * scale + bias) over [0, h) into o[0, h), zeros in o[h, width)
 template <typename S>
-inline void softmax_row(float* x, const float* bias, float scale, int64_t h, S* o) {
+inline void softmax_row(float* x, const float* bias, float scale, int64_t h, int64_t width, S* o) {
   const Vec vsc(scale);
   Vec vmax(-std::numeric_limits<float>::infinity());
   int64_t j = 0;
@@ -57,6 +62,11 @@ inline void softmax_row(float* x, const float* bias, float scale, int64_t h, S* 
     x[j] = x[j] * scale + bias[j];
     mx = std::max(mx, x[j]);
   }
+  std::fill(o + h, o + width, S(0));
+  if (mx == -std::numeric_limits<float>::infinity()) {  // no key visible: no attention
+    std::fill(o, o + h, S(0));
+    return;
+  }
   const Vec vm(mx);
   Vec vsum(0.f);
   j = 0;
@@ -70,71 +80,97 @@ inline void softmax_row(float* x, const float* bias, float scale, int64_t h, S* 
     x[j] = std::exp(x[j] - mx);
     sum += x[j];
   }
-  store_probs(o, x, 1.f / sum, h);
+  store_scaled(o, x, 1.f / sum, h);
 }
 
-// q: [B, MP, D] (B = rows x kv_heads; m real rows: the `group` query heads of a KV head stacked, n
-// queries each, query i of a head at position a + i); keys: [B, T, D/2, 64, 2] bf16 (VNNI) or
-// [B, T, D, 64] fp32, zero past the last key; bias: [rows, Q, K] fp32 additive mask (0 or -inf).
-// Returns the probabilities [B, m, horizon] over the first `horizon` keys.
+// q [R, H, Q, D]; keys [R*KV, T, D/2, 64, 2] (bf16, VNNI pairs) or [R*KV, T, D, 64] (fp32), values
+// [R*KV, T, 32, D, 2] or [R*KV, T, 64, D], both zero past the last key; bias [R, Q, K] fp32 (0 or
+// -inf, K = the keys, the last Q of them this forward's, causal); out [R, Q, H, D].
 template <typename S>
-at::Tensor probs_impl(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& bias,
-                      int64_t m, int64_t n, int64_t a, int64_t horizon, double scale) {
+void attend_impl(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                 const at::Tensor& bias, const at::Tensor& out, double scale) {
   constexpr bool vnni = std::is_same_v<S, at::BFloat16>;
-  TORCH_CHECK(keys.scalar_type() == q.scalar_type() && bias.scalar_type() == at::kFloat,
-              "grouped_probs: keys in the queries' dtype, an fp32 bias");
-  TORCH_CHECK(q.dim() == 3 && keys.dim() == (vnni ? 5 : 4) && bias.dim() == 3,
-              "grouped_probs: q [B, MP, D], packed keys, bias [rows, Q, K]");
-  TORCH_CHECK(q.is_contiguous() && keys.is_contiguous() && bias.is_contiguous(),
-              "grouped_probs: contiguous inputs");
-  const int64_t B = q.size(0), MP = q.size(1), D = q.size(2), T = keys.size(1);
-  const int64_t R = bias.size(0), Q = bias.size(1), K = bias.size(2);
-  const int64_t tiles = (horizon + kKeys - 1) / kKeys, ldc = tiles * kKeys;
-  TORCH_CHECK(MP % kRows == 0 && m > 0 && m <= MP && n > 0 && m % n == 0 && a >= 0 &&
-                  a + n <= Q && horizon > 0 && horizon <= K && tiles <= T && R > 0 && B % R == 0,
-              "grouped_probs: inconsistent sizes");
-  TORCH_CHECK(keys.size(2) * (vnni ? 2 : 1) == D && keys.size(3) == kKeys,
-              "grouped_probs: keys not packed in tiles of 64");
-  const int64_t kv_heads = B / R, mtiles = (m + kRows - 1) / kRows;
-  auto out = at::empty({B, m, horizon}, q.options());
+  const int64_t R = q.size(0), H = q.size(1), Q = q.size(2), D = q.size(3);
+  const int64_t B = keys.size(0), T = keys.size(1), K = bias.size(2), KV = B / R, G = H / KV;
+  const int64_t offset = K - Q;
+  const int64_t qtiles = (Q + kRows - 1) / kRows, width_max = T * kKeys;
   const S* qd = q.data_ptr<S>();
   const S* kd = keys.data_ptr<S>();
+  const S* vd = values.data_ptr<S>();
   const float* bd = bias.data_ptr<float>();
   S* od = out.data_ptr<S>();
   const float sc = static_cast<float>(scale);
-  at::parallel_for(0, B * mtiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(kRows * ldc);
+  at::parallel_for(0, R * H * qtiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> sbuf(kRows * width_max), cbuf(kRows * D);
+    std::vector<S> pbuf(vnni ? kRows * width_max : 0), abuf(kRows * D);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / mtiles, mt = task % mtiles, r = b / kv_heads;
-      for (int64_t t = 0; t < tiles; ++t) {
-        at::native::cpublas::brgemm(kRows, kKeys, D, D, kKeys, ldc, false,
-                                    qd + (b * MP + mt * kRows) * D, kd + (b * T + t) * D * kKeys,
-                                    buf.data() + t * kKeys, vnni);
+      const int64_t r = task / (H * qtiles), h = (task / qtiles) % H, qt = task % qtiles;
+      const int64_t i0 = qt * kRows, rows = std::min(kRows, Q - i0);
+      const int64_t horizon = offset + i0 + rows, tiles = (horizon + kKeys - 1) / kKeys;
+      const int64_t width = tiles * kKeys, b = r * KV + h / G;
+      const S* a = qd + ((r * H + h) * Q + i0) * D;
+      if (rows < kRows) {
+        std::memcpy(abuf.data(), a, rows * D * sizeof(S));
+        std::fill(abuf.begin() + rows * D, abuf.end(), S(0));
+        a = abuf.data();
       }
-      for (int64_t i = 0; i < kRows && mt * kRows + i < m; ++i) {
-        const int64_t row = mt * kRows + i;
-        softmax_row(buf.data() + i * ldc, bd + (r * Q + a + row % n) * K, sc, horizon,
-                    od + (b * m + row) * horizon);
+      for (int64_t t = 0; t < tiles; ++t) {
+        at::native::cpublas::brgemm(kRows, kKeys, D, D, kKeys, width, false, a,
+                                    kd + (b * T + t) * D * kKeys, sbuf.data() + t * kKeys, vnni);
+      }
+      S* probs = vnni ? reinterpret_cast<S*>(pbuf.data()) : reinterpret_cast<S*>(sbuf.data());
+      for (int64_t i = 0; i < kRows; ++i) {
+        S* p = probs + i * width;
+        if (i >= rows) {
+          std::fill(p, p + width, S(0));
+          continue;
+        }
+        softmax_row(sbuf.data() + i * width, bd + (r * Q + i0 + i) * K, sc,
+                    horizon, width, p);
+      }
+      for (int64_t t = 0; t < tiles; ++t) {
+        at::native::cpublas::brgemm(kRows, D, kKeys, width, D, D, t > 0, probs + t * kKeys,
+                                    vd + (b * T + t) * kKeys * D, cbuf.data(), vnni);
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        store_scaled(od + ((r * Q + i0 + i) * H + h) * D, cbuf.data() + i * D, 1.f, D);
       }
     }
     at::native::cpublas::brgemm_release(vnni);
   });
-  return out;
 }
 
-at::Tensor grouped_probs(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& bias,
-                         int64_t m, int64_t n, int64_t a, int64_t horizon, double scale) {
-  if (q.scalar_type() == at::kBFloat16) {
-    return probs_impl<at::BFloat16>(q, keys, bias, m, n, a, horizon, scale);
+void attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+            const at::Tensor& bias, const at::Tensor& out, double scale) {
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16 || q.scalar_type() == at::kFloat, "attend: bf16 or fp32");
+  for (const auto* t : {&keys, &values, &out}) {
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "attend: q, keys, values, out of one dtype");
   }
-  TORCH_CHECK(q.scalar_type() == at::kFloat, "grouped_probs: bf16 or fp32 queries");
-  return probs_impl<float>(q, keys, bias, m, n, a, horizon, scale);
+  TORCH_CHECK(bias.scalar_type() == at::kFloat, "attend: an fp32 bias");
+  for (const auto* t : {&q, &keys, &values, &bias, &out}) {
+    TORCH_CHECK(t->is_contiguous(), "attend: contiguous tensors");
+  }
+  TORCH_CHECK(q.dim() == 4 && bias.dim() == 3 && out.dim() == 4 && keys.dim() == (bf16 ? 5 : 4) &&
+                  values.dim() == keys.dim(), "attend: ranks");
+  const int64_t R = q.size(0), H = q.size(1), Q = q.size(2), D = q.size(3);
+  const int64_t B = keys.size(0), T = keys.size(1), K = bias.size(2);
+  TORCH_CHECK(R > 0 && B % R == 0 && H % (B / R) == 0 && Q > 0 && Q <= K && D % 2 == 0,
+              "attend: heads, queries and keys");
+  TORCH_CHECK(bias.size(0) == R && bias.size(1) == Q && K <= T * kKeys,
+              "attend: bias [rows, queries, keys], keys packed past the last key");
+  TORCH_CHECK(keys.size(2) * (bf16 ? 2 : 1) == D && keys.size(3) == kKeys &&
+                  values.size(0) == B && values.size(1) == T,
+              "attend: keys and values packed in tiles of 64");
+  TORCH_CHECK(out.size(0) == R && out.size(1) == Q && out.size(2) == H && out.size(3) == D,
+              "attend: out [rows, queries, heads, dim]");
+  if (bf16) return attend_impl<at::BFloat16>(q, keys, values, bias, out, scale);
+  return attend_impl<float>(q, keys, values, bias, out, scale);
 }
 }  // namespace
 
 TORCH_LIBRARY(winnow, lib) {
   lib.def(
-      "grouped_probs(Tensor q, Tensor keys, Tensor bias, int m, int n, int a, int horizon, "
-      "float scale) -> Tensor",
-      grouped_probs);
+      "attend(Tensor q, Tensor keys, Tensor values, Tensor bias, Tensor(a!) out, float scale) -> ()",
+      attend);
 }
