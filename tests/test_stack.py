@@ -322,6 +322,16 @@ def test_dockerfile_model_cache_volume() -> None:
     assert hf_home in volumes
 
 
+def test_dockerfile_cpu_variant_compiles_the_reranker_kernels() -> None:
+    """WINNOW_RERANK_COMPILE=auto builds inductor's kernels and the native attention op where a C++
+    compiler is found: the CPU image ships one, and caches what it builds on the /models volume."""
+    run = next(a for kw, a in dockerfile_instructions() if kw == "RUN" and "apt-get" in a)
+    cpu_branch = run.split("else", 1)[1].split("fi", 1)[0]
+    assert re.search(r"\bg\+\+", cpu_branch) and "python3-dev" in cpu_branch
+    cache = dockerfile_env()["TORCHINDUCTOR_CACHE_DIR"]
+    assert any(cache.startswith(v + "/") for v in json.loads(only("VOLUME")))
+
+
 def test_dockerfile_variants() -> None:
     text = DOCKERFILE.read_text(encoding="utf-8")
     args = {
