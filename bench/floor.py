@@ -6,7 +6,9 @@ The floor is the work no exact engine can skip, at the GEMM rates this machine r
   (prefix + instruction + query) once, and past the last layer's K/V only each pair's scored token
   (what the padded plan runs, less its padding);
 - attention: the causal triangle only (each tail token against its head and the tail tokens before
-  it), the scores GEMM in fp32 and the probabilities × values GEMM in the run's dtype;
+  it), both GEMMs from operands in the run's dtype (in bf16 the scores accumulate and come out in
+  fp32, as the native op of pipeline/rerank/backends/hf/csrc/attention.cpp runs them; timed as
+  torch's bf16 ``bmm``, whose output is bf16, at the same FLOPs);
 - rates: oneDNN's prepacked linear (the hf engine's GEMM) on each linear's shape and batched GEMMs
   on the attention's shapes, best of ``--reps``, measured in this process.
 
@@ -81,8 +83,8 @@ def rates(cfg: Any, dtype: Any, rows: int, reps: int) -> dict[str, float]:
             flops += 2 * rows * k * n
         groups, chunk, keys = cfg.num_attention_heads // cfg.num_key_value_heads, 128, 512
         batch = 4 * cfg.num_key_value_heads
-        q = torch.randn(batch, groups * chunk, dim)
-        k_t = torch.randn(batch, dim, keys)
+        q = torch.randn(batch, groups * chunk, dim, dtype=dtype)
+        k_t = torch.randn(batch, dim, keys, dtype=dtype)
         p = torch.randn(batch, groups * chunk, keys, dtype=dtype)
         v = torch.randn(batch, keys, dim, dtype=dtype)
         gemm = 2 * batch * groups * chunk * keys * dim
