@@ -300,7 +300,8 @@ class RerankSettings(_Group):
         "auto",
         description=(
             "hf engine, torch.compile (inductor). Padded plan: the fused decoder's elementwise "
-            "kernels (auto = on on a CPU with a C++ compiler; compiled at load, cached on disk). "
+            "kernels and the native attention op (auto = on on a CPU with a C++ compiler; "
+            "compiled at load, cached on disk in `TORCHINDUCTOR_CACHE_DIR`). "
             "Packed plan: its whole forward (auto = off until measured to win)."
         ),
     )
