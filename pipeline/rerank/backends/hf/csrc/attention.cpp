@@ -118,7 +118,12 @@ void attend_impl(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& 
         at::native::cpublas::brgemm(kRows, kKeys, D, D, kKeys, width, false, a,
                                     kd + (b * T + t) * D * kKeys, sbuf.data() + t * kKeys, vnni);
       }
-      S* probs = vnni ? reinterpret_cast<S*>(pbuf.data()) : reinterpret_cast<S*>(sbuf.data());
+      S* probs;  // bf16: rounded for the second GEMM; fp32: in place over the scores
+      if constexpr (vnni) {
+        probs = pbuf.data();
+      } else {
+        probs = sbuf.data();
+      }
       for (int64_t i = 0; i < kRows; ++i) {
         S* p = probs + i * width;
         if (i >= rows) {
