@@ -179,6 +179,12 @@ class HFEngine(PaddedPlan, RerankEngine):
         self.load()  # builds it: its private tokenizer copy is taken before any call can run
         return self._cutter
 
+    def reset_head_cache(self) -> None:
+        """Forget the cached heads, under the score lock (benchmarks start each phase cold, as vLLM's
+        ``reset_prefix_cache`` does)."""
+        with self._score_lock:
+            self._heads = HeadCache(self._heads.max_bytes)
+
     def estimate_tokens(self, request: RerankRequest) -> int:
         """Work of ``request`` in tokens, by this tokenizer's measured characters per token."""
         return self.document_cutter().estimate_tokens(request)
