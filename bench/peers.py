@@ -341,10 +341,6 @@ def run_rounds(
             c.close()
 
 
-def _median(xs: Sequence[float]) -> float:
-    return statistics.median(xs)
-
-
 def phase_seconds(run: dict[str, Any], key: str) -> list[float]:
     """Seconds of one phase in each round (per request: the requests' sum)."""
     if key == "per_request":
@@ -369,7 +365,7 @@ def rows_of(run: dict[str, Any], tokens: list[int], conc_tokens: int, pairs: int
         secs = phase_seconds(run, key)
         n_tokens = n_tokens or conc_tokens
         n_pairs = seq_pairs if key == "per_request" else pairs
-        med = _median(secs)
+        med = statistics.median(secs)
         out.append(
             {
                 "mode": label,
@@ -388,7 +384,7 @@ def speed_ratio(run: dict[str, Any], hf: dict[str, Any]) -> dict[str, Any]:
     for key in ("per_request", "merged"):
         a, b = phase_seconds(run, key), phase_seconds(hf, key)
         rounds = [round(x / y, 3) for x, y in zip(a, b, strict=False)]
-        out[key] = round(_median(a) / _median(b), 3)
+        out[key] = round(statistics.median(a) / statistics.median(b), 3)
         out[f"{key}_rounds"] = rounds
     return out
 
@@ -458,19 +454,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 entry["load_seconds"] = round(run["load_seconds"], 1)
                 entry["rows"] = rows_of(run, tokens, conc_tokens, conc_pairs)
                 if hf is not None and "error" not in hf and run is not hf:
+                    ref = hf["rounds"][0]
                     entry["max_abs_diff_vs_hf"] = max(
-                        max_diff(
-                            [p["scores"] for p in r["per_request"]],
-                            [p["scores"] for p in hf["rounds"][0]["per_request"]],
+                        max(
+                            max_diff(
+                                [p["scores"] for p in r["per_request"]],
+                                [p["scores"] for p in ref["per_request"]],
+                            ),
+                            max_diff(r["merged"]["scores"], ref["merged"]["scores"]),
                         )
                         for r in run["rounds"]
-                    )
-                    entry["max_abs_diff_vs_hf"] = max(
-                        entry["max_abs_diff_vs_hf"],
-                        *(
-                            max_diff(r["merged"]["scores"], hf["rounds"][0]["merged"]["scores"])
-                            for r in run["rounds"]
-                        ),
                     )
                     entry["hf_speed_ratio"] = speed_ratio(run, hf)
             results.append(entry)
