@@ -46,6 +46,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -312,6 +313,7 @@ class Child:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)  # its log and round files: read already
 
 
 def run_rounds(
