@@ -2,8 +2,10 @@
 
 - its attention equals the torch path's (:func:`attention.grouped_attention`): fp32 within 1e-5 of
   fp64, bf16 no farther from fp64 than the torch path (fp32 scores, bf16 probabilities × values),
-  for left-padded heads, query tiles of 32 with a shorter last one, one query per row (the last
+  for left-padded heads, query tiles of 16 with a shorter last one, one query per row (the last
   layer's scored token, on the torch path), key counts that are not a multiple of the 64-key tile;
+- a cached head's keys and values given apart (``past``, broadcast over rows, strided) pack into
+  the same tiles as their concatenation, so give the same attention bit for bit;
 - an engine uses it where it loaded for its dtype, and scores as the engine without it does;
 - a broken build raises with the compiler's message (``dtypes`` then logs it and keeps torch).
 
@@ -64,10 +66,10 @@ def _inputs(
 
 
 SHAPES = [  # (heads, kv_heads, dim, q_len)
-    (4, 2, 16, 2 * 64 + 45),  # six query tiles, the last of 13; 210 keys: a partial key tile
+    (4, 2, 16, 2 * 64 + 45),  # eleven query tiles, the last of 13; 210 keys: a partial key tile
     (4, 2, 16, 1),  # the last layer: one scored token per row (the torch path)
     (16, 8, 128, 70),  # the real model's heads
-    (2, 2, 16, 64),  # no grouping, two full query tiles, 101 keys
+    (2, 2, 16, 64),  # no grouping, four full query tiles, 101 keys
 ]
 
 
@@ -105,6 +107,41 @@ def test_additive_mask_equals_boolean(op: frozenset[str], dtype: torch.dtype) ->
     assert torch.equal(
         native.native_attention(q, k, v, mask, 0.25), native.native_attention(q, k, v, bias, 0.25)
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("head_len", "q_len"), [(37, 90), (64, 64), (0, 20), (80, 1)])
+def test_a_head_given_apart_equals_its_concatenation(
+    op: frozenset[str], dtype: torch.dtype, head_len: int, q_len: int
+) -> None:
+    """As the padded plan's tails call it: one head's K/V expanded over the rows (stride 0), this
+    forward's K/V a transposed view; head + tail lengths on and off the 64-key tiles."""
+    _need(op, dtype)
+    gen = torch.Generator().manual_seed(head_len + q_len)
+    rows, heads, kv_heads, dim = 3, 4, 2, 16
+    q = torch.randn(rows, heads, q_len, dim, generator=gen).to(dtype)
+    head_k, head_v = (torch.randn(kv_heads, head_len, dim, generator=gen).to(dtype) for _ in "kv")
+    # [rows, width, kv_heads, dim] transposed: the dim contiguous, the rest strided
+    new_k, new_v = (
+        torch.randn(rows, q_len, kv_heads, dim, generator=gen).to(dtype).transpose(1, 2)
+        for _ in "kv"
+    )
+    past = (head_k.expand(rows, -1, -1, -1), head_v.expand(rows, -1, -1, -1))
+    mask = head_then_causal(head_len, q_len)[:rows] if head_len else _causal(rows, q_len)
+    whole_k, whole_v = (torch.cat((p, n), dim=2) for p, n in zip(past, (new_k, new_v), strict=True))
+    for values, whole, new, prior in (
+        (False, whole_k, new_k, past[0]),
+        (True, whole_v, new_v, past[1]),
+    ):
+        assert torch.equal(
+            native.pack(new, prior, values=values), native.pack(whole, values=values)
+        )
+    got = native.native_attention(q, new_k, new_v, mask, 0.25, past)
+    assert torch.equal(got, native.native_attention(q, whole_k, whole_v, mask, 0.25))
+
+
+def _causal(rows: int, q_len: int) -> torch.Tensor:
+    return torch.ones(q_len, q_len, dtype=torch.bool).tril().expand(rows, 1, -1, -1)
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [("bfloat16", 1e-2), ("float32", 1e-6)])

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "attention.cpp"
 KEY_TILE = 64  # keys per tile of the packed keys and values (csrc/attention.cpp kKeys)
-ROW_TILE = 32  # queries per task (kRows): fewer (the last layer's one) run the torch path
+ROW_TILE = 16  # queries per task (kRows): fewer (the last layer's one) run the torch path
 BUILD_TIMEOUT_S = 300
 # ATen's vectorized math is compiled per ISA: the flags inductor uses for the same capability.
 ISA_FLAGS = {
@@ -173,43 +173,47 @@ def _probe(dtype: Any) -> None:
         raise AssertionError(f"native attention probe off by {err}")
 
 
-def pack_keys(key: Any) -> Any:
-    """``[rows, kv_heads, kv_len, dim]`` → tiles of 64 keys, zero past the last, in the op's B layout:
-    ``[rows·kv_heads, tiles, dim/2, 64, 2]`` for bf16 (VNNI pairs), ``[…, tiles, dim, 64]`` for fp32."""
+def pack(fresh: Any, past: Any = None, *, values: bool) -> Any:
+    """``past`` then ``fresh`` (``[rows, kv_heads, n, dim]`` each, any strides with the dim last)
+    along the keys, in tiles of 64, zero past the last, in the op's layout (``torch.ops.winnow.pack``,
+    one pass): keys ``[rows·kv_heads, tiles, dim/2, 64, 2]`` for bf16 (VNNI pairs along dim), ``[…,
+    tiles, dim, 64]`` for fp32; values ``[…, tiles, 32, dim, 2]`` for bf16 (VNNI pairs of consecutive
+    keys), ``[…, tiles, 64, dim]`` for fp32."""
     import torch
 
-    rows, kv_heads, kv_len, dim = key.shape
-    tiles = -(-kv_len // KEY_TILE)
-    flat = key.new_zeros(rows * kv_heads, tiles * KEY_TILE, dim)
-    flat[:, :kv_len] = key.reshape(rows * kv_heads, kv_len, dim)
-    if key.dtype == torch.bfloat16:  # a pair of bf16 along dim moves as one 32-bit word
-        words = flat.view(torch.int32).view(-1, tiles, KEY_TILE, dim // 2)
-        packed = words.transpose(-1, -2).contiguous().view(torch.bfloat16)
-        return packed.view(-1, tiles, dim // 2, KEY_TILE, 2)
-    return flat.view(-1, tiles, KEY_TILE, dim).transpose(-1, -2).contiguous()
-
-
-def pack_values(value: Any) -> Any:
-    """``[rows, kv_heads, kv_len, dim]`` → tiles of 64 values, zero past the last: ``[rows·kv_heads,
-    tiles, 32, dim, 2]`` for bf16 (VNNI pairs of consecutive keys), ``[…, tiles, 64, dim]`` for fp32."""
-    import torch
-
-    rows, kv_heads, kv_len, dim = value.shape
-    tiles = -(-kv_len // KEY_TILE)
-    flat = value.new_zeros(rows * kv_heads, tiles * KEY_TILE, dim)
-    flat[:, :kv_len] = value.reshape(rows * kv_heads, kv_len, dim)
-    if value.dtype == torch.bfloat16:
-        return flat.view(-1, tiles, KEY_TILE // 2, 2, dim).transpose(-1, -2).contiguous()
-    return flat.view(-1, tiles, KEY_TILE, dim)
+    if fresh.stride(-1) != 1:
+        fresh = fresh.contiguous()
+    if past is None:
+        past = fresh[:, :, :0]
+    elif past.stride(-1) != 1:
+        past = past.contiguous()
+    rows, kv_heads, n, dim = fresh.shape
+    tiles = -(-(past.shape[2] + n) // KEY_TILE)
+    shape: tuple[int, ...]
+    if fresh.dtype == torch.bfloat16:
+        shape = (tiles, KEY_TILE // 2, dim, 2) if values else (tiles, dim // 2, KEY_TILE, 2)
+    else:
+        shape = (tiles, KEY_TILE, dim) if values else (tiles, dim, KEY_TILE)
+    out = fresh.new_empty(rows * kv_heads, *shape)
+    torch.ops.winnow.pack(past, fresh, out, values)
+    return out
 
 
 def native_attention(
-    query: Any, key: Any, value: Any, mask: Any, scaling: float | None = None
+    query: Any,
+    key: Any,
+    value: Any,
+    mask: Any,
+    scaling: float | None = None,
+    past: tuple[Any, Any] | None = None,
 ) -> Any:
     """:func:`~pipeline.rerank.backends.hf.attention.grouped_attention` in ``torch.ops.winnow.attend``
-    (q, k and v all bf16 or all fp32; a mask ``[rows, 1, q, kv]``, boolean or additive, whose last
-    ``q`` keys are this forward's, causal). Fewer than 32 queries per row (the last layer's scored
-    token) run the torch path: a tile of 32 would be mostly padding. Returns ``[rows, q, heads, dim]``."""
+    (q, k and v all bf16 or all fp32; a mask ``[rows, 1, q, kv]``, boolean or additive — an fp32
+    additive one is read as it is, so a forward builds it once for all its layers — whose last ``q``
+    keys are this forward's, causal). ``past``: (keys, values) before ``key``/``value`` along the keys
+    (a cached head), packed with them without a concatenation. Fewer than 16 queries per row (the
+    last layer's scored token) run the torch path: a tile would be mostly padding. Returns ``[rows,
+    q, heads, dim]``."""
     import torch
 
     from pipeline.rerank.backends.hf.attention import grouped_attention
@@ -217,16 +221,25 @@ def native_attention(
     rows, heads, q_len, dim = query.shape
     scale = scaling if scaling is not None else dim**-0.5
     if q_len < ROW_TILE:
+        if past is not None:
+            key = torch.cat((past[0], key), dim=2)
+            value = torch.cat((past[1], value), dim=2)
         if query.dtype == torch.float32:
             return grouped_attention(query, key, value, mask, scale)
         return grouped_attention(query.float(), key.float(), value, mask, scale)
-    if mask.dtype == torch.bool:
-        bias = torch.zeros(rows, q_len, key.shape[2], dtype=torch.float32, device=query.device)
-        bias.masked_fill_(~mask[:, 0], float("-inf"))
-    else:
-        bias = mask[:, 0].float().contiguous()
+    bias = additive_mask(mask)[:, 0]
+    keys = pack(key, None if past is None else past[0], values=False)
+    values = pack(value, None if past is None else past[1], values=True)
     out = value.new_empty(rows, q_len, heads, dim)
-    torch.ops.winnow.attend(
-        query.contiguous(), pack_keys(key), pack_values(value), bias, out, scale
-    )
+    torch.ops.winnow.attend(query.contiguous(), keys, values, bias, out, scale)
     return out
+
+
+def additive_mask(mask: Any) -> Any:
+    """A boolean mask (True = attend) → fp32 0 / -inf, contiguous; an fp32 contiguous one as it is."""
+    import torch
+
+    if mask.dtype == torch.bool:
+        bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        return bias.masked_fill_(~mask, float("-inf"))
+    return mask.float().contiguous()

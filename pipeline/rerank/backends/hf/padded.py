@@ -281,6 +281,7 @@ class PaddedDecoder:
         k, eps, dim = self.k, self.eps, self.head_dim
         x = self.embed(ids)  # [rows, width, hidden]
         cos, sin = self.rotary(x, positions)  # [rows, width, dim]
+        mask = self.attend.prepare(mask, x)  # once for every layer
         rows = x.shape[0]
         at = torch.arange(rows, device=x.device)
         kv: list[tuple[Any, Any]] = []
@@ -294,16 +295,14 @@ class PaddedDecoder:
                 kv.append((keys, values))
                 if i == final:
                     return x, kv
-            else:
-                keys = torch.cat((past[i][0], keys), dim=2)
-                values = torch.cat((past[i][1], values), dim=2)
             q_cos, q_sin, q_mask = cos, sin, mask
             if i == final:  # the scored token of each row only
                 h, x = h[at, last][:, None], x[at, last][:, None]
                 q_cos, q_sin = cos[at, last][:, None], sin[at, last][:, None]
                 q_mask = mask[at, :, last][:, :, None]
             queries = k.norm_rope(att.q_proj(h), att.q_norm.weight, q_cos, q_sin, eps)
-            a = self.attend(att, queries, keys, values, q_mask)  # [rows, q, heads, dim]
+            prior = None if past is None else past[i]
+            a = self.attend(att, queries, keys, values, q_mask, prior)  # [rows, q, heads, dim]
             x, h = k.add_rms(
                 x,
                 att.o_proj(a.reshape(*x.shape[:2], -1)),
@@ -332,16 +331,36 @@ class PaddedAttention:
         self.upcast = upcast
         self.native = native
 
-    def __call__(self, module: Any, q: Any, k: Any, v: Any, mask: Any) -> Any:
+    def _native(self, x: Any) -> bool:
+        import torch
+
+        return self.native and x.device.type == "cpu" and (x.dtype == torch.float32 or self.upcast)
+
+    def prepare(self, mask: Any, x: Any) -> Any:
+        """A forward's boolean mask as the native op reads it (fp32 additive), once for all the
+        layers; unchanged for the torch paths. ``x``: the forward's activations (device, dtype)."""
+        if self._native(x):
+            from pipeline.rerank.backends.hf.native import additive_mask
+
+            return additive_mask(mask)
+        return mask
+
+    def __call__(
+        self, module: Any, q: Any, k: Any, v: Any, mask: Any, past: tuple[Any, Any] | None = None
+    ) -> Any:
+        """``past``: a cached head's (keys, values), before ``k`` and ``v`` along the keys."""
         import torch
 
         from pipeline.rerank.backends.hf.attention import chunked_sdpa, grouped_attention
 
-        if q.device.type == "cpu":
-            if self.native and (q.dtype == torch.float32 or self.upcast):
-                from pipeline.rerank.backends.hf.native import native_attention
+        if self._native(q):
+            from pipeline.rerank.backends.hf.native import native_attention
 
-                return native_attention(q, k, v, mask, self.scale)
+            return native_attention(q, k, v, mask, self.scale, past)
+        if past is not None:
+            k = torch.cat((past[0], k), dim=2)
+            v = torch.cat((past[1], v), dim=2)
+        if q.device.type == "cpu":
             if q.dtype == torch.float32:
                 return grouped_attention(q, k, v, mask, self.scale)
             if self.upcast:  # scores in fp32, probabilities × values in the model's dtype

@@ -1,4 +1,4 @@
-// The padded plan's attention on a CPU in one op per layer: for each tile of 32 queries of one head,
+// The padded plan's attention on a CPU in one op per layer: for each tile of 16 queries of one head,
 // the scores GEMM on oneDNN's brgemm micro-kernel (bf16 x bf16 -> fp32, or fp32), scale, mask and
 // softmax while the tile is in cache, the probabilities x values GEMM on brgemm again, and the
 // output written once, in place, in the layout the o_proj reads.
@@ -8,8 +8,14 @@
 // the 2-core Zen 5 of docs/benchmarks.md) where oneDNN's bf16 brgemm runs at ~370; in fp32 MKL ran
 // both GEMMs at that rate. Built and loaded by pipeline/rerank/backends/hf/native.py; only
 // at::native::cpublas::brgemm (exported by libtorch_cpu) and ATen's vectorized float math are used.
-// brgemm keeps one generated kernel per shape and leading dimensions: M = 32, N = 64 or the head
+// brgemm keeps one generated kernel per shape and leading dimensions: M = 16, N = 64 or the head
 // dim, K = the head dim or 64, and a row width of a multiple of 64 keys, so at most a few hundred.
+// Tiles of 16 queries ran the reranker's layer shapes 2-8% faster than 32 (less work past the causal
+// horizon, a score tile that stays in L1; 8 and 24 were no better; docs/benchmarks.md).
+//
+// pack writes a layer's keys or values into the tiles the op reads, from the cached head's part and
+// this forward's part in one pass: before it, a concatenation, a zero fill, a copy and a transpose
+// took ~13% of the attention's time.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -18,13 +24,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
 namespace {
-constexpr int64_t kRows = 32;  // queries per task, one head (a shorter last tile is zero-padded)
+constexpr int64_t kRows = 16;  // queries per task, one head (a shorter last tile is zero-padded)
 constexpr int64_t kKeys = 64;  // keys per tile of the packed keys and values
 using Vec = at::vec::Vectorized<float>;
 
@@ -81,6 +88,79 @@ inline void softmax_row(float* x, const float* bias, float scale, int64_t h, int
     sum += x[j];
   }
   store_scaled(o, x, 1.f / sum, h);
+}
+
+// Keys [b, t*64 + j] = past[b, j'] for j' < P, else fresh[b, j' - P], zero from P + N on; b = r*KV + h.
+// bf16 keys [B, T, D/2, 64, 2] (VNNI: a pair along D as one 32-bit word, 64 keys per row), values
+// [B, T, 32, D, 2] (a pair of consecutive keys per D); fp32 keys [B, T, D, 64], values [B, T, 64, D].
+template <typename S>
+void pack_impl(const at::Tensor& past, const at::Tensor& fresh, const at::Tensor& out, bool values) {
+  const int64_t R = fresh.size(0), KV = fresh.size(1), N = fresh.size(2), D = fresh.size(3);
+  const int64_t P = past.size(2), T = out.size(1), L = P + N;
+  const S* pd = past.data_ptr<S>();
+  const S* fd = fresh.data_ptr<S>();
+  S* od = out.data_ptr<S>();
+  const auto ps = past.strides(), fs = fresh.strides();
+  const int64_t tile = kKeys * D;  // elements per packed tile
+  at::parallel_for(0, R * KV * T, 1, [&](int64_t begin, int64_t end) {
+    std::vector<S> zero(D, S(0));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / T, t = task % T, r = b / KV, h = b % KV;
+      S* o = od + task * tile;
+      const S* rows[kKeys];
+      for (int64_t jj = 0; jj < kKeys; ++jj) {
+        const int64_t j = t * kKeys + jj;
+        rows[jj] = j < P   ? pd + r * ps[0] + h * ps[1] + j * ps[2]
+                   : j < L ? fd + r * fs[0] + h * fs[1] + (j - P) * fs[2]
+                           : zero.data();
+      }
+      if constexpr (std::is_same_v<S, at::BFloat16>) {
+        if (values) {  // [32, D, 2]
+          for (int64_t jp = 0; jp < kKeys / 2; ++jp) {
+            const S* a = rows[2 * jp];
+            const S* c = rows[2 * jp + 1];
+            S* w = o + jp * D * 2;
+            for (int64_t d = 0; d < D; ++d) {
+              w[2 * d] = a[d];
+              w[2 * d + 1] = c[d];
+            }
+          }
+        } else {  // [D/2, 64] words
+          auto* w = reinterpret_cast<uint32_t*>(o);
+          for (int64_t jj = 0; jj < kKeys; ++jj) {
+            const auto* a = reinterpret_cast<const uint32_t*>(rows[jj]);
+            for (int64_t d2 = 0; d2 < D / 2; ++d2) w[d2 * kKeys + jj] = a[d2];
+          }
+        }
+      } else {
+        if (values) {  // [64, D]
+          for (int64_t jj = 0; jj < kKeys; ++jj) std::memcpy(o + jj * D, rows[jj], D * sizeof(S));
+        } else {  // [D, 64]
+          for (int64_t jj = 0; jj < kKeys; ++jj) {
+            const S* a = rows[jj];
+            for (int64_t d = 0; d < D; ++d) o[d * kKeys + jj] = a[d];
+          }
+        }
+      }
+    }
+  });
+}
+
+void pack(const at::Tensor& past, const at::Tensor& fresh, const at::Tensor& out, bool values) {
+  const bool bf16 = fresh.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16 || fresh.scalar_type() == at::kFloat, "pack: bf16 or fp32");
+  TORCH_CHECK(past.scalar_type() == fresh.scalar_type() && out.scalar_type() == fresh.scalar_type(),
+              "pack: past, fresh and out of one dtype");
+  TORCH_CHECK(past.dim() == 4 && fresh.dim() == 4 && out.is_contiguous(), "pack: ranks, out");
+  TORCH_CHECK(past.stride(3) == 1 && fresh.stride(3) == 1, "pack: the head dim contiguous");
+  const int64_t R = fresh.size(0), KV = fresh.size(1), D = fresh.size(3);
+  TORCH_CHECK(past.size(0) == R && past.size(1) == KV && past.size(3) == D && D % 2 == 0,
+              "pack: past [rows, kv_heads, keys, dim] as fresh");
+  const int64_t L = past.size(2) + fresh.size(2), T = (L + kKeys - 1) / kKeys;
+  TORCH_CHECK(out.size(0) == R * KV && out.size(1) == T && out.numel() == R * KV * T * kKeys * D,
+              "pack: out [rows * kv_heads, tiles of 64 keys, ...]");
+  if (bf16) return pack_impl<at::BFloat16>(past, fresh, out, values);
+  return pack_impl<float>(past, fresh, out, values);
 }
 
 // q [R, H, Q, D]; keys [R*KV, T, D/2, 64, 2] (bf16, VNNI pairs) or [R*KV, T, D, 64] (fp32), values
@@ -178,4 +258,5 @@ TORCH_LIBRARY(winnow, lib) {
   lib.def(
       "attend(Tensor q, Tensor keys, Tensor values, Tensor bias, Tensor(a!) out, float scale) -> ()",
       attend);
+  lib.def("pack(Tensor past, Tensor fresh, Tensor(a!) out, bool values) -> ()", pack);
 }
