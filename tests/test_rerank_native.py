@@ -175,6 +175,33 @@ def test_engine_keeps_torch_attention_where_it_does_not_load(
     assert e.describe()["attention"] == "grouped" and not e._fused.attend.native
 
 
+def test_the_first_build_runs_while_the_model_loads(
+    op: frozenset[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh machine compiles the op (~10 s) in the background from the start of load(), and the
+    fused decoder waits for it before loading it."""
+    import threading
+
+    calls: list[str] = []
+    built = threading.Event()
+
+    def build(cc: str, isa: list[str]) -> Path:
+        calls.append(threading.current_thread().name)
+        built.set()
+        return Path("/nonexistent")
+
+    monkeypatch.setattr(native, "_loaded", lambda: False)
+    monkeypatch.setattr(native, "build", build)
+    model = build_tiny_reranker(tmp_path / "m", "bpe", num_layers=2)
+    e = HFEngine(str(model), device="cpu", dtype="float32", plan="padded", compile="on")
+    e.load()
+    assert calls and calls[0].startswith("winnow-build") and built.is_set()
+    assert e._op_build is not None and e._op_build.done()
+    off = HFEngine(str(model), device="cpu", dtype="float32", plan="padded", compile="off")
+    off.load()
+    assert off._op_build is None and len(calls) == 1  # nothing to compile: nothing built
+
+
 def test_a_broken_build_raises_with_the_compilers_message(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -150,6 +150,7 @@ class HFEngine(PaddedPlan, RerankEngine):
         self._want_chunked_attention = chunked_attention
         self._want_fused = fused
         self._fused: Any = None
+        self._op_build: Any = None  # the native op's background build (load())
         self._requested_device = device
         self._requested_dtype = "float32" if quant != "none" and dtype == "auto" else dtype
         self._lock = threading.Lock()
@@ -217,6 +218,7 @@ class HFEngine(PaddedPlan, RerankEngine):
 
             device = resolve_device(self._requested_device)
             dtype = resolve_dtype(self._requested_dtype, device)
+            self._op_build = self._start_op_build(device)  # while the model loads
             tok = AutoTokenizer.from_pretrained(self.model)
             dtype_kw = (
                 "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
@@ -321,6 +323,19 @@ class HFEngine(PaddedPlan, RerankEngine):
             )
         return self.compile_mode == "on"
 
+    def _start_op_build(self, device: str) -> Any:
+        """The native attention op's first build (~10 s), started in the background where the fused
+        decoder's kernels may be compiled on this CPU; None elsewhere."""
+        from pipeline.rerank.backends.hf.fused import compiler_available
+
+        if device != "cpu" or not self._want_fused or self.compile_mode == "off":
+            return None
+        if self.plan == "packed" or not UPCAST_ATTENTION_CPU or not compiler_available():
+            return None
+        from pipeline.rerank.backends.hf.native import start_build
+
+        return start_build()
+
     def _build_fused(self, decoder: Any, device: str, compile: bool) -> Any:
         """The padded plan's own decoder forward (:class:`padded.PaddedDecoder`); None for a model
         it does not reproduce (transformers' forward then runs)."""
@@ -332,6 +347,8 @@ class HFEngine(PaddedPlan, RerankEngine):
         if native:  # the compiled kernels' switch: the C++ compiler builds this op too
             from pipeline.rerank.backends.hf.native import dtypes
 
+            if self._op_build is not None:
+                self._op_build.exception()  # built (a failure: dtypes builds again and logs why)
             native = self.dtype in dtypes()
         try:
             fused = PaddedDecoder(

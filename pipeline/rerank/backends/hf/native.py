@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -120,13 +121,37 @@ def build(cc: str, isa: list[str]) -> Path:
     return target
 
 
+def start_build() -> Future[Path] | None:
+    """The op's library compiled in the background, for an engine to overlap the ~10 s first build
+    with its model's load (the compiler is a subprocess, on another core); :func:`dtypes` then finds
+    it on disk. None where it is loaded already or cannot be built here (dtypes says why)."""
+    import torch
+
+    if _loaded():
+        return None
+    isa = ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability())
+    cc = _compiler()
+    if isa is None or cc is None:
+        return None
+    pool = ThreadPoolExecutor(1, thread_name_prefix="winnow-build")
+    future = pool.submit(build, cc, isa)
+    pool.shutdown(wait=False)
+    return future
+
+
+def _loaded() -> bool:
+    import torch
+
+    return hasattr(torch.ops.winnow, "attend")
+
+
 @functools.cache
 def dtypes() -> frozenset[str]:
     """The dtypes (``"bfloat16"``, ``"float32"``) ``torch.ops.winnow.attend`` is loaded for and gave
     the torch path's numbers on a probe (once per process; empty where it did not build or load)."""
     import torch
 
-    if not hasattr(torch.ops.winnow, "attend"):
+    if not _loaded():
         isa = ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability())
         cc = _compiler()
         if isa is None or cc is None:
