@@ -91,6 +91,16 @@ def chunked_sdpa(
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 
+def additive_mask(mask: Any) -> Any:
+    """A boolean mask (True = attend) → fp32 0 / -inf, contiguous; an fp32 contiguous one as it is."""
+    import torch
+
+    if mask.dtype == torch.bool:
+        bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        return bias.masked_fill_(~mask, float("-inf"))
+    return mask.float().contiguous()
+
+
 def grouped_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -120,11 +130,7 @@ def grouped_attention(
     scale = scaling if scaling is not None else dim**-0.5
     if chunk is None:
         chunk = ATTENTION_CHUNK_CPU if value.dtype == torch.float32 else GROUPED_CHUNK_CPU
-    if mask.dtype == torch.bool:
-        bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
-        bias.masked_fill_(~mask, float("-inf"))
-    else:
-        bias = mask.to(query.dtype)
+    bias = additive_mask(mask).to(query.dtype) if mask.dtype == torch.bool else mask.to(query.dtype)
     out = value.new_empty(rows, q_len, heads, dim)
     for a in range(0, q_len, chunk):
         b = min(a + chunk, q_len)

@@ -125,12 +125,9 @@ def start_build() -> Future[Path] | None:
     """The op's library compiled in the background, for an engine to overlap the ~10 s first build
     with its model's load (the compiler is a subprocess, on another core); :func:`dtypes` then finds
     it on disk. None where it is loaded already or cannot be built here (dtypes says why)."""
-    import torch
-
     if _loaded():
         return None
-    isa = ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability())
-    cc = _compiler()
+    cc, isa = _toolchain()
     if isa is None or cc is None:
         return None
     pool = ThreadPoolExecutor(1, thread_name_prefix="winnow-build")
@@ -145,6 +142,13 @@ def _loaded() -> bool:
     return hasattr(torch.ops.winnow, "attend")
 
 
+def _toolchain() -> tuple[str | None, list[str] | None]:
+    """(the C++ compiler, the ISA flags for this CPU); None for what is missing."""
+    import torch
+
+    return _compiler(), ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability())
+
+
 @functools.cache
 def dtypes() -> frozenset[str]:
     """The dtypes (``"bfloat16"``, ``"float32"``) ``torch.ops.winnow.attend`` is loaded for and gave
@@ -152,8 +156,7 @@ def dtypes() -> frozenset[str]:
     import torch
 
     if not _loaded():
-        isa = ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability())
-        cc = _compiler()
+        cc, isa = _toolchain()
         if isa is None or cc is None:
             log.info("native attention unavailable: %s", "no C++ compiler" if isa else "CPU ISA")
             return frozenset()
@@ -241,7 +244,7 @@ def native_attention(
     q, heads, dim]``."""
     import torch
 
-    from pipeline.rerank.backends.hf.attention import grouped_attention
+    from pipeline.rerank.backends.hf.attention import additive_mask, grouped_attention
 
     rows, heads, q_len, dim = query.shape
     scale = scaling if scaling is not None else dim**-0.5
@@ -252,19 +255,9 @@ def native_attention(
         if query.dtype == torch.float32:
             return grouped_attention(query, key, value, mask, scale)
         return grouped_attention(query.float(), key.float(), value, mask, scale)
-    bias = additive_mask(mask)[:, 0]
+    bias = additive_mask(mask)[:, 0]  # read as it is when the forward made it already
     keys = pack(key, None if past is None else past[0], values=False)
     values = pack(value, None if past is None else past[1], values=True)
     out = value.new_empty(rows, q_len, heads, dim)
     torch.ops.winnow.attend(query.contiguous(), keys, values, bias, out, scale)
     return out
-
-
-def additive_mask(mask: Any) -> Any:
-    """A boolean mask (True = attend) → fp32 0 / -inf, contiguous; an fp32 contiguous one as it is."""
-    import torch
-
-    if mask.dtype == torch.bool:
-        bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-        return bias.masked_fill_(~mask, float("-inf"))
-    return mask.float().contiguous()

@@ -340,7 +340,7 @@ class PaddedAttention:
         """A forward's boolean mask as the native op reads it (fp32 additive), once for all the
         layers; unchanged for the torch paths. ``x``: the forward's activations (device, dtype)."""
         if self._native(x):
-            from pipeline.rerank.backends.hf.native import additive_mask
+            from pipeline.rerank.backends.hf.attention import additive_mask
 
             return additive_mask(mask)
         return mask
