@@ -34,6 +34,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from testkit.servers import free_port  # noqa: E402
+
 DOCS = [
     {
         "_id": "photosynthesis",
@@ -44,12 +48,6 @@ DOCS = [
     {"_id": "tides", "title": "Tides", "text": "The moon's pull raises and lowers the seas."},
 ]
 BODY = {"query": "how do plants make sugar", "top_n": 3, "rerank": False}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_http(url: str, within: float = 180.0) -> None:

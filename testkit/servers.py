@@ -14,7 +14,32 @@ import time
 from pathlib import Path
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
+    """A loopback port free now, drawn from below the kernel's ephemeral range.
+
+    ``bind(0)`` hands out ephemeral ports, the same pool every outgoing connection and every
+    ``bind(0)`` in a child (vLLM's engine core picks its own that way) draws from; between our
+    pick and the server's bind one of them took the port (CI, stop 37: ``[Errno 98]``). Ports
+    below the range are only ever taken by an explicit bind.
+    """
+    import random
+
+    low = min(_ephemeral_low(), 65536)
+    if low > 20000:
+        for port in random.sample(range(20000, low), 64):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -89,6 +89,7 @@ class Server:
         self.name, self.cmd, self.env, self.log, self.port = name, cmd, env, log, port
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
+        self.log_from = 0
         self.ready_after: float | None = None
 
     @property
@@ -98,6 +99,7 @@ class Server:
     def start(self) -> Server:
         self.started_at = time.monotonic()
         self.ready_after = None
+        self.log_from = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 self.cmd,
@@ -112,10 +114,24 @@ class Server:
     def tail(self, chars: int = 3000) -> str:
         return self.log.read_text(errors="replace")[-chars:]
 
+    def lost_its_port(self) -> bool:
+        """Whether this start died because another process bound the port first."""
+        with open(self.log, "rb") as f:
+            f.seek(self.log_from)
+            return b"Errno 98" in f.read()
+
+    def restart_on_a_fresh_port(self) -> None:
+        old, self.port = str(self.port), free_port()
+        at = self.cmd.index("--port") + 1
+        assert self.cmd[at] == old, self.cmd
+        self.cmd[at] = str(self.port)
+        self.start()
+
     def wait(self, timeout: float = START_TIMEOUT_S) -> Server:
         """Until ``/health`` answers 200; fails with the log's tail when it exits or times out."""
         assert self.proc is not None, f"{self.name} was not started"
         deadline = self.started_at + timeout
+        retries = 2  # the port is free when picked; a child's own bind may still win it
         while True:
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
@@ -123,6 +139,11 @@ class Server:
                         self.ready_after = time.monotonic() - self.started_at
                     return self
             if self.proc.poll() is not None:
+                if retries and self.lost_its_port():
+                    retries -= 1
+                    self.restart_on_a_fresh_port()
+                    deadline = self.started_at + timeout
+                    continue
                 pytest.fail(f"{self.name} exited ({self.proc.returncode}):\n{self.tail()}")
             if time.monotonic() > deadline:
                 pytest.fail(f"{self.name}: no /health within {timeout:g} s:\n{self.tail()}")
