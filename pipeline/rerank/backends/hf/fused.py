@@ -2,7 +2,8 @@
 
 Each function is the Qwen3 decoder's own arithmetic (transformers' ``Qwen3RMSNorm``, ``rotate_half``
 RoPE, ``silu(gate) * up``), written once so that ``torch.compile`` (inductor) can turn each into one
-loop over the activation instead of one pass per op: RMSNorm is six ops in eager (cast, pow, mean,
+loop over the activation instead of one pass per op (the q/k/v ones also gather the packed
+tokens into the attention's padded rows as they write them): RMSNorm is six ops in eager (cast, pow, mean,
 add, rsqrt, two multiplies), RoPE five, and in bf16 the norms' fp32 statistics live in registers,
 not in an fp32 copy of the activation. The same functions run eagerly when compilation is off, so
 the two paths compute the same numbers (fp32 |Δ| ~1e-7) and tests can check one against the other.
@@ -49,20 +50,30 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def norm_rope(
-    x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float
+    x: torch.Tensor,
+    slots: torch.Tensor,
+    weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
 ) -> torch.Tensor:
-    """A q or k projection ``[rows, width, heads · dim]`` → per-head RMSNorm, RoPE, ``[rows, heads,
-    width, dim]`` contiguous (the attention's layout), in one pass."""
-    rows, width, _ = x.shape
+    """A q or k projection of packed tokens ``[tokens, heads · dim]`` → the attention's padded rows
+    ``[rows, heads, width, dim]`` (contiguous), per-head RMSNorm and RoPE on the way, in one pass.
+    ``slots`` ``[rows, width]``: the token each padded slot reads (a pad reads a token of its row)."""
+    rows, width = slots.shape
     dim = cos.shape[-1]
-    heads = rms(x.view(rows, width, -1, dim), weight, eps).transpose(1, 2)
+    x = x.index_select(0, slots.flatten()).view(rows, width, -1, dim)
+    heads = rms(x, weight, eps).transpose(1, 2)
     return _rotate(heads, cos[:, None], sin[:, None]).contiguous()
 
 
-def split_heads(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """The v projection ``[rows, width, heads · dim]`` → ``[rows, heads, width, dim]`` contiguous."""
-    rows, width, _ = x.shape
-    return x.view(rows, width, -1, dim).transpose(1, 2).contiguous()
+def split_heads(x: torch.Tensor, slots: torch.Tensor, dim: int) -> torch.Tensor:
+    """The v projection of packed tokens ``[tokens, heads · dim]`` → ``[rows, heads, width, dim]``
+    contiguous (``slots`` as in :func:`norm_rope`)."""
+    rows, width = slots.shape
+    return (
+        x.index_select(0, slots.flatten()).view(rows, width, -1, dim).transpose(1, 2).contiguous()
+    )
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -81,8 +92,9 @@ def compiled(fn: Any) -> Any:
     """``fn`` compiled once per process (dynamic shapes, one graph), shared by every engine.
 
     dynamo keeps up to ``recompile_limit`` (8) variants per function and then runs it eagerly: one
-    engine needs up to 6 of ``rms`` (rows 1 or more × width 1 or more × 2-D or 3-D), and a process with
-    an fp32 and a bf16 engine (tests, benchmarks) twice that, so the limit is raised to 32.
+    engine needs a few per function (a size of 1 or more in each of rows, width, tokens), and a
+    process with an fp32 and a bf16 engine (tests, benchmarks) twice that, so the limit is raised
+    to 32.
     """
     import torch
     import torch._dynamo
