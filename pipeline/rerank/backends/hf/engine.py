@@ -8,7 +8,8 @@ elsewhere); planning is shared (:mod:`pipeline.rerank.backends.hf.plan`), the ke
 
 - **padded** (CPU): each request's head (system + instruction + query) runs once and its KV is reused
   by every document; tails are sorted by length and cut by a token budget that counts padding and by a
-  padding limit (on a CPU GEMM every pad token costs a full token); attention in query chunks
+  padding limit (in transformers' forward every pad token costs a full token; the fused decoder runs
+  only its attention padded, its linears on the real tokens); attention in query chunks
   (:func:`attention.chunked_sdpa`). Only the decoder runs, and the yes/no rows of the LM head are dotted
   with the last hidden state (never the 151,669-wide vocabulary).
 - **packed** (CUDA): one padding-free token stream per forward — each distinct head once, then its
@@ -69,7 +70,10 @@ ATTENTION_KERNELS = get_args(Attention)
 class HFStats(EngineStats):
     """The transformers engine's counters (the shared ones in :class:`EngineStats`)."""
 
-    padded_tokens: int = counter("rerank_padded_tokens", "tokens run including padding")
+    padded_tokens: int = counter(
+        "rerank_padded_tokens",
+        "token slots of the padded rows run, padding included (the fused decoder runs its linears on the real tokens only)",
+    )
     reference_tokens: int = counter(
         "rerank_reference_tokens", "tokens the model card's code would have run for the same pairs"
     )
