@@ -1,11 +1,15 @@
 """The native CPU attention op (pipeline/rerank/backends/hf/native.py, csrc/attention.cpp).
 
-- its attention equals the torch path's (:func:`attention.grouped_attention`): fp32 within 1e-5 of
-  fp64, bf16 no farther from fp64 than the torch path (fp32 scores, bf16 probabilities × values),
-  for left-padded heads, query tiles of 16 with a shorter last one, one query per row (the last
-  layer's scored token, on the torch path), key counts that are not a multiple of the 64-key tile;
+- its attention equals the torch path's (:func:`attention.grouped_attention`) with the mask that
+  ``first`` stands for (:func:`native.visible_mask`), on the real queries, packed row after row:
+  fp32 within 1e-5 of fp64, bf16 no farther from fp64 than the torch path (fp32 scores, bf16
+  probabilities × values), for left-padded heads (by less than a key tile and by more), rows with
+  right padding (a partial query tile, whole tiles of padding), query tiles of 16 with a shorter last
+  one, one query per row, key counts that are not a multiple of the 64-key tile;
+- a padding query's inputs do not change a real query's output;
 - a cached head's keys and values given apart (``past``, broadcast over rows, strided) pack into
   the same tiles as their concatenation, so give the same attention bit for bit;
+- bad ``first``/``lens`` are refused with what is wrong, not read out of bounds;
 - an engine uses it where it loaded for its dtype, and scores as the engine without it does;
 - a broken build raises with the compiler's message (``dtypes`` then logs it and keeps torch).
 
@@ -27,7 +31,6 @@ from pipeline.rerank.backends.hf.attention import grouped_attention
 from pipeline.rerank.backends.hf.engine import HFEngine
 from testkit.tiny_qwen import build_tiny_reranker
 from tests.test_rerank_fused import REQUESTS, _max_diff
-from tests.test_rerank_hf import head_then_causal
 
 
 def _has_avx512_bf16() -> bool:
@@ -57,56 +60,94 @@ def _need(op: frozenset[str], dtype: torch.dtype) -> None:
 def _inputs(
     dtype: torch.dtype, heads: int, kv_heads: int, dim: int, q_len: int, head_len: int = 37
 ) -> tuple[torch.Tensor, ...]:
+    """Three rows: a full one, one whose head is left-padded by 5 keys and whose last third of
+    queries is padding, one with its head left-padded by 70 (whole key tiles, where the head is that
+    long) and a single real query."""
     gen = torch.Generator().manual_seed(q_len + dim)
     rows = 3
     q = torch.randn(rows, heads, q_len, dim, generator=gen).to(dtype)
     k = torch.randn(rows, kv_heads, head_len + q_len, dim, generator=gen).to(dtype)
     v = torch.randn(rows, kv_heads, head_len + q_len, dim, generator=gen).to(dtype)
-    return q, k, v, head_then_causal(head_len, q_len)
+    first = torch.tensor([0, min(5, head_len), min(70, head_len)])
+    lens = torch.tensor([q_len, max(1, q_len - q_len // 3), 1])
+    return q, k, v, first, lens
 
 
-SHAPES = [  # (heads, kv_heads, dim, q_len)
-    (4, 2, 16, 2 * 64 + 45),  # eleven query tiles, the last of 13; 210 keys: a partial key tile
-    (4, 2, 16, 1),  # the last layer: one scored token per row (the torch path)
-    (16, 8, 128, 70),  # the real model's heads
-    (2, 2, 16, 64),  # no grouping, four full query tiles, 101 keys
+def _reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: torch.Tensor, lens: torch.Tensor
+) -> torch.Tensor:
+    """grouped_attention with the mask ``first`` stands for, the real queries packed."""
+    q_len = q.shape[2]
+    mask = native.visible_mask(first, q_len, k.shape[2])
+    out = grouped_attention(q, k, v, mask, 0.25)  # [rows, q, heads, dim]
+    return out.flatten(0, 1)[native.real_slots(lens, q_len)]
+
+
+SHAPES = [  # (heads, kv_heads, dim, q_len, head_len)
+    (4, 2, 16, 2 * 64 + 45, 37),  # eleven query tiles, the last of 13; 210 keys: a partial key tile
+    (4, 2, 16, 1, 37),  # one query per row
+    (16, 8, 128, 70, 37),  # the real model's heads
+    (2, 2, 16, 64, 37),  # no grouping, four full query tiles, 101 keys
+    (4, 2, 16, 90, 150),  # a head past two key tiles, one row's padded by 70 (a whole tile)
+    (4, 2, 16, 40, 0),  # a head forward: no head, causal from the first key
 ]
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "dim", "q_len"), SHAPES)
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "q_len", "head_len"), SHAPES)
 def test_fp32_equals_fp64_within_1e_5(
-    op: frozenset[str], heads: int, kv_heads: int, dim: int, q_len: int
+    op: frozenset[str], heads: int, kv_heads: int, dim: int, q_len: int, head_len: int
 ) -> None:
     _need(op, torch.float32)
-    q, k, v, mask = _inputs(torch.float32, heads, kv_heads, dim, q_len)
-    want = grouped_attention(q.double(), k.double(), v.double(), mask, 0.25)
-    got = native.native_attention(q, k, v, mask, 0.25)
-    assert got.dtype == torch.float32 and got.shape == want.shape
+    q, k, v, first, lens = _inputs(torch.float32, heads, kv_heads, dim, q_len, head_len)
+    want = _reference(q.double(), k.double(), v.double(), first, lens)
+    got = native.native_attention(q, k, v, first, lens, 0.25)
+    assert got.dtype == torch.float32 and got.shape == want.shape == (int(lens.sum()), heads, dim)
     assert (got.double() - want).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "dim", "q_len"), SHAPES)
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "q_len", "head_len"), SHAPES)
 def test_bf16_no_farther_from_fp64_than_the_torch_path(
-    op: frozenset[str], heads: int, kv_heads: int, dim: int, q_len: int
+    op: frozenset[str], heads: int, kv_heads: int, dim: int, q_len: int, head_len: int
 ) -> None:
     _need(op, torch.bfloat16)
-    q, k, v, mask = _inputs(torch.bfloat16, heads, kv_heads, dim, q_len)
-    exact = grouped_attention(q.double(), k.double(), v.double(), mask, 0.25)
-    torch_path = grouped_attention(q.float(), k.float(), v, mask, 0.25)
-    got = native.native_attention(q, k, v, mask, 0.25)
+    q, k, v, first, lens = _inputs(torch.bfloat16, heads, kv_heads, dim, q_len, head_len)
+    exact = _reference(q.double(), k.double(), v.double(), first, lens)
+    torch_path = _reference(q.float(), k.float(), v, first, lens)
+    got = native.native_attention(q, k, v, first, lens, 0.25)
     assert got.dtype == torch.bfloat16 and got.shape == exact.shape
     err, ref_err = ((x.double() - exact).abs().max().item() for x in (got, torch_path))
     assert ref_err > 0 and err <= 1.25 * ref_err, (err, ref_err)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_additive_mask_equals_boolean(op: frozenset[str], dtype: torch.dtype) -> None:
+def test_padding_queries_do_not_touch_real_ones(op: frozenset[str], dtype: torch.dtype) -> None:
     _need(op, dtype)
-    q, k, v, mask = _inputs(dtype, 4, 2, 16, 90)
-    bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+    q, k, v, first, lens = _inputs(dtype, 4, 2, 16, 90)
+    noisy = q.clone()
+    for row, n in enumerate(lens.tolist()):
+        noisy[row, :, n:] = float("nan")  # a padding query's values: never read
     assert torch.equal(
-        native.native_attention(q, k, v, mask, 0.25), native.native_attention(q, k, v, bias, 0.25)
+        native.native_attention(q, k, v, first, lens, 0.25),
+        native.native_attention(noisy, k, v, first, lens, 0.25),
     )
+
+
+@pytest.mark.parametrize(
+    ("first", "lens", "message"),
+    [
+        ([0, 0, 38], [5, 5, 5], "first <= the head's keys"),
+        ([0, -1, 0], [5, 5, 5], "first <= the head's keys"),
+        ([0, 0, 0], [5, 91, 5], "lens <= queries"),
+        ([0, 0], [5, 5], "first and lens per row"),
+    ],
+)
+def test_bad_rows_are_refused(
+    op: frozenset[str], first: list[int], lens: list[int], message: str
+) -> None:
+    _need(op, torch.float32)
+    q, k, v, *_ = _inputs(torch.float32, 4, 2, 16, 90)
+    with pytest.raises(RuntimeError, match=message):
+        native.native_attention(q, k, v, torch.tensor(first), torch.tensor(lens), 0.25)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -127,7 +168,8 @@ def test_a_head_given_apart_equals_its_concatenation(
         for _ in "kv"
     )
     past = (head_k.expand(rows, -1, -1, -1), head_v.expand(rows, -1, -1, -1))
-    mask = head_then_causal(head_len, q_len)[:rows] if head_len else _causal(rows, q_len)
+    first = torch.tensor([0, min(5, head_len), min(20, head_len)])
+    lens = torch.tensor([q_len, q_len, max(1, q_len // 2)])
     whole_k, whole_v = (torch.cat((p, n), dim=2) for p, n in zip(past, (new_k, new_v), strict=True))
     for values, whole, new, prior in (
         (False, whole_k, new_k, past[0]),
@@ -136,12 +178,8 @@ def test_a_head_given_apart_equals_its_concatenation(
         assert torch.equal(
             native.pack(new, prior, values=values), native.pack(whole, values=values)
         )
-    got = native.native_attention(q, new_k, new_v, mask, 0.25, past)
-    assert torch.equal(got, native.native_attention(q, whole_k, whole_v, mask, 0.25))
-
-
-def _causal(rows: int, q_len: int) -> torch.Tensor:
-    return torch.ones(q_len, q_len, dtype=torch.bool).tril().expand(rows, 1, -1, -1)
+    got = native.native_attention(q, new_k, new_v, first, lens, 0.25, past)
+    assert torch.equal(got, native.native_attention(q, whole_k, whole_v, first, lens, 0.25))
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [("bfloat16", 1e-2), ("float32", 1e-6)])

@@ -31,7 +31,7 @@ from typing import Any, get_args
 
 from pipeline.config import Attention, CpuGemm, Quant, Switch
 from pipeline.config import Plan as PlanName
-from pipeline.devices import resolve_device, resolve_dtype
+from pipeline.devices import keep_freed_cpu_memory, resolve_device, resolve_dtype
 from pipeline.rerank.backends.hf.attention import install_chunked_attention, varlen_available
 from pipeline.rerank.backends.hf.linear import onednn_is_faster, use_onednn_linears
 from pipeline.rerank.backends.hf.padded import DEFAULT_BATCH_TOKENS_CPU, HeadCache, PaddedPlan
@@ -222,6 +222,8 @@ class HFEngine(PaddedPlan, RerankEngine):
 
             device = resolve_device(self._requested_device)
             dtype = resolve_dtype(self._requested_dtype, device)
+            if device == "cpu" and keep_freed_cpu_memory():
+                log.info("glibc malloc: blocks up to 32 MiB served from the heap, freed ones kept")
             self._op_build = self._start_op_build(device)  # while the model loads
             tok = AutoTokenizer.from_pretrained(self.model)
             dtype_kw = (
@@ -257,6 +259,8 @@ class HFEngine(PaddedPlan, RerankEngine):
                 from pipeline.rerank.backends.hf.quant import quantize_decoder
 
                 quantize_decoder(decoder, self.quant, device, self.plan, compile=kernels)
+            # before the fused decoder: it reads which linears it runs (oneDNN's take epilogues)
+            self.cpu_gemm = self._resolve_cpu_gemm(decoder, device, dtype)
             if self.plan == "padded":
                 if self._want_chunked_attention:
                     self.chunked_attention = install_chunked_attention(lm)
@@ -266,7 +270,6 @@ class HFEngine(PaddedPlan, RerankEngine):
                 )
                 if self._fused is None:
                     self.compile_mode = "off"
-            self.cpu_gemm = self._resolve_cpu_gemm(decoder, device, dtype)
             if self.max_batch_tokens is None:
                 if on_cuda:
                     self.max_batch_tokens = DEFAULT_BATCH_TOKENS_GPU

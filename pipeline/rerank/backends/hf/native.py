@@ -190,15 +190,34 @@ def _probe(dtype: Any) -> None:
     q = torch.randn(rows, heads, tail, dim, generator=gen).to(dtype)
     k = torch.randn(rows, kv_heads, head + tail, dim, generator=gen).to(dtype)
     v = torch.randn(rows, kv_heads, head + tail, dim, generator=gen).to(dtype)
-    mask = torch.ones(rows, 1, tail, head + tail, dtype=torch.bool)
-    mask[..., head:] = torch.ones(tail, tail, dtype=torch.bool).tril()
-    mask[1, ..., :5] = False  # a left-padded head
+    first, lens = torch.tensor([0, 5]), torch.tensor([tail, tail - 20])  # a left-padded head, pads
+    mask = visible_mask(first, tail, head + tail)
     with torch.inference_mode():
         want = grouped_attention(q.double(), k.double(), v.double(), mask)
-        got = native_attention(q, k, v, mask)
+        got = native_attention(q, k, v, first, lens)
+    want = want.flatten(0, 1)[real_slots(lens, tail)]
     err = float((got.double() - want).abs().max())
     if not err <= (1e-5 if dtype == torch.float32 else 2e-2):
         raise AssertionError(f"native attention probe off by {err}")
+
+
+def visible_mask(first: Any, q_len: int, k_len: int) -> Any:
+    """The boolean mask ``[rows, 1, q_len, k_len]`` the op's ``first`` stands for: row r's query i
+    sees keys ``first[r]`` to ``k_len - q_len + i`` (a left-padded head, then causal)."""
+    import torch
+
+    keys = torch.arange(k_len)
+    horizon = k_len - q_len + torch.arange(q_len)
+    return ((keys[None, None, :] >= first[:, None, None]) & (keys <= horizon[:, None])[None])[
+        :, None
+    ]
+
+
+def real_slots(lens: Any, width: int) -> Any:
+    """The padded slots ``[rows · width]`` of the rows' first ``lens`` queries, in packed order."""
+    import torch
+
+    return (torch.arange(width)[None, :] < lens[:, None]).flatten().nonzero().squeeze(1)
 
 
 def pack(fresh: Any, past: Any = None, *, values: bool) -> Any:
@@ -231,33 +250,26 @@ def native_attention(
     query: Any,
     key: Any,
     value: Any,
-    mask: Any,
+    first: Any,
+    lens: Any,
     scaling: float | None = None,
     past: tuple[Any, Any] | None = None,
 ) -> Any:
     """:func:`~pipeline.rerank.backends.hf.attention.grouped_attention` in ``torch.ops.winnow.attend``
-    (q, k and v all bf16 or all fp32; a mask ``[rows, 1, q, kv]``, boolean or additive — an fp32
-    additive one is read as it is, so a forward builds it once for all its layers — whose last ``q``
-    keys are this forward's, causal). ``past``: (keys, values) before ``key``/``value`` along the keys
-    (a cached head), packed with them without a concatenation. Fewer than 16 queries per row (the
-    last layer's scored token) run the torch path: a tile would be mostly padding. Returns ``[rows,
-    q, heads, dim]``."""
+    for the padded plan's masks (q, k and v all bf16 or all fp32): row r's query i sees keys
+    ``first[r]`` (a left-padded head's first real key) to its causal horizon, the last ``q`` keys
+    being this forward's (:func:`visible_mask` is the same as a mask). Only each row's first
+    ``lens[r]`` queries are real and computed. ``past``: (keys, values) before ``key``/``value``
+    along the keys (a cached head), packed with them without a concatenation. Returns the real
+    queries packed, ``[sum(lens), heads, dim]``, row after row."""
     import torch
 
-    from pipeline.rerank.backends.hf.attention import additive_mask, grouped_attention
-
-    rows, heads, q_len, dim = query.shape
+    heads, dim = query.shape[1], query.shape[3]
     scale = scaling if scaling is not None else dim**-0.5
-    if q_len < ROW_TILE:
-        if past is not None:
-            key = torch.cat((past[0], key), dim=2)
-            value = torch.cat((past[1], value), dim=2)
-        if query.dtype == torch.float32:
-            return grouped_attention(query, key, value, mask, scale)
-        return grouped_attention(query.float(), key.float(), value, mask, scale)
-    bias = additive_mask(mask)[:, 0]  # read as it is when the forward made it already
     keys = pack(key, None if past is None else past[0], values=False)
     values = pack(value, None if past is None else past[1], values=True)
-    out = value.new_empty(rows, q_len, heads, dim)
-    torch.ops.winnow.attend(query.contiguous(), keys, values, bias, out, scale)
+    length = key.shape[2] + (0 if past is None else past[0].shape[2])
+    first, lens = first.to(torch.long).contiguous(), lens.to(torch.long).contiguous()
+    out = value.new_empty(int(lens.sum()), heads, dim)
+    torch.ops.winnow.attend(query.contiguous(), keys, values, first, lens, length, out, scale)
     return out

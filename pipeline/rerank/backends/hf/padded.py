@@ -9,6 +9,7 @@ attributes declared below. torch and transformers are imported inside the method
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -233,7 +234,8 @@ class PaddedDecoder:
     a real token of its row: finite, masked out), so padding costs attention work, not GEMM work.
     Runs the loaded model's modules (its linears as the engine set them up: torch, oneDNN or int8)
     with the elementwise work of :mod:`~pipeline.rerank.backends.hf.fused` between them: one RMSNorm
-    with the residual add before it, one norm + RoPE + head split for q and for k, one SiLU·up. Two
+    with the residual add before it, one norm + RoPE + head split for q and for k, one SiLU·up (in
+    fp32 on oneDNN linears, the SiLU and the product in the gate and up GEMMs' epilogues instead). Two
     things transformers' layer cannot know are skipped: a head forward stops once the last layer's
     K/V exist (its queries, attention and MLP feed nothing), and a tail forward runs the last layer's
     query, attention, o_proj and MLP for each row's last token only (the only one that is scored).
@@ -247,6 +249,7 @@ class PaddedDecoder:
         upcast_attention: bool,
         native_attention: bool = False,
     ) -> None:
+        from pipeline.rerank.backends.hf.linear import gate_in_epilogue
         from pipeline.rerank.backends.hf.packed import check_supported
 
         check_supported(decoder.config, "fused padded decoder")
@@ -261,11 +264,16 @@ class PaddedDecoder:
         self.head_weight = head_weight  # [2, hidden]: (no, yes)
         self.k = kernels
         self.attend = PaddedAttention(self.head_dim**-0.5, upcast_attention, native_attention)
+        self.gate_in_epilogue = all(
+            gate_in_epilogue(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in self.layers
+        )
 
     def heads(self, ids: Any, positions: Any, mask: Any, lens: Any) -> list[tuple[Any, Any]]:
         """Per layer (keys, values) ``[rows, kv_heads, width, dim]`` of a head forward (``lens``: each
         row's real tokens)."""
-        _, kv = self._run(ids, positions, mask, lens, None, None)
+        import torch
+
+        _, kv = self._run(ids, positions, mask, lens, torch.zeros_like(lens), None, None)
         return kv
 
     def tails(
@@ -274,7 +282,9 @@ class PaddedDecoder:
         """P(yes) per row (fp32, ``[rows]``), read at ``last`` (each row's last real token)."""
         import torch
 
-        x, _ = self._run(ids, positions, mask, last + 1, past, last)
+        # the heads are left-padded to the widest, and each row's positions start at its head's length
+        first = past[0][0].shape[2] - positions[:, 0]
+        x, _ = self._run(ids, positions, mask, last + 1, first, past, last)
         hidden = self.k.rms(x, self.final_w, self.eps)
         logits = (hidden @ self.head_weight.T).float()  # [rows, 2] = (no, yes)
         return torch.softmax(logits, dim=-1)[:, 1]
@@ -285,12 +295,15 @@ class PaddedDecoder:
         positions: Any,
         mask: Any,
         lens: Any,
+        first: Any,
         past: list[tuple[Any, Any]] | None,
         last: Any,
     ) -> tuple[Any, list[tuple[Any, Any]]]:
         """The rows' real tokens packed ``[tokens, hidden]`` through the linears and the norms, in
         padded rows ``[rows, heads, width, dim]`` through the attention only: the linears (~85% of a
-        forward) never run a pad (2-4% of the tokens of a sorted batch, more of a short one)."""
+        forward) never run a pad (2-4% of the tokens of a sorted batch, more of a short one).
+        ``mask`` ``[rows, 1, width, keys]``, and the same as each row's ``first`` key and ``lens``
+        real queries (:class:`Visible`)."""
         import torch
 
         k, eps, dim = self.k, self.eps, self.head_dim
@@ -304,7 +317,7 @@ class PaddedDecoder:
         spots = None if bool(real.all()) else real.flatten().nonzero().squeeze(1)  # packed → padded
         x = self.embed(ids.flatten() if spots is None else ids.flatten()[spots])  # [tokens, hidden]
         cos, sin = self.rotary(x, positions)  # [rows, width, dim]
-        mask = self.attend.prepare(mask, x)  # once for every layer
+        seen = Visible(mask, first, lens, spots)
         kv: list[tuple[Any, Any]] = []
         h = k.rms(x, self.layers[0].input_layernorm.weight, eps)
         final = len(self.layers) - 1
@@ -316,27 +329,50 @@ class PaddedDecoder:
                 kv.append((keys, values))
                 if i == final:
                     return x, kv
-            q_slots, q_cos, q_sin, q_mask = slots, cos, sin, mask
+            q_slots, q_cos, q_sin, q_seen = slots, cos, sin, seen
             if i == final:  # the scored token of each row only
                 at = torch.arange(rows, device=ids.device)
                 scored = start + last
                 h, x = h[scored], x[scored]
                 q_slots = at[:, None]
                 q_cos, q_sin = cos[at, last][:, None], sin[at, last][:, None]
-                q_mask = mask[at, :, last][:, :, None]
+                q_seen = seen.at(at, last)
             queries = k.norm_rope(att.q_proj(h), q_slots, att.q_norm.weight, q_cos, q_sin, eps)
             prior = None if past is None else past[i]
-            a = self.attend(att, queries, keys, values, q_mask, prior)  # [rows, q, heads, dim]
-            a = a.reshape(-1, a.shape[-2] * a.shape[-1])
-            if spots is not None and i != final:
-                a = a.index_select(0, spots)
+            a = self.attend(att, queries, keys, values, q_seen, prior)  # [tokens, heads, dim]
+            a = a.flatten(1)
             x, h = k.add_rms(x, att.o_proj(a), layer.post_attention_layernorm.weight, eps)
-            down = mlp.down_proj(k.silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
+            if self.gate_in_epilogue:
+                down = mlp.down_proj(mlp.up_proj.times(h, mlp.gate_proj.silu(h)))
+            else:
+                down = mlp.down_proj(k.silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
             if i == final:
                 x = x + down
             else:
                 x, h = k.add_rms(x, down, self.layers[i + 1].input_layernorm.weight, eps)
         return x, kv
+
+
+@dataclass(frozen=True)
+class Visible:
+    """Which keys each query of a padded forward sees, in the two forms its attention paths read:
+    ``mask`` ``[rows, 1, queries, keys]`` (boolean; the torch paths), and the form every padded
+    plan's mask has, read by the native op: row r's first visible key ``first[r]`` (a left-padded
+    head's pads before it; 0 for a head forward), causal over this forward's keys, and its first
+    ``lens[r]`` queries real (right padding after them). ``spots``: the real slots of the padded
+    rows in packed order (None: all real)."""
+
+    mask: Any
+    first: Any
+    lens: Any
+    spots: Any | None
+
+    def at(self, rows: Any, query: Any) -> Visible:
+        """One query per row (``query[r]`` of row ``rows[r]``): the last layer's scored token."""
+        import torch
+
+        mask = self.mask[rows, :, query][:, :, None]
+        return Visible(mask, self.first[rows], torch.ones_like(query), None)
 
 
 class PaddedAttention:
@@ -346,7 +382,8 @@ class PaddedAttention:
     with a mask on the reranker's shapes, docs/benchmarks.md), chunked SDPA elsewhere
     (:func:`attention.chunked_sdpa`). With ``native`` (the engine's dtype loaded in the native op): the
     same numbers in :func:`native.native_attention`, both GEMMs on oneDNN's brgemm and the softmax
-    between them in cache (bf16: the scores GEMM bf16 in, fp32 out)."""
+    between them in cache (bf16: the scores GEMM bf16 in, fp32 out), for 16 queries per row or more
+    (fewer, the last layer's scored token, would fill a tile of 16 mostly with padding)."""
 
     def __init__(self, scale: float, upcast: bool, native: bool = False) -> None:
         self.scale = scale
@@ -356,21 +393,26 @@ class PaddedAttention:
     def _native(self, x: Any) -> bool:
         import torch
 
-        return self.native and x.device.type == "cpu" and (x.dtype == torch.float32 or self.upcast)
+        from pipeline.rerank.backends.hf.native import ROW_TILE
 
-    def prepare(self, mask: Any, x: Any) -> Any:
-        """A forward's boolean mask as the native op reads it (fp32 additive), once for all the
-        layers; unchanged for the torch paths. ``x``: the forward's activations (device, dtype)."""
-        if self._native(x):
-            from pipeline.rerank.backends.hf.attention import additive_mask
-
-            return additive_mask(mask)
-        return mask
+        return (
+            self.native
+            and x.device.type == "cpu"
+            and (x.dtype == torch.float32 or self.upcast)
+            and x.shape[2] >= ROW_TILE
+        )
 
     def __call__(
-        self, module: Any, q: Any, k: Any, v: Any, mask: Any, past: tuple[Any, Any] | None = None
+        self,
+        module: Any,
+        q: Any,
+        k: Any,
+        v: Any,
+        seen: Visible,
+        past: tuple[Any, Any] | None = None,
     ) -> Any:
-        """``past``: a cached head's (keys, values), before ``k`` and ``v`` along the keys."""
+        """The real queries' attention packed ``[tokens, heads, dim]``. ``past``: a cached head's
+        (keys, values), before ``k`` and ``v`` along the keys."""
         import torch
 
         from pipeline.rerank.backends.hf.attention import chunked_sdpa, grouped_attention
@@ -378,13 +420,16 @@ class PaddedAttention:
         if self._native(q):
             from pipeline.rerank.backends.hf.native import native_attention
 
-            return native_attention(q, k, v, mask, self.scale, past)
+            return native_attention(q, k, v, seen.first, seen.lens, self.scale, past)
         if past is not None:
             k = torch.cat((past[0], k), dim=2)
             v = torch.cat((past[1], v), dim=2)
-        if q.device.type == "cpu":
-            if q.dtype == torch.float32:
-                return grouped_attention(q, k, v, mask, self.scale)
-            if self.upcast:  # scores in fp32, probabilities × values in the model's dtype
-                return grouped_attention(q.float(), k.float(), v, mask, self.scale)
-        return chunked_sdpa(module, q, k, v, mask, scaling=self.scale)[0]
+        mask = seen.mask
+        if q.device.type == "cpu" and q.dtype == torch.float32:
+            out = grouped_attention(q, k, v, mask, self.scale)
+        elif q.device.type == "cpu" and self.upcast:  # fp32 scores, probabilities × values as is
+            out = grouped_attention(q.float(), k.float(), v, mask, self.scale)
+        else:
+            out = chunked_sdpa(module, q, k, v, mask, scaling=self.scale)[0]
+        out = out.flatten(0, 1)  # [rows · queries, heads, dim]
+        return out if seen.spots is None else out.index_select(0, seen.spots)

@@ -1,17 +1,24 @@
 // The padded plan's attention on a CPU in one op per layer: for each tile of 16 queries of one head,
-// the scores GEMM on oneDNN's brgemm micro-kernel (bf16 x bf16 -> fp32, or fp32), scale, mask and
-// softmax while the tile is in cache, the probabilities x values GEMM on brgemm again, and the
-// output written once, in place, in the layout the o_proj reads.
+// the scores GEMM on oneDNN's brgemm micro-kernel (bf16 x bf16 -> fp32, or fp32), scale and softmax
+// while the tile is in cache, the probabilities x values GEMM on brgemm again, and the output written
+// once, packed, in the layout the o_proj reads.
 //
 // torch has no bf16 GEMM with an fp32 output on a CPU (torch.bmm rounds bf16 scores to bf16), so
 // before this op the bf16 engine upcast q and k and ran the scores GEMM in fp32 (MKL, ~155 GFLOPS on
 // the 2-core Zen 5 of docs/benchmarks.md) where oneDNN's bf16 brgemm runs at ~370; in fp32 MKL ran
 // both GEMMs at that rate. Built and loaded by pipeline/rerank/backends/hf/native.py; only
 // at::native::cpublas::brgemm (exported by libtorch_cpu) and ATen's vectorized float math are used.
-// brgemm keeps one generated kernel per shape and leading dimensions: M = 16, N = 64 or the head
-// dim, K = the head dim or 64, and a row width of a multiple of 64 keys, so at most a few hundred.
+// brgemm keeps one generated kernel per shape and leading dimensions: M = 16, N = 16-64 or the head
+// dim, K = the head dim or 16-64, and a row width of a multiple of 64 keys, so at most a few hundred.
 // Tiles of 16 queries ran the reranker's layer shapes 2-8% faster than 32 (less work past the causal
 // horizon, a score tile that stays in L1; 8 and 24 were no better; docs/benchmarks.md).
+//
+// The padded plan's masks have one form (a row's head, left-padded, then causal over its tail), so
+// the op takes each row's first visible key and its count of real queries instead of a mask: no
+// mask is read per score, a tile of padding queries is skipped, the keys past a tile's causal horizon
+// are cut to a multiple of 16 (not 64), a head's whole tiles of padding are skipped, and the output
+// is written packed (no gather after it): 10-15% less time than with an fp32 mask on the reranker's
+// shapes (docs/benchmarks.md).
 //
 // pack writes a layer's keys or values into the tiles the op reads, from the cached head's part and
 // this forward's part in one pass: before it, a concatenation, a zero fill, a copy and a transpose
@@ -52,42 +59,39 @@ inline void store_scaled(float* o, const float* x, float inv, int64_t h) {
   for (; j < h; ++j) o[j] = x[j] * inv;
 }
 
-// probabilities softmax(x * scale + bias) over [0, h) into o[0, h), zeros in o[h, width)
+// Row i of a tile: keys [lo, hi) visible (lo: the row's first key, hi: its causal horizon), the tile
+// computed over [begin, end) ⊇ [lo, hi). Probabilities softmax(x * scale) over [lo, hi) into
+// o[lo, hi), zeros in o[begin, lo) and o[hi, end): no mask is read, none is stored.
 template <typename S>
-inline void softmax_row(float* x, const float* bias, float scale, int64_t h, int64_t width, S* o) {
-  const Vec vsc(scale);
-  Vec vmax(-std::numeric_limits<float>::infinity());
-  int64_t j = 0;
-  for (; j + Vec::size() <= h; j += Vec::size()) {
-    Vec v = at::vec::fmadd(Vec::loadu(x + j), vsc, Vec::loadu(bias + j));
-    v.store(x + j);
-    vmax = at::vec::maximum(vmax, v);
-  }
-  float mx = at::vec::vec_reduce_all<float>(
-      [](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, vmax);
-  for (; j < h; ++j) {
-    x[j] = x[j] * scale + bias[j];
-    mx = std::max(mx, x[j]);
-  }
-  std::fill(o + h, o + width, S(0));
-  if (mx == -std::numeric_limits<float>::infinity()) {  // no key visible: no attention
-    std::fill(o, o + h, S(0));
+inline void softmax_row(float* x, float scale, int64_t begin, int64_t lo, int64_t hi, int64_t end,
+                        S* o) {
+  std::fill(o + begin, o + lo, S(0));
+  std::fill(o + hi, o + end, S(0));
+  if (hi <= lo) {  // no key visible: no attention
+    std::fill(o + lo, o + hi, S(0));
     return;
   }
-  const Vec vm(mx);
+  Vec vmax(-std::numeric_limits<float>::infinity());
+  int64_t j = lo;
+  for (; j + Vec::size() <= hi; j += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(x + j));
+  float mx = at::vec::vec_reduce_all<float>(
+      [](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, vmax);
+  for (; j < hi; ++j) mx = std::max(mx, x[j]);
+  // exp((x - max) * scale): the max of the scaled scores is the scaled max (scale > 0)
+  const Vec vsc(scale), vms(-mx * scale);
   Vec vsum(0.f);
-  j = 0;
-  for (; j + Vec::size() <= h; j += Vec::size()) {
-    Vec v = (Vec::loadu(x + j) - vm).exp_u20();
+  j = lo;
+  for (; j + Vec::size() <= hi; j += Vec::size()) {
+    Vec v = at::vec::fmadd(Vec::loadu(x + j), vsc, vms).exp_u20();
     v.store(x + j);
     vsum = vsum + v;
   }
   float sum = at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return p + q; }, vsum);
-  for (; j < h; ++j) {
-    x[j] = std::exp(x[j] - mx);
+  for (; j < hi; ++j) {
+    x[j] = std::exp(x[j] * scale - mx * scale);
     sum += x[j];
   }
-  store_scaled(o, x, 1.f / sum, h);
+  store_scaled(o + lo, x + lo, 1.f / sum, hi - lo);
 }
 
 // Keys [b, t*64 + j] = past[b, j'] for j' < P, else fresh[b, j' - P], zero from P + N on; b = r*KV + h.
@@ -164,38 +168,50 @@ void pack(const at::Tensor& past, const at::Tensor& fresh, const at::Tensor& out
 }
 
 // q [R, H, Q, D]; keys [R*KV, T, D/2, 64, 2] (bf16, VNNI pairs) or [R*KV, T, D, 64] (fp32), values
-// [R*KV, T, 32, D, 2] or [R*KV, T, 64, D], both zero past the last key; bias [R, Q, K] fp32 (0 or
-// -inf, K = the keys, the last Q of them this forward's, causal); out [R, Q, H, D].
+// [R*KV, T, 32, D, 2] or [R*KV, T, 64, D], both zero past the last key; L keys per row, the last Q
+// of them this forward's. Query i of row r (i < lens[r]; the rest are padding, not computed) sees
+// keys [first[r], L - Q + i]: a left-padded head, then causal. out [sum(lens), H, D]: row r's
+// queries packed from sum(lens[:r]) on, the layout the o_proj reads.
 template <typename S>
 void attend_impl(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
-                 const at::Tensor& bias, const at::Tensor& out, double scale) {
+                 const at::Tensor& first, const at::Tensor& lens, int64_t L,
+                 const at::Tensor& out, double scale) {
   constexpr bool vnni = std::is_same_v<S, at::BFloat16>;
   const int64_t R = q.size(0), H = q.size(1), Q = q.size(2), D = q.size(3);
-  const int64_t B = keys.size(0), T = keys.size(1), K = bias.size(2), KV = B / R, G = H / KV;
-  const int64_t offset = K - Q;
-  const int64_t qtiles = (Q + kRows - 1) / kRows, width_max = T * kKeys;
+  const int64_t B = keys.size(0), T = keys.size(1), KV = B / R, G = H / KV;
+  const int64_t offset = L - Q;
+  const int64_t qtiles = (Q + kRows - 1) / kRows, width = T * kKeys;
   const S* qd = q.data_ptr<S>();
   const S* kd = keys.data_ptr<S>();
   const S* vd = values.data_ptr<S>();
-  const float* bd = bias.data_ptr<float>();
+  const int64_t* fd = first.data_ptr<int64_t>();
+  const int64_t* ld = lens.data_ptr<int64_t>();
+  std::vector<int64_t> start(R + 1, 0);
+  for (int64_t r = 0; r < R; ++r) start[r + 1] = start[r] + ld[r];
   S* od = out.data_ptr<S>();
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, R * H * qtiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> sbuf(kRows * width_max), cbuf(kRows * D);
-    std::vector<S> pbuf(vnni ? kRows * width_max : 0), abuf(kRows * D);
+    std::vector<float> sbuf(kRows * width), cbuf(kRows * D);
+    std::vector<S> pbuf(vnni ? kRows * width : 0), abuf(kRows * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / (H * qtiles), h = (task / qtiles) % H, qt = task % qtiles;
-      const int64_t i0 = qt * kRows, rows = std::min(kRows, Q - i0);
-      const int64_t horizon = offset + i0 + rows, tiles = (horizon + kKeys - 1) / kKeys;
-      const int64_t width = tiles * kKeys, b = r * KV + h / G;
+      const int64_t i0 = qt * kRows, rows = std::min(kRows, ld[r] - i0);
+      if (rows <= 0) continue;  // a tile of padding
+      // keys [lo, hi) cover the tile's visible keys: whole 64-key tiles from lo, the last one cut
+      // to a multiple of 16 keys past the causal horizon
+      const int64_t lo = fd[r], horizon = offset + i0 + rows;
+      const int64_t t0 = lo / kKeys, tiles = (horizon + kKeys - 1) / kKeys;
+      const int64_t hi = std::min((horizon + 15) / 16 * 16, width);
+      const int64_t b = r * KV + h / G;
       const S* a = qd + ((r * H + h) * Q + i0) * D;
       if (rows < kRows) {
         std::memcpy(abuf.data(), a, rows * D * sizeof(S));
         std::fill(abuf.begin() + rows * D, abuf.end(), S(0));
         a = abuf.data();
       }
-      for (int64_t t = 0; t < tiles; ++t) {
-        at::native::cpublas::brgemm(kRows, kKeys, D, D, kKeys, width, false, a,
+      for (int64_t t = t0; t < tiles; ++t) {
+        const int64_t n = std::min(kKeys, hi - t * kKeys);
+        at::native::cpublas::brgemm(kRows, n, D, D, kKeys, width, false, a,
                                     kd + (b * T + t) * D * kKeys, sbuf.data() + t * kKeys, vnni);
       }
       S* probs;  // bf16: rounded for the second GEMM; fp32: in place over the scores
@@ -204,21 +220,23 @@ void attend_impl(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& 
       } else {
         probs = sbuf.data();
       }
+      const int64_t from = t0 * kKeys;
       for (int64_t i = 0; i < kRows; ++i) {
         S* p = probs + i * width;
         if (i >= rows) {
-          std::fill(p, p + width, S(0));
+          std::fill(p + from, p + hi, S(0));
           continue;
         }
-        softmax_row(sbuf.data() + i * width, bd + (r * Q + i0 + i) * K, sc,
-                    horizon, width, p);
+        softmax_row(sbuf.data() + i * width, sc, from, std::max(lo, from), offset + i0 + i + 1,
+                    hi, p);
       }
-      for (int64_t t = 0; t < tiles; ++t) {
-        at::native::cpublas::brgemm(kRows, D, kKeys, width, D, D, t > 0, probs + t * kKeys,
+      for (int64_t t = t0; t < tiles; ++t) {
+        const int64_t n = std::min(kKeys, hi - t * kKeys);
+        at::native::cpublas::brgemm(kRows, D, n, width, D, D, t > t0, probs + t * kKeys,
                                     vd + (b * T + t) * kKeys * D, cbuf.data(), vnni);
       }
       for (int64_t i = 0; i < rows; ++i) {
-        store_scaled(od + ((r * Q + i0 + i) * H + h) * D, cbuf.data() + i * D, 1.f, D);
+        store_scaled(od + ((start[r] + i0 + i) * H + h) * D, cbuf.data() + i * D, 1.f, D);
       }
     }
     at::native::cpublas::brgemm_release(vnni);
@@ -226,37 +244,50 @@ void attend_impl(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& 
 }
 
 void attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
-            const at::Tensor& bias, const at::Tensor& out, double scale) {
+            const at::Tensor& first, const at::Tensor& lens, int64_t length, const at::Tensor& out,
+            double scale) {
   const bool bf16 = q.scalar_type() == at::kBFloat16;
   TORCH_CHECK(bf16 || q.scalar_type() == at::kFloat, "attend: bf16 or fp32");
   for (const auto* t : {&keys, &values, &out}) {
     TORCH_CHECK(t->scalar_type() == q.scalar_type(), "attend: q, keys, values, out of one dtype");
   }
-  TORCH_CHECK(bias.scalar_type() == at::kFloat, "attend: an fp32 bias");
-  for (const auto* t : {&q, &keys, &values, &bias, &out}) {
+  for (const auto* t : {&first, &lens}) {
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->is_contiguous(),
+                "attend: first and lens int64 [rows]");
+  }
+  for (const auto* t : {&q, &keys, &values, &out}) {
     TORCH_CHECK(t->is_contiguous(), "attend: contiguous tensors");
   }
-  TORCH_CHECK(q.dim() == 4 && bias.dim() == 3 && out.dim() == 4 && keys.dim() == (bf16 ? 5 : 4) &&
+  TORCH_CHECK(q.dim() == 4 && out.dim() == 3 && keys.dim() == (bf16 ? 5 : 4) &&
                   values.dim() == keys.dim(), "attend: ranks");
   const int64_t R = q.size(0), H = q.size(1), Q = q.size(2), D = q.size(3);
-  const int64_t B = keys.size(0), T = keys.size(1), K = bias.size(2);
-  TORCH_CHECK(R > 0 && B % R == 0 && H % (B / R) == 0 && Q > 0 && Q <= K && D % 2 == 0,
+  const int64_t B = keys.size(0), T = keys.size(1);
+  TORCH_CHECK(R > 0 && B % R == 0 && H % (B / R) == 0 && Q > 0 && Q <= length && D % 2 == 0,
               "attend: heads, queries and keys");
-  TORCH_CHECK(bias.size(0) == R && bias.size(1) == Q && K <= T * kKeys,
-              "attend: bias [rows, queries, keys], keys packed past the last key");
+  TORCH_CHECK(length <= T * kKeys, "attend: keys packed past the last key");
   TORCH_CHECK(keys.size(2) * (bf16 ? 2 : 1) == D && keys.size(3) == kKeys &&
                   values.size(0) == B && values.size(1) == T,
               "attend: keys and values packed in tiles of 64");
-  TORCH_CHECK(out.size(0) == R && out.size(1) == Q && out.size(2) == H && out.size(3) == D,
-              "attend: out [rows, queries, heads, dim]");
-  if (bf16) return attend_impl<at::BFloat16>(q, keys, values, bias, out, scale);
-  return attend_impl<float>(q, keys, values, bias, out, scale);
+  TORCH_CHECK(first.size(0) == R && lens.size(0) == R, "attend: first and lens per row");
+  const int64_t* fd = first.data_ptr<int64_t>();
+  const int64_t* ld = lens.data_ptr<int64_t>();
+  int64_t tokens = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    TORCH_CHECK(0 <= ld[r] && ld[r] <= Q && 0 <= fd[r] && fd[r] <= length - Q,
+                "attend: 0 <= lens <= queries, 0 <= first <= the head's keys");
+    tokens += ld[r];
+  }
+  TORCH_CHECK(out.size(0) == tokens && out.size(1) == H && out.size(2) == D,
+              "attend: out [sum(lens), heads, dim]");
+  if (bf16) return attend_impl<at::BFloat16>(q, keys, values, first, lens, length, out, scale);
+  return attend_impl<float>(q, keys, values, first, lens, length, out, scale);
 }
 }  // namespace
 
 TORCH_LIBRARY(winnow, lib) {
   lib.def(
-      "attend(Tensor q, Tensor keys, Tensor values, Tensor bias, Tensor(a!) out, float scale) -> ()",
+      "attend(Tensor q, Tensor keys, Tensor values, Tensor first, Tensor lens, int length, "
+      "Tensor(a!) out, float scale) -> ()",
       attend);
   lib.def("pack(Tensor past, Tensor fresh, Tensor(a!) out, bool values) -> ()", pack);
 }
